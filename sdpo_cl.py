@@ -236,9 +236,11 @@ class Config:
 
 
 def lab_config(**overrides) -> Config:
-    """The official settings scaled down to the tiny lab: 8 prompts x 8 rollouts, a larger
-    learning rate for a 1M-parameter model, short answers. Everything else stays official."""
-    settings = dict(model="lab", prompts_per_step=8, group_size=8, max_new_tokens=24, lr=1e-4,
+    """The official settings scaled down to the tiny lab: the paper's 32 prompts x 8 rollouts, a
+    larger learning rate for a 1M-parameter model (3e-4; at 6e-4 both methods collapse in a few
+    dozen steps), 25 steps per task, short answers, top-20 distillation (the vocabulary has ~100
+    tokens, so top-100 would be all of it). Everything else stays official."""
+    settings = dict(model="lab", prompts_per_step=32, group_size=8, max_new_tokens=24, lr=3e-4,
                     warmup_steps=5, distillation_topk=20, steps_per_task=25, eval_examples=100,
                     device="cpu")
     settings.update(overrides)
@@ -329,7 +331,12 @@ def string_feedback(completion: str, example: dict) -> str | None:
 # --- The lab's synthetic task families ----------------------------------------------------------
 # Four trained domains mirror the paper's Math -> Science -> ToolUse -> Code sequence; two held-out
 # probes are partially related to them (the out-of-distribution columns). Each family is a
-# generator `make(rng) -> {"prompt", "answer"}` with a reward and, where natural, rich feedback.
+# generator `make(rng) -> {"prompt", "answer", "distractor"}` with a reward and, where natural,
+# rich feedback. The distractor is a plausible wrong habit (an off-by-one sum, the smallest option
+# instead of the largest, arguments in prompt order, the string left unreversed). The base model
+# sees it as the target of half of its plain examples, so that, like a real base model, it holds
+# a right and a wrong behaviour side by side: RL and self-distillation then have something to
+# select, which a 1M-parameter model's missing skills would not give them in a few dozen steps.
 
 NAMES = ("ann", "bob", "cai", "dan", "eve", "fay")
 WORDS = ("hi", "ok", "yo", "bye")
@@ -338,30 +345,33 @@ DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 def make_math(rng):                       # Math: two-number addition
     a, b = rng.randrange(30), rng.randrange(10)
-    return {"prompt": f"{a}+{b}=", "answer": str(a + b)}
+    return {"prompt": f"{a}+{b}=", "answer": str(a + b), "distractor": str(a + b + 1)}
 
 
-def _mcq(question, options, gold):
+def _mcq(question, options, gold, wrong):
     letters = "ABCD"
     shown = " ".join(f"{letters[i]}){o}" for i, o in enumerate(options))
-    return {"prompt": f"{question} {shown}", "answer": f"<answer>{letters[gold]}</answer>"}
+    return {"prompt": f"{question} {shown}", "answer": f"<answer>{letters[gold]}</answer>",
+            "distractor": f"<answer>{letters[wrong]}</answer>"}
 
 
 def make_science(rng):                    # Science: multiple choice with an <answer> tag
     options = rng.sample(range(10), 4)
-    return _mcq("largest?", options, options.index(max(options)))
+    return _mcq("largest?", options, options.index(max(options)), options.index(min(options)))
 
 
 def make_tool(rng):                       # ToolUse: arguments in any order -> a canonical call
     to, at, msg, on = rng.choice(NAMES), rng.randrange(1, 13), rng.choice(WORDS), rng.choice(DAYS)
     parts = [f"to {to}", f"at {at}", f"say {msg}", f"on {on}"]
     rng.shuffle(parts)
-    return {"prompt": "send " + " ".join(parts), "answer": f"send({to},{at},{msg},{on})"}
+    in_prompt_order = ",".join(p.split(" ")[1] for p in parts)
+    return {"prompt": "send " + " ".join(parts), "answer": f"send({to},{at},{msg},{on})",
+            "distractor": f"send({in_prompt_order})"}
 
 
 def make_code(rng):                       # Code: a string program, checked by its output
     s = "".join(rng.choice("abcdefgh") for _ in range(rng.randrange(4, 8)))
-    return {"prompt": f"rev({s})", "answer": s[::-1]}
+    return {"prompt": f"rev({s})", "answer": s[::-1], "distractor": s}
 
 
 def make_mcq_math(rng):                   # probe: Science's format with Math's content
@@ -369,12 +379,12 @@ def make_mcq_math(rng):                   # probe: Science's format with Math's 
     wrong = rng.sample([v for v in range(19) if v != a + b], 3)
     options = wrong + [a + b]
     rng.shuffle(options)
-    return _mcq(f"{a}+{b}?", options, options.index(a + b))
+    return _mcq(f"{a}+{b}?", options, options.index(a + b), options.index(max(options)))
 
 
 def make_math_words(rng):                 # probe: Math's content in words
     a, b = rng.randrange(30), rng.randrange(10)
-    return {"prompt": f"add {a} and {b}", "answer": str(a + b)}
+    return {"prompt": f"add {a} and {b}", "answer": str(a + b), "distractor": str(a + b + 1)}
 
 
 LAB_FAMILIES = {
@@ -405,6 +415,14 @@ def make_lab_task(name: str, n_train: int = 2000, n_test: int = 200, seed: int =
     return Task(name, Dataset.from_list(train), Dataset.from_list(list(test.values())),
                 reward, feedback, max_new)
 
+
+
+def load_task(name: str) -> Task:
+    """A task by name: a lab family (see LAB_FAMILIES)."""
+    if name in LAB_FAMILIES:
+        return make_lab_task(name)
+    raise ValueError(f"unknown task {name!r}: allowed are the lab families "
+                     f"{', '.join(LAB_FAMILIES)}")
 
 # ================================================================================================
 # Models: any causal LM that transformers loads, and the built-in tiny lab model
@@ -473,6 +491,7 @@ class LabRecipe:
     batch_size: int = 32
     lr: float = 2e-3
     reprompt_fraction: float = 0.5
+    distractor_fraction: float = 0.5
     seed: int = 0
 
     def key(self) -> str:
@@ -480,7 +499,7 @@ class LabRecipe:
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-LAB_VERSION = "2"   # bump when the lab's tokenizer, model or families change
+LAB_VERSION = "3"   # bump when the lab's tokenizer, model or families change
 
 
 def lab_pretraining_batch(tokenizer, tasks, rng, recipe, reprompt_template=REPROMPT_TEMPLATE,
@@ -493,13 +512,15 @@ def lab_pretraining_batch(tokenizer, tasks, rng, recipe, reprompt_template=REPRO
     for _ in range(recipe.batch_size):
         task = tasks[rng.randrange(len(tasks))]
         ex = task.train[rng.randrange(len(task.train))]
-        prompt = ex["prompt"]
+        prompt, target = ex["prompt"], ex["answer"]
         if reprompt:                                   # the teacher's view: a demo in context
             prompt = reprompt_template.format(
                 prompt=prompt, feedback="",
                 solution=solution_template.format(successful_previous_attempt=ex["answer"]))
+        elif ex.get("distractor") and rng.random() < recipe.distractor_fraction:
+            target = ex["distractor"]                  # the wrong habit the base also learns
         p = tokenizer(format_prompt(tokenizer, prompt), add_special_tokens=False).input_ids
-        a = tokenizer(ex["answer"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        a = tokenizer(target, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
         rows.append((p, a))
     width = max(len(p) + len(a) for p, a in rows)
     ids = torch.full((len(rows), width), tokenizer.pad_token_id)
@@ -1218,14 +1239,15 @@ def load_stage_weights(folder, k, policy, teacher):
                 target.load_state_dict(saved.state_dict())
 
 
-def continual_sequence(cfg, policy, tokenizer, sequence, probes=(), *, folder=None, log=None,
-                       desc="") -> list:
+def continual_sequence(cfg, policy, tokenizer, sequence, probes=(), *, steps=None, folder=None,
+                       log=None, desc="") -> list:
     """Train the tasks of `sequence` one after another, starting from `policy`; evaluate every
     task of sequence + probes before the first stage (row 0, the base model) and after each.
     Returns one record per stage; record["accuracy"] is row k of the accuracy matrix R.
     With a folder, each finished stage is checkpointed (policy and teacher) and a rerun resumes
     after the last finished stage. The SDPO teacher is carried over from stage to stage unless
-    reset_teacher_each_task (then it restarts from the policy at each new task)."""
+    reset_teacher_each_task (then it restarts from the policy at each new task). `steps` may
+    give each task its own number of steps (default: cfg.steps_per_task for every task)."""
     eval_tasks = list(sequence) + [p for p in probes if p.name not in {t.name for t in sequence}]
     base = copy.deepcopy(policy).eval().requires_grad_(False)
     teacher = Teacher(policy, cfg) if cfg.loss_mode == "sdpo" else None
@@ -1245,8 +1267,9 @@ def continual_sequence(cfg, policy, tokenizer, sequence, probes=(), *, folder=No
             rng = seed_everything(cfg.seed, "train", k)
             if teacher is not None and cfg.reset_teacher_each_task and k > 1:
                 teacher.reset(policy)
+            stage_cfg = dataclasses.replace(cfg, steps_per_task=steps[k - 1]) if steps else cfg
             history = train_task(
-                policy, tokenizer, teacher, task, cfg, rng=rng,
+                policy, tokenizer, teacher, task, stage_cfg, rng=rng,
                 log=(lambda m: log({"stage": k, "task": task.name, **m})) if log else None,
                 desc=f"{desc} stage {k}/{len(sequence)} {task.name}".strip())
             record["train"] = {

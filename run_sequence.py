@@ -1,0 +1,217 @@
+"""run_sequence.py: the continual post-training experiment, methods x seeds x a task sequence.
+
+    python run_sequence.py                                   # the quick lab experiment (CPU)
+    python run_sequence.py --methods grpo,sdpo_frozen,stable_sdpo --seeds 0,1,2
+    python run_sequence.py --tasks math,tool --probes code --steps 40 --set alpha=1.0
+
+Every task (trained and held-out probes) is evaluated before training and after every stage.
+The run folder runs/<name>/ holds config.json, results.json, log.jsonl (one line per step),
+per-stage checkpoints of the policy and the SDPO teacher, report.md and plots. Running the same
+command again resumes after the last finished stage of every method and seed.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import eval_forgetting as ef
+import sdpo_cl as sc
+
+# The methods of the paper and its variants, as overrides of the Config defaults.
+METHODS = {
+    "grpo": dict(loss_mode="grpo"),
+    "sdpo": dict(loss_mode="sdpo"),                                    # official: EMA at 5%
+    "sdpo_frozen": dict(loss_mode="sdpo", teacher_update_rate=0.0),    # the paper's SDPO_0
+    "stable_sdpo": dict(loss_mode="sdpo", teacher_update_rate=0.0,     # restarted, then frozen
+                        reset_teacher_each_task=True),
+    "sdpo_live": dict(loss_mode="sdpo", teacher_regularization="live"),
+    "sdpo_trust_region": dict(loss_mode="sdpo", teacher_regularization="trust-region"),
+    "sdpo_mask50": dict(loss_mode="sdpo", mask_ratio=0.5),             # less dense supervision
+    "hybrid": dict(loss_mode="sdpo", distillation_weight=0.5),         # (GRPO + SDPO) / 2
+}
+METHOD_HELP = {
+    "grpo": "GRPO, the paper's baseline (no std normalisation, clip 0.2/0.28, no KL)",
+    "sdpo": "SDPO with the official defaults (EMA teacher, rate 0.05: the paper's SDPO_5%%)",
+    "sdpo_frozen": "SDPO with a frozen teacher, the base model (the paper's SDPO_0)",
+    "stable_sdpo": "SDPO whose teacher restarts from the policy at each task, then stays frozen",
+    "sdpo_live": "SDPO whose teacher is the current student (no_grad)",
+    "sdpo_trust_region": "SDPO with the trust-region teacher (logit lerp, rate 0.05)",
+    "sdpo_mask50": "SDPO dropping 50%% of distilled tokens at random (mask_ratio=0.5)",
+    "hybrid": "0.5 GRPO + 0.5 SDPO (distillation_weight=0.5)",
+}
+
+
+def parse_list(text, kind=str):
+    return [kind(x) for x in text.split(",") if x.strip()]
+
+
+def parse_sets(pairs):
+    """--set key=value overrides of Config fields; values are read as JSON when they parse."""
+    fields = {f.name for f in dataclasses.fields(sc.Config)}
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(f"--set {pair!r}: expected key=value with key one of the Config "
+                             f"fields ({', '.join(sorted(fields))})")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def build_parser():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split(
+        "\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", default="grpo,sdpo", help="comma-separated, from: " + "; ".join(
+        f"{k}: {v}" for k, v in METHOD_HELP.items()))
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
+    ap.add_argument("--tasks", default=",".join(sc.LAB_SEQUENCE),
+                    help="the training sequence, in order (default: %(default)s)")
+    ap.add_argument("--probes", default=",".join(sc.LAB_PROBES),
+                    help="held-out tasks, evaluated but never trained (default: %(default)s)")
+    ap.add_argument("--steps", default="25",
+                    help="optimizer steps per task: one number, or one per task (e.g. 50,50,50,20)")
+    ap.add_argument("--model", default="lab", help="'lab' (the built-in tiny model, default), a "
+                    "hub id, a local folder, or a .gguf file")
+    ap.add_argument("--name", default="quick", help="run folder name under --out (%(default)s)")
+    ap.add_argument("--out", default="runs", help="parent folder of runs (%(default)s)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="override any Config field, e.g. --set alpha=1.0 distillation_topk=null")
+    return ap
+
+
+def main(argv=None):
+    t_start = time.time()
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    # --- validate everything before any training starts ---------------------------------------
+    try:
+        methods, seeds = parse_list(args.methods), parse_list(args.seeds, int)
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown or not methods:
+            raise ValueError(f"--methods {args.methods!r}: unknown {unknown}; allowed: "
+                             f"{', '.join(METHODS)}")
+        names, probe_names = parse_list(args.tasks), parse_list(args.probes)
+        steps = parse_list(args.steps, int)
+        if len(steps) not in (1, len(names)) or min(steps) < 1:
+            raise ValueError(f"--steps {args.steps!r}: give one positive number or one per task "
+                             f"({len(names)} tasks)")
+        steps = steps * len(names) if len(steps) == 1 else steps
+        sets = parse_sets(args.set)
+        base_settings = dict(model=args.model, **sets)
+        configs = {(m, s): sc.lab_config(**{**base_settings, **METHODS[m], "seed": s,
+                                             "steps_per_task": steps[0]})
+                   for m in methods for s in seeds}
+        tasks = [sc.load_task(n) for n in names]
+        probes = [sc.load_task(n) for n in probe_names if n not in names]
+    except (ValueError, FileNotFoundError) as e:
+        ap.error(str(e))
+    folder = Path(args.out) / args.name
+    run_config = {"name": args.name, "methods": methods, "seeds": seeds, "tasks": names,
+                  "probes": [p.name for p in probes], "steps": steps, "model": args.model,
+                  "set": sets, "configs": {f"{m}/seed{s}": dataclasses.asdict(c)
+                                           for (m, s), c in configs.items()}}
+    folder.mkdir(parents=True, exist_ok=True)
+    if (folder / "config.json").exists():
+        old = json.loads((folder / "config.json").read_text())
+        if old != json.loads(json.dumps(run_config)):
+            ap.error(f"run folder {folder} holds a run with other settings; choose another "
+                     f"--name or delete the folder to start over")
+    write_json(folder / "config.json", run_config)
+
+    # --- the base model ---------------------------------------------------------------------------
+    device = sc.device_of(next(iter(configs.values())))
+    print(f"model {args.model} on {device}; sequence {' -> '.join(names)}; probes "
+          f"{', '.join(p.name for p in probes) or 'none'}; steps {steps}; methods "
+          f"{', '.join(methods)}; seeds {seeds}")
+    base, tokenizer = sc.load_policy(args.model, device)
+    print(f"base model: {sum(p.numel() for p in base.parameters()) / 1e6:.2f}M parameters "
+          f"(loaded in {time.time() - t_start:.0f}s)")
+
+    # --- methods x seeds --------------------------------------------------------------------------
+    log_path = folder / "log.jsonl"
+    for m in methods:
+        for s in seeds:
+            cfg, sub = configs[(m, s)], folder / m / f"seed{s}"
+            done = sc.finished_stages(sub)
+            if done == len(tasks):
+                print(f"{m} seed {s}: finished earlier, kept")
+                continue
+            keep_log_lines(log_path, lambda r: not (r["method"] == m and r["seed"] == s
+                                                    and r["stage"] > done))
+            with open(log_path, "a") as log_file:
+                def log(metrics, m=m, s=s, f=log_file):
+                    f.write(json.dumps({"method": m, "seed": s, **metrics}) + "\n")
+                    f.flush()
+                policy = copy.deepcopy(base)
+                t0 = time.time()
+                records = sc.continual_sequence(cfg, policy, tokenizer, tasks, probes,
+                                                steps=steps, folder=sub, log=log,
+                                                desc=f"{m} seed {s}")
+            print(f"{m} seed {s}: {time.time() - t0:.0f}s, final accuracy " + ", ".join(
+                f"{k} {100 * v:.0f}" for k, v in records[-1]["accuracy"].items()))
+            if done < 0:
+                lift = records[0]["teacher_lift"]
+                print("  base accuracy / teacher lift (points): " + ", ".join(
+                    f"{k} {100 * records[0]['accuracy'][k]:.0f}/{100 * lift[k]:+.0f}"
+                    for k in lift))
+            write_results(folder, run_config, methods, seeds, tasks, probes)
+
+    # --- summary ----------------------------------------------------------------------------------
+    results = write_results(folder, run_config, methods, seeds, tasks, probes)
+    ef.write_report(results, folder)
+    print("\n" + ef.comparison_table(results))
+    for m in methods:
+        print(f"\n{m}:\n" + ef.accuracy_table(results, m))
+    print(f"\nwall time {time.time() - t_start:.0f}s; report: {folder / 'report.md'}")
+    return results
+
+
+def write_json(path: Path, obj):
+    """Atomic: write a temporary file, then rename it over the old one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def keep_log_lines(path: Path, keep):
+    """Drop the log lines of stages that will be run again (an interrupted stage)."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if keep(json.loads(line))]
+    if len(kept) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+
+
+def write_results(folder, run_config, methods, seeds, tasks, probes) -> dict:
+    """results.json from the finished stages on disk: the accuracy matrix R and the stage records
+    of every method and seed (unfinished runs show the stages they have)."""
+    names = [t.name for t in tasks] + [p.name for p in probes]
+    runs = {}
+    for m in methods:
+        for s in seeds:
+            sub = folder / m / f"seed{s}"
+            records = [json.loads((sub / f"stage{k}" / "stage.json").read_text())
+                       for k in range(sc.finished_stages(sub) + 1)]
+            runs.setdefault(m, {})[str(s)] = {
+                "R": [[r["accuracy"][n] for n in names] for r in records], "records": records}
+    results = {"name": run_config["name"], "config": {"model": run_config["model"],
+               "steps": run_config["steps"], "eval_mode": next(iter(
+                   run_config["configs"].values()))["eval_mode"]}, "tasks": names,
+               "trained": list(range(len(tasks))), "runs": runs}
+    write_json(folder / "results.json", results)
+    return results
+
+
+if __name__ == "__main__":
+    main()
