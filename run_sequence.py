@@ -80,6 +80,9 @@ def build_parser():
                     help="optimizer steps per task: one number, or one per task (e.g. 50,50,50,20)")
     ap.add_argument("--model", default="lab", help="'lab' (the built-in tiny model, default), a "
                     "hub id, a local folder, or a .gguf file")
+    ap.add_argument("--lab-steps", type=int, default=sc.LabRecipe.steps,
+                    help="pre-training steps of the lab base model (%(default)s; fewer for a "
+                    "smoke run: the base is cached per recipe)")
     ap.add_argument("--name", default="quick", help="run folder name under --out (%(default)s)")
     ap.add_argument("--out", default="runs", help="parent folder of runs (%(default)s)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
@@ -116,6 +119,7 @@ def main(argv=None):
     folder = Path(args.out) / args.name
     run_config = {"name": args.name, "methods": methods, "seeds": seeds, "tasks": names,
                   "probes": [p.name for p in probes], "steps": steps, "model": args.model,
+                  "lab_steps": args.lab_steps,
                   "set": sets, "configs": {f"{m}/seed{s}": dataclasses.asdict(c)
                                            for (m, s), c in configs.items()}}
     folder.mkdir(parents=True, exist_ok=True)
@@ -131,7 +135,7 @@ def main(argv=None):
     print(f"model {args.model} on {device}; sequence {' -> '.join(names)}; probes "
           f"{', '.join(p.name for p in probes) or 'none'}; steps {steps}; methods "
           f"{', '.join(methods)}; seeds {seeds}")
-    base, tokenizer = sc.load_policy(args.model, device)
+    base, tokenizer = sc.load_policy(args.model, device, sc.LabRecipe(steps=args.lab_steps))
     print(f"base model: {sum(p.numel() for p in base.parameters()) / 1e6:.2f}M parameters "
           f"(loaded in {time.time() - t_start:.0f}s)")
 

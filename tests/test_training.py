@@ -11,9 +11,7 @@ RECIPE = s.LabRecipe(families=("math", "code"), steps=40)
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    import os
-    os.environ["SDPO_CL_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+def base():
     return s.build_lab_base(RECIPE, verbose=False)
 
 
