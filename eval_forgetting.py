@@ -133,6 +133,24 @@ def accuracy_table(results, method) -> str:
     return "\n".join(lines)
 
 
+def relative_table(results, method) -> str:
+    """The paper's unit: % change of each task's accuracy versus the base model, per stage
+    (mean over seeds of the per-seed relative change)."""
+    tasks = results["tasks"]
+    runs = [r for r in results["runs"][method].values() if r["R"]]
+    n_rows = min(len(r["R"]) for r in runs)
+    rel = [relative_change(r["R"][:n_rows]) for r in runs]
+    absolute = sorted({j for _, cols in rel for j in cols})
+    lines = ["| after stage | " + " | ".join(tasks) + " |", "|" + "---|" * (len(tasks) + 1)]
+    for k in range(1, n_rows):
+        cells = [f"{mean_std([r[0][k][j] for r in rel])[0]:+.0f}"
+                 + ("*" if j in absolute else "") for j in range(len(tasks))]
+        lines.append(f"| {k}: {tasks[results['trained'][k - 1]]} | " + " | ".join(cells) + " |")
+    if absolute:
+        lines.append("\n\\* base accuracy 0: absolute change in points instead of %")
+    return "\n".join(lines)
+
+
 def write_report(results, out: Path) -> str:
     """report.md with the comparison, per-method accuracy tables, and the plots beside it."""
     out.mkdir(parents=True, exist_ok=True)
@@ -148,7 +166,10 @@ def write_report(results, out: Path) -> str:
              "base model's own evaluation answers.", "", comparison_table(results), ""]
     for method in results["runs"]:
         if any(r["R"] for r in results["runs"][method].values()):
-            parts += [f"## {method}", "", accuracy_table(results, method), ""]
+            parts += [f"## {method}", "", "Accuracy (points):", "",
+                      accuracy_table(results, method), "",
+                      "Relative change versus the base model (%, the unit of the paper's "
+                      "figures):", "", relative_table(results, method), ""]
     plots = write_plots(results, out)
     parts += [f"![{p.stem}]({p.name})" for p in plots]
     text = "\n".join(parts) + "\n"

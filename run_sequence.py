@@ -92,6 +92,8 @@ def build_parser():
 
 def main(argv=None):
     t_start = time.time()
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()              # no bars for every checkpoint save and load
     ap = build_parser()
     args = ap.parse_args(argv)
     # --- validate everything before any training starts ---------------------------------------

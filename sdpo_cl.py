@@ -670,7 +670,7 @@ def generate(model, tokenizer, prompt_texts, max_new_tokens, *, sample=True, tem
     model.eval()
     out = model.generate(
         input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens, do_sample=sample,
-        temperature=temperature if sample else None, top_p=top_p if sample else None, top_k=0,
+        **(dict(temperature=temperature, top_p=top_p, top_k=0) if sample else {}),
         repetition_penalty=1.0, num_return_sequences=num_return_sequences,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids(model, tokenizer),
         logits_processor=[recorder])
