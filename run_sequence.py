@@ -87,7 +87,90 @@ def build_parser():
     ap.add_argument("--out", default="runs", help="parent folder of runs (%(default)s)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="override any Config field, e.g. --set alpha=1.0 distillation_topk=null")
+    ap.add_argument("--print-verl", action="store_true", help="print the equivalent command "
+                    "lines for the official verl implementation (one per method and stage), "
+                    "then exit")
     return ap
+
+
+# ALGORITHMS.md §7: this project's Config fields -> the official verl override keys.
+VERL_KEYS = {
+    "prompts_per_step": "data.train_batch_size",
+    "group_size": "actor_rollout_ref.rollout.n",
+    "max_new_tokens": "data.max_response_length",
+    "temperature": "actor_rollout_ref.rollout.temperature",
+    "lr": "actor_rollout_ref.actor.optim.lr",
+    "warmup_steps": "actor_rollout_ref.actor.optim.lr_warmup_steps",
+    "weight_decay": "actor_rollout_ref.actor.optim.weight_decay",
+    "grad_clip": "actor_rollout_ref.actor.grad_clip",
+    "norm_adv_by_std_in_grpo": "algorithm.norm_adv_by_std_in_grpo",
+    "clip_ratio_low": "actor_rollout_ref.actor.clip_ratio_low",
+    "clip_ratio_high": "actor_rollout_ref.actor.clip_ratio_high",
+    "clip_ratio_c": "actor_rollout_ref.actor.clip_ratio_c",
+    "loss_agg_mode": "actor_rollout_ref.actor.loss_agg_mode",
+}
+SELF_DISTILLATION_KEYS = (
+    "alpha", "full_logit_distillation", "distillation_topk", "distillation_add_tail", "is_clip",
+    "success_reward_threshold", "teacher_regularization", "teacher_update_rate",
+    "dont_reprompt_on_self_success", "remove_thinking_from_demonstration",
+    "include_environment_feedback", "environment_feedback_only_without_solution", "mask_ratio",
+    "teacher_path", "teacher_init_alpha")
+
+
+def verl_value(v) -> str:
+    return "null" if v is None else str(v)
+
+
+def verl_overrides(cfg: sc.Config, model_path: str, steps: int, data=None) -> list:
+    """key=value overrides for `python -m verl.trainer.main_ppo` equivalent to `cfg`."""
+    out = [f"actor_rollout_ref.model.path={model_path}", "algorithm.adv_estimator=grpo",
+           # one optimizer step per rollout batch, as here
+           f"actor_rollout_ref.actor.ppo_mini_batch_size={cfg.prompts_per_step}",
+           "actor_rollout_ref.actor.policy_loss.loss_mode="
+           + ("sdpo" if cfg.loss_mode == "sdpo" else "vanilla"),
+           f"trainer.total_training_steps={steps}"]
+    out += [f"{key}={verl_value(getattr(cfg, name))}" for name, key in VERL_KEYS.items()]
+    if cfg.kl_loss_coef > 0:
+        out += ["actor_rollout_ref.actor.use_kl_loss=True",
+                "actor_rollout_ref.actor.kl_loss_type=low_var_kl",
+                f"actor_rollout_ref.actor.kl_loss_coef={cfg.kl_loss_coef}"]
+    else:
+        out.append("actor_rollout_ref.actor.use_kl_loss=False")
+    if cfg.loss_mode == "sdpo":
+        t = cfg.teacher_regularization
+        # frozen = ema at rate 0 in verl; live has no verl key (ema at rate 1 comes closest)
+        rate = {"frozen": 0.0, "live": 1.0}.get(t, cfg.teacher_update_rate)
+        t = "ema" if t in ("frozen", "live") else t
+        for name in SELF_DISTILLATION_KEYS:
+            value = {"teacher_regularization": t, "teacher_update_rate": rate}.get(
+                name, getattr(cfg, name))
+            out.append(f"actor_rollout_ref.actor.self_distillation.{name}={verl_value(value)}")
+    if data is not None:
+        out += [f"data.train_files={data / 'train.json'}", f"data.val_files={data / 'test.json'}"]
+    return out
+
+
+def print_verl(methods, configs, names, steps, model):
+    from pathlib import Path as P
+    for m in methods:
+        cfg = next(c for (mm, _), c in configs.items() if mm == m)
+        notes = []
+        if cfg.loss_mode == "sdpo" and cfg.distillation_weight < 1:
+            notes.append(f"distillation_weight={cfg.distillation_weight} (the GRPO+SDPO hybrid) "
+                         "has no verl key; verl runs pure SDPO")
+        if cfg.reset_teacher_each_task:
+            notes.append("reset_teacher_each_task: each verl stage starts its teacher anew")
+        if cfg.teacher_regularization == "live":
+            notes.append("the live teacher has no verl key; shown as ema at rate 1.0")
+        print(f"# {m}" + "".join(f"\n# note: {n}" for n in notes))
+        for k, (name, n_steps) in enumerate(zip(names, steps), 1):
+            path = model if k == 1 else f"<checkpoint of stage {k - 1}>"
+            data = P(name) if P(name).is_dir() else None
+            config_name = "sdpo" if cfg.loss_mode == "sdpo" else "baseline_grpo"
+            print(f"# stage {k}: {name}" + ("" if data else " (no data files: a built-in task)"))
+            print(f"python -m verl.trainer.main_ppo --config-name {config_name} \\\n    "
+                  + " \\\n    ".join(verl_overrides(cfg, path, n_steps, data)))
+        print()
 
 
 def main(argv=None):
@@ -110,12 +193,18 @@ def main(argv=None):
                              f"({len(names)} tasks)")
         steps = steps * len(names) if len(steps) == 1 else steps
         sets = parse_sets(args.set)
-        base_settings = dict(model=args.model, **sets)
-        configs = {(m, s): sc.lab_config(**{**base_settings, **METHODS[m], "seed": s,
-                                             "steps_per_task": steps[0]})
+        # the lab has its scaled-down settings; a real model starts from the official ones
+        make_config = sc.lab_config if args.model == "lab" else sc.Config
+        configs = {(m, s): make_config(**{"model": args.model, **sets, **METHODS[m], "seed": s,
+                                          "steps_per_task": steps[0]})
                    for m in methods for s in seeds}
+        if args.print_verl:
+            print_verl(methods, configs, names, steps, args.model)
+            return None
         tasks = [sc.load_task(n) for n in names]
         probes = [sc.load_task(n) for n in probe_names if n not in names]
+        device = sc.device_of(next(iter(configs.values())))
+        base, tokenizer = sc.load_policy(args.model, device, sc.LabRecipe(steps=args.lab_steps))
     except (ValueError, FileNotFoundError) as e:
         ap.error(str(e))
     folder = Path(args.out) / args.name
@@ -132,12 +221,9 @@ def main(argv=None):
                      f"--name or delete the folder to start over")
     write_json(folder / "config.json", run_config)
 
-    # --- the base model ---------------------------------------------------------------------------
-    device = sc.device_of(next(iter(configs.values())))
     print(f"model {args.model} on {device}; sequence {' -> '.join(names)}; probes "
           f"{', '.join(p.name for p in probes) or 'none'}; steps {steps}; methods "
           f"{', '.join(methods)}; seeds {seeds}")
-    base, tokenizer = sc.load_policy(args.model, device, sc.LabRecipe(steps=args.lab_steps))
     print(f"base model: {sum(p.numel() for p in base.parameters()) / 1e6:.2f}M parameters "
           f"(loaded in {time.time() - t_start:.0f}s)")
 

@@ -261,7 +261,12 @@ class Task:
     test: Dataset
     reward: Callable[[str, dict], float]
     feedback: Callable[[str, dict], str | None] | None = None
-    max_new_tokens: int = 24
+    max_new_tokens: int | None = None
+    """a task's own generation budget (the lab's are short); None = Config.max_new_tokens"""
+
+
+def generation_budget(cfg, task) -> int:
+    return min(cfg.max_new_tokens, task.max_new_tokens or cfg.max_new_tokens)
 
 
 def first_number(text: str) -> int | None:
@@ -417,12 +422,111 @@ def make_lab_task(name: str, n_train: int = 2000, n_test: int = 200, seed: int =
 
 
 
+# --- Real data: the official SDPO layout and GSM8K ----------------------------------------------
+
+def read_official_rows(path: Path) -> list:
+    """JSON lines with `prompt` and `answer` (strings), optional `system` and `kind`. A
+    malformed row raises one error naming the file, the line and the field."""
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}, line {n}: expected a JSON object with prompt and answer")
+        for key in ("prompt", "answer"):
+            if not isinstance(row.get(key), str) or not row[key].strip():
+                raise ValueError(f"{path}, line {n}: field {key!r} must be a non-empty string")
+        for key in ("system", "kind"):
+            if key in row and row[key] is not None and not isinstance(row[key], str):
+                raise ValueError(f"{path}, line {n}: field {key!r} must be a string")
+        rows.append({"prompt": row["prompt"], "answer": row["answer"],
+                     "system": row.get("system") or None, "kind": row.get("kind") or ""})
+    return rows
+
+
+def official_reward(completion: str, example: dict) -> float:
+    """kind 'mcq': the letter after the last <answer> tag equals the gold letter (the gold may
+    be written `B` or `<answer>B</answer>`); otherwise exact match after normalisation, of the
+    text inside the last <answer> tag when there is one."""
+    if example["kind"] == "mcq":
+        gold = last_answer_letter(example["answer"]) or example["answer"].strip()[:1].upper()
+        return float(last_answer_letter(completion) == gold)
+    tagged = re.findall(r"<answer>(.*?)</answer>", completion, flags=re.DOTALL)
+    return float(normalize(tagged[-1] if tagged else completion) == normalize(example["answer"]))
+
+
+def load_official_task(folder) -> Task:
+    """A task in the official SDPO data layout: a folder with train.json and test.json."""
+    folder = Path(folder)
+    rows = {}
+    for split in ("train", "test"):
+        path = folder / f"{split}.json"
+        if not path.is_file():
+            raise ValueError(f"task folder {str(folder)!r} has no {split}.json (the official "
+                             f"layout: train.json and test.json, JSON lines)")
+        rows[split] = read_official_rows(path)
+        if not rows[split]:
+            raise ValueError(f"{path}: no examples")
+    return Task(folder.name, Dataset.from_list(rows["train"]), Dataset.from_list(rows["test"]),
+                official_reward)
+
+
+def last_number(text: str) -> float | None:
+    found = re.findall(r"-?\d[\d,]*\.?\d*", text)
+    if not found:
+        return None
+    try:
+        return float(found[-1].replace(",", "").rstrip("."))
+    except ValueError:
+        return None
+
+
+def gsm8k_example(row: dict) -> dict:
+    """A GSM8K row (`question`, `answer` = worked solution ending in '#### 42') -> our schema."""
+    return {"prompt": row["question"].strip(), "answer": row["answer"].split("####")[-1].strip(),
+            "system": None, "kind": "gsm8k"}
+
+
+def gsm8k_reward(completion: str, example: dict) -> float:
+    """The last number in the completion equals the answer (GSM8K's own convention)."""
+    guess = last_number(completion)
+    return float(guess is not None and abs(guess - last_number(example["answer"])) < 1e-6)
+
+
+def gsm8k_feedback(completion: str, example: dict) -> str | None:
+    """Says whether a final number was found and that it is wrong, never the right number."""
+    guess = last_number(completion)
+    if guess is None:
+        return "Your answer does not end with a final number."
+    if gsm8k_reward(completion, example):
+        return None
+    return f"Your final answer {guess:g} is wrong. Check each step of the calculation."
+
+
+def gsm8k_task(dataset_dict, name="gsm8k") -> Task:
+    """GSM8K from a datasets.DatasetDict with train and test splits in the hub schema."""
+    return Task(name, dataset_dict["train"].map(gsm8k_example, remove_columns=["question"]),
+                dataset_dict["test"].map(gsm8k_example, remove_columns=["question"]),
+                gsm8k_reward, gsm8k_feedback)
+
+
 def load_task(name: str) -> Task:
-    """A task by name: a lab family (see LAB_FAMILIES)."""
+    """A task by name: a lab family (LAB_FAMILIES), `gsm8k` (from the hub), or a folder in the
+    official SDPO layout (train.json and test.json)."""
     if name in LAB_FAMILIES:
         return make_lab_task(name)
+    if name == "gsm8k":
+        from datasets import load_dataset
+        return gsm8k_task(load_dataset("openai/gsm8k", "main"))
+    if Path(name).is_dir():
+        return load_official_task(name)
     raise ValueError(f"unknown task {name!r}: allowed are the lab families "
-                     f"{', '.join(LAB_FAMILIES)}")
+                     f"{', '.join(LAB_FAMILIES)}, 'gsm8k', or a folder with train.json and "
+                     f"test.json")
 
 # ================================================================================================
 # Models: any causal LM that transformers loads, and the built-in tiny lab model
@@ -939,7 +1043,7 @@ def train_step(policy, tokenizer, teacher, optimizer, scheduler, task, examples,
     # --- rollout and reward ---------------------------------------------------------------------
     prompt_texts = [format_prompt(tokenizer, ex["prompt"], ex.get("system")) for ex in examples]
     with autocast:
-        ro = generate(policy, tokenizer, prompt_texts, min(cfg.max_new_tokens, task.max_new_tokens),
+        ro = generate(policy, tokenizer, prompt_texts, generation_budget(cfg, task),
                       sample=True, temperature=cfg.temperature, num_return_sequences=G)
     samples = [examples[i // G] for i in range(len(ro.completions))]
     rewards = torch.tensor([task.reward(c, ex) for c, ex in zip(ro.completions, samples)])
@@ -1051,6 +1155,8 @@ def train_task(policy, tokenizer, teacher, task, cfg, *, rng, log=None, desc="tr
     """`steps_per_task` optimizer steps on one task. A fresh AdamW with linear warm-up per task,
     as each stage of the paper is a new verl run started from the previous checkpoint."""
     policy.train()
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
                                   weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -1099,7 +1205,7 @@ def evaluate(model, tokenizer, task, cfg, *, with_demonstration=False, batch_siz
         chunk = [examples[i] for i in range(start, min(start + batch_size, len(examples)))]
         texts = [format_prompt(tokenizer, demonstration_prompt(ex, cfg) if with_demonstration
                                else ex["prompt"], ex.get("system")) for ex in chunk]
-        ro = generate(model, tokenizer, texts, min(cfg.max_new_tokens, task.max_new_tokens),
+        ro = generate(model, tokenizer, texts, generation_budget(cfg, task),
                       sample=sample, temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
                       num_return_sequences=n)
         scores += [task.reward(c, chunk[i // n]) for i, c in enumerate(ro.completions)]
