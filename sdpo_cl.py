@@ -697,6 +697,11 @@ def load_policy(name: str, device: str = "cpu", recipe: LabRecipe | None = None)
     except (OSError, ValueError, ImportError) as e:
         raise ValueError(f"model {name!r} could not be loaded: allowed are 'lab', a hub id, a "
                          f"folder saved with save_pretrained, or a .gguf file ({e})") from e
+    if kwargs:   # GGUF: the weights are de-quantised fp32 tensors now, but transformers still
+        # marks the model as GGUF-quantised and would refuse save_pretrained (checkpoints)
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     if tokenizer.pad_token_id is None:   # batched generation needs a pad token
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device), tokenizer

@@ -91,3 +91,17 @@ def test_continual_sequence_resumes_to_the_same_result(base, tmp_path):
 
     assert [strip(r) for r in resumed] == [strip(r) for r in full]
     assert json.loads((part / "stage2" / "stage.json").read_text())["task"] == "code"
+
+
+def test_gradient_checkpointing_leaves_the_update_unchanged(base):
+    model, tok = base
+    task = s.make_lab_task("math")
+    task.reward = lambda c, ex: float(len(c) <= 2)
+    params = []
+    for ckpt in (False, True):
+        m = copy.deepcopy(model)
+        cfg = s.lab_config(loss_mode="sdpo", steps_per_task=1, gradient_checkpointing=ckpt)
+        s.train_task(m, tok, s.Teacher(m, cfg), task, cfg, rng=s.seed_everything(0, "ckpt"))
+        assert m.is_gradient_checkpointing == ckpt
+        params.append(torch.cat([p.detach().flatten() for p in m.parameters()]))
+    assert torch.allclose(params[0], params[1], atol=1e-6)
