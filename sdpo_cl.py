@@ -1039,8 +1039,13 @@ def device_of(cfg: Config) -> str:
     return cfg.device
 
 
-def train_step(policy, tokenizer, teacher, optimizer, scheduler, task, examples, cfg) -> dict:
-    """One rollout batch and one optimizer step. examples: `prompts_per_step` task rows."""
+def train_step(policy, tokenizer, teacher, optimizer, scheduler, task, examples, cfg,
+               reference=None) -> dict:
+    """One rollout batch and one optimizer step. examples: `prompts_per_step` task rows.
+    reference: the frozen initial model, needed only for the GRPO part's k3 KL
+    (kl_loss_coef > 0)."""
+    if cfg.kl_loss_coef > 0 and reference is None:
+        raise ValueError("Config.kl_loss_coef > 0 needs the frozen reference model")
     t_start = time.time()
     G, device = cfg.group_size, policy.device
     autocast = torch.autocast("cuda", dtype=torch.bfloat16,
@@ -1094,14 +1099,25 @@ def train_step(policy, tokenizer, teacher, optimizer, scheduler, task, examples,
                               ).item()
         loss = logits.sum() * 0.0   # graph-connected zero: the step runs even with no target
         if w < 1:
+            ref_logprobs = None
+            if cfg.kl_loss_coef > 0:
+                with torch.no_grad(), autocast:
+                    ref_logits = reference(**sequence_inputs(
+                        ro.prompt_ids[rows], ro.prompt_mask[rows], ro.response_ids[rows],
+                        mask[rows])).logits[:, :-1]
+                ref_logprobs = torch.log_softmax(ref_logits.float() / cfg.temperature, -1
+                                                 ).gather(-1, ro.response_ids[rows, :, None]
+                                                          ).squeeze(-1)
             loss_g, m = grpo_loss(logprobs, ro.old_logprobs[rows], advantages[rows], mask[rows],
                                   clip_low=cfg.clip_ratio_low, clip_high=cfg.clip_ratio_high,
                                   dual_clip=cfg.clip_ratio_c, agg=cfg.loss_agg_mode,
-                                  ref_logprobs=None, beta=0.0)
+                                  ref_logprobs=ref_logprobs, beta=cfg.kl_loss_coef)
             share = aggregation_share(mask[rows], mask, cfg.loss_agg_mode)
             loss = loss + (1 - w) * share * loss_g
             totals["loss_grpo"] = totals.get("loss_grpo", 0.0) + (share * loss_g).item()
-            totals["clip_frac"] = totals.get("clip_frac", 0.0) + share.item() * m["clip_frac"]
+            for key in ("clip_frac", "kl_ref"):
+                if key in m:
+                    totals[key] = totals.get(key, 0.0) + share.item() * m[key]
         if w > 0:
             local = has_context[rows].nonzero().squeeze(1)   # context rows in this micro-batch
             if len(local):
@@ -1156,7 +1172,8 @@ def seed_everything(*keys):
     return random.Random(s)
 
 
-def train_task(policy, tokenizer, teacher, task, cfg, *, rng, log=None, desc="train") -> list:
+def train_task(policy, tokenizer, teacher, task, cfg, *, rng, reference=None, log=None,
+               desc="train") -> list:
     """`steps_per_task` optimizer steps on one task. A fresh AdamW with linear warm-up per task,
     as each stage of the paper is a new verl run started from the previous checkpoint."""
     policy.train()
@@ -1174,7 +1191,7 @@ def train_task(policy, tokenizer, teacher, task, cfg, *, rng, log=None, desc="tr
         picked, order = order[:cfg.prompts_per_step], order[cfg.prompts_per_step:]
         try:
             m = train_step(policy, tokenizer, teacher, optimizer, scheduler, task,
-                           [task.train[i] for i in picked], cfg)
+                           [task.train[i] for i in picked], cfg, reference)
         except FloatingPointError as e:
             last = history[-1] if history else {}
             raise FloatingPointError(f"{desc}: step {step}: {e}; last finite metrics: {last}")
@@ -1380,7 +1397,7 @@ def continual_sequence(cfg, policy, tokenizer, sequence, probes=(), *, steps=Non
                 teacher.reset(policy)
             stage_cfg = dataclasses.replace(cfg, steps_per_task=steps[k - 1]) if steps else cfg
             history = train_task(
-                policy, tokenizer, teacher, task, stage_cfg, rng=rng,
+                policy, tokenizer, teacher, task, stage_cfg, rng=rng, reference=base,
                 log=(lambda m: log({"stage": k, "task": task.name, **m})) if log else None,
                 desc=f"{desc} stage {k}/{len(sequence)} {task.name}".strip())
             record["train"] = {

@@ -105,3 +105,17 @@ def test_gradient_checkpointing_leaves_the_update_unchanged(base):
         assert m.is_gradient_checkpointing == ckpt
         params.append(torch.cat([p.detach().flatten() for p in m.parameters()]))
     assert torch.allclose(params[0], params[1], atol=1e-6)
+
+
+def test_kl_to_the_frozen_reference_is_used_when_its_coefficient_is_positive(base):
+    model, tok = base
+    task = s.make_lab_task("math")
+    task.reward = lambda c, ex: float(len(c) <= 2)
+    cfg = s.lab_config(loss_mode="grpo", kl_loss_coef=0.1, steps_per_task=3)
+    m = copy.deepcopy(model)
+    history = s.train_task(m, tok, None, task, cfg, rng=s.seed_everything(0, "kl"),
+                           reference=copy.deepcopy(model).requires_grad_(False))
+    assert history[0]["kl_ref"] == pytest.approx(0.0, abs=1e-6)   # policy == reference at first
+    assert history[-1]["kl_ref"] > 0                                  # then it moves away
+    with pytest.raises(ValueError, match="kl_loss_coef > 0 needs the frozen reference"):
+        s.train_task(m, tok, None, task, cfg, rng=s.seed_everything(0))
