@@ -1,0 +1,205 @@
+"""bench_step.py: speed, memory and loss identity of this project's GRPO and SDPO.
+
+    pip install trl==1.16.0                  # benchmark-only; not in requirements.txt
+    python benchmarks/bench_step.py          # CPU, the lab model (builds/caches the lab base)
+
+Prints one table and exits non-zero if any loss differs from TRL's by more than 1e-5.
+1. Loss identity: `sdpo_loss` vs TRL's self-distillation helpers (trl.experimental.sdpo.
+   loss_utils) on the same logits; `grpo_loss` vs TRL's per-token GRPO formula.
+2. Seconds per training step (median after warm-up) and its split; the floor (generate, one
+   forward+backward+AdamW step of the policy, and for SDPO one no-grad teacher forward, at the
+   same shapes); the ratio step / floor.
+3. Peak memory of sdpo_loss forward+backward, top-100 vs the full vocabulary, at V = 49,152.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import sdpo_cl as sc  # noqa: E402
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+TOLERANCE = 1e-5
+
+
+# --- 1. loss identity -------------------------------------------------------------------------
+
+def trl_sdpo(student, teacher, ids, mask, old, *, alpha, topk, add_tail, full, is_clip):
+    """TRL's per-token self-distillation loss, IS clip and token-mean (as its trainer does)."""
+    from trl.experimental.sdpo import loss_utils as L
+    if not full:
+        per_token = L.compute_sampled_token_self_distillation_loss(
+            student, teacher, ids, distillation_alpha=alpha)
+    elif topk is None:
+        per_token = L.compute_full_logit_self_distillation_loss(student, teacher,
+                                                                distillation_alpha=alpha)
+    else:
+        per_token = L.compute_topk_self_distillation_loss(
+            student, teacher, distillation_topk=topk, distillation_alpha=alpha,
+            distillation_add_tail=add_tail)
+    logp = torch.log_softmax(student, -1).gather(-1, ids[..., None]).squeeze(-1)
+    per_token = L.apply_importance_sampling_clipping(per_token, logp, old, is_clip)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def trl_grpo_per_token(logp, old, adv, ref, *, eps_low, eps_high, beta):
+    """The per-token loss of TRL's GRPOTrainer (no dual clip in TRL), token-mean."""
+    coef_1 = torch.exp(logp - old)
+    coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
+    per_token = -torch.min(coef_1 * adv[:, None], coef_2 * adv[:, None])
+    per_token = per_token + beta * (torch.exp(ref - logp) - (ref - logp) - 1)
+    return per_token
+
+
+def loss_identity() -> list:
+    torch.manual_seed(0)
+    B, T, V = 4, 7, 300
+    student, teacher = torch.randn(B, T, V) * 2, torch.randn(B, T, V) * 2
+    ids = torch.randint(0, V, (B, T))
+    mask = (torch.rand(B, T) > 0.2).float()
+    logp = torch.log_softmax(student, -1).gather(-1, ids[..., None]).squeeze(-1)
+    old = logp + 0.3 * torch.randn(B, T)                 # off-policy, so the IS clip matters
+    rows = []
+    cases = [("full", None, True, True), ("top-k + tail", 20, True, True),
+             ("top-k renormalised", 20, False, True), ("sampled token", None, True, False)]
+    for name, topk, tail, full in cases:
+        for alpha in ((1.0,) if not full else (0.0, 0.5, 1.0)):
+            ours, _ = sc.sdpo_loss(student, teacher, ids, mask, old_logprobs=old, alpha=alpha,
+                                   topk=topk, add_tail=tail, full_logits=full, is_clip=2.0)
+            theirs = trl_sdpo(student, teacher, ids, mask, old, alpha=alpha, topk=topk,
+                              add_tail=tail, full=full, is_clip=2.0)
+            rows.append((f"sdpo {name}, alpha={alpha}", abs(ours - theirs).item()))
+    adv = torch.randn(B)
+    ref = logp + 0.2 * torch.randn(B, T)
+    for beta in (0.0, 0.04):
+        ours, _ = sc.grpo_loss(logp, old, adv, mask, dual_clip=None, ref_logprobs=ref, beta=beta)
+        theirs = sc.aggregate(trl_grpo_per_token(logp, old, adv, ref, eps_low=0.2,
+                                                 eps_high=0.28, beta=beta), mask)
+        rows.append((f"grpo, beta={beta}", abs(ours - theirs).item()))
+    return rows
+
+
+# --- 2. step time, its split, and the floor -----------------------------------------------------
+
+def time_steps(model, tok, task, cfg, n_warmup=2, n=8) -> dict:
+    import copy
+    policy = copy.deepcopy(model)
+    teacher = sc.Teacher(policy, cfg) if cfg.loss_mode == "sdpo" else None
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    policy.train()
+    out = []
+    for i in range(n_warmup + n):
+        ex = [task.train[(i * cfg.prompts_per_step + j) % len(task.train)]
+              for j in range(cfg.prompts_per_step)]
+        m = sc.train_step(policy, tok, teacher, opt, sched, task, ex, cfg)
+        if i >= n_warmup:
+            out.append(m)
+    med = lambda k: statistics.median(m[k] for m in out)
+    return {"step": med("seconds"), "rollout": med("t_rollout"), "teacher": med("t_teacher"),
+            "rest": med("seconds") - med("t_rollout") - med("t_teacher"),
+            "distill_frac": statistics.mean(m.get("distill_frac", 0) for m in out),
+            "reward": statistics.mean(m["reward"] for m in out)}
+
+
+def time_floor(model, tok, task, cfg, teacher_too, n_warmup=2, n=8) -> float:
+    """generate + one forward/backward/AdamW step over the same sequences (+ a no-grad forward
+    of the teacher over sequences as long as the teacher contexts)."""
+    import copy
+    policy = copy.deepcopy(model)
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
+    times = []
+    for i in range(n_warmup + n):
+        ex = [task.train[(i * cfg.prompts_per_step + j) % len(task.train)]
+              for j in range(cfg.prompts_per_step)]
+        texts = [sc.format_prompt(tok, e["prompt"]) for e in ex]
+        ids, attn = sc.tokenize_prompts(tok, texts, policy.device)
+        t0 = time.time()
+        with torch.no_grad():
+            out = policy.generate(input_ids=ids, attention_mask=attn, do_sample=True,
+                                  max_new_tokens=sc.generation_budget(cfg, task), top_k=0,
+                                  num_return_sequences=cfg.group_size,
+                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        T = out.shape[1] - ids.shape[1]
+        loss = policy(input_ids=out, logits_to_keep=T + 1).logits.float().logsumexp(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if teacher_too:
+            demo = [sc.format_prompt(tok, sc.demonstration_prompt(e, cfg)) for e in ex]
+            t_ids, _ = sc.tokenize_prompts(tok, demo, policy.device)
+            t_ids = t_ids.repeat_interleave(cfg.group_size, 0)
+            with torch.no_grad():
+                policy(input_ids=torch.cat([t_ids, out[:, ids.shape[1]:]], 1),
+                       logits_to_keep=T + 1)
+        if i >= n_warmup:
+            times.append(time.time() - t0)
+    return statistics.median(times)
+
+
+# --- 3. peak memory -----------------------------------------------------------------------------
+
+MEMORY_PROBE = """
+import resource, sys, torch
+sys.path.insert(0, {root!r})
+from sdpo_cl import sdpo_loss
+B, T, V = 16, 64, 49152
+topk = None if {topk!r} == 'full' else int({topk!r})
+torch.manual_seed(0)
+s = torch.randn(B, T, V, requires_grad=True); t = torch.randn(B, T, V)
+ids = torch.randint(0, V, (B, T)); mask = torch.ones(B, T)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+loss, _ = sdpo_loss(s, t, ids, mask, topk=topk); loss.backward()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+"""
+
+
+def peak_memory_mib(topk) -> float:
+    code = MEMORY_PROBE.format(root=str(Path(__file__).resolve().parents[1]), topk=str(topk))
+    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                check=True).stdout.strip())
+
+
+def main():
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}")
+    rows = loss_identity()
+    print("\n| loss identity vs TRL 1.16 | max abs difference |\n|---|---|")
+    for name, diff in rows:
+        print(f"| {name} | {diff:.2e} |")
+    worst = max(d for _, d in rows)
+
+    model, tok = sc.load_policy("lab")
+    task = sc.make_lab_task("math")
+    print("\n| lab model, 8 prompts x 8 completions, math | s/step | rollout | teacher fwd | "
+          "student fwd+bwd+other | floor | step/floor | distilled | reward |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    results = {}
+    for mode in ("grpo", "sdpo"):
+        cfg = sc.lab_config(loss_mode=mode, prompts_per_step=8, group_size=8)
+        r = time_steps(model, tok, task, cfg)
+        floor = time_floor(model, tok, task, cfg, teacher_too=mode == "sdpo")
+        results[mode] = r
+        print(f"| {mode} | {r['step']:.3f} | {r['rollout']:.3f} | {r['teacher']:.3f} | "
+              f"{r['rest']:.3f} | {floor:.3f} | {r['step'] / floor:.2f} | "
+              f"{100 * r['distill_frac']:.0f}% | {r['reward']:.2f} |")
+    print(f"\nSDPO step / GRPO step: {results['sdpo']['step'] / results['grpo']['step']:.2f}")
+
+    top, full = peak_memory_mib(100), peak_memory_mib("full")
+    print(f"\npeak memory of sdpo_loss fwd+bwd, B=16 T=64 V=49152: top-100 {top:.0f} MiB, "
+          f"full vocabulary {full:.0f} MiB, ratio {top / full:.2f}")
+    if worst > TOLERANCE:
+        print(f"\nFAIL: a loss differs from TRL's by {worst:.2e} > {TOLERANCE}")
+        sys.exit(1)
+    print(f"\nall losses match TRL within {TOLERANCE}")
+
+
+if __name__ == "__main__":
+    main()
