@@ -6,7 +6,8 @@
 Prints one table and exits non-zero if any loss differs from TRL's by more than 1e-5.
 1. Loss identity: `sdpo_loss` vs TRL's self-distillation helpers (trl.experimental.sdpo.
    loss_utils) on the same logits; `grpo_loss` vs TRL's per-token GRPO formula.
-2. Seconds per training step (median after warm-up) and its split; the floor (generate, one
+2. Seconds per training step (median after warm-up) and its split, and TRL's GRPOTrainer and
+   SDPOTrainer at matched settings; the floor (generate, one
    forward+backward+AdamW step of the policy, and for SDPO one no-grad teacher forward, at the
    same shapes); the ratio step / floor.
 3. Peak memory of sdpo_loss forward+backward, top-100 vs the full vocabulary, at V = 49,152.
@@ -144,6 +145,56 @@ def time_floor(model, tok, task, cfg, teacher_too, n_warmup=2, n=8) -> float:
     return statistics.median(times)
 
 
+def time_trl(model, tok, task, mode, n_warmup=2, n=8) -> float:
+    """Median seconds per step of TRL's GRPOTrainer / SDPOTrainer at the same model, batch
+    (8 prompts x 8 completions), budget and loss settings (token-mean, no std scaling, clip
+    0.2/0.28, no KL; SDPO: top-20 with tail, alpha 0.5, IS clip 2, EMA teacher at 0.05).
+    Gradient checkpointing (on by default in TRL) is turned off, as here."""
+    import copy
+    import tempfile
+
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+    from trl.experimental.sdpo import SDPOConfig, SDPOTrainer
+
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": e["prompt"]}],
+                               "answer": e["answer"]} for e in task.train])
+
+    def reward(completions, answer, **_):
+        return [task.reward(c[0]["content"], {"answer": a}) for c, a in zip(completions, answer)]
+
+    times = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *_, **__):
+            self.t0 = time.time()
+
+        def on_step_end(self, *_, **__):
+            times.append(time.time() - self.t0)
+
+    common = dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=64,
+                  num_generations=8, max_completion_length=sc.generation_budget(
+                      sc.lab_config(), task), loss_type="dapo", scale_rewards="none",
+                  epsilon=0.2, epsilon_high=0.28, beta=0.0, learning_rate=3e-4, use_cpu=True,
+                  max_steps=n_warmup + n, save_strategy="no", logging_steps=1000,
+                  report_to="none", temperature=1.0, top_k=0, disable_tqdm=True,
+                  gradient_checkpointing=False)
+    if mode == "grpo":
+        trainer = GRPOTrainer(model=copy.deepcopy(model), reward_funcs=reward,
+                              args=GRPOConfig(**common), train_dataset=data,
+                              processing_class=tok, callbacks=[Timer()])
+    else:
+        args = SDPOConfig(**common, distillation_mode="topk_logits", distillation_topk=20,
+                          distillation_add_tail=True, distillation_alpha=0.5,
+                          distillation_is_clip=2.0, teacher_model_kind="ema",
+                          teacher_update_rate=0.05)
+        trainer = SDPOTrainer(model=copy.deepcopy(model), reward_funcs=reward, args=args,
+                              train_dataset=data, processing_class=tok, callbacks=[Timer()])
+    trainer.train()
+    return statistics.median(times[n_warmup:])
+
+
 # --- 3. peak memory -----------------------------------------------------------------------------
 
 MEMORY_PROBE = """
@@ -179,17 +230,20 @@ def main():
     model, tok = sc.load_policy("lab")
     task = sc.make_lab_task("math")
     print("\n| lab model, 8 prompts x 8 completions, math | s/step | rollout | teacher fwd | "
-          "student fwd+bwd+other | floor | step/floor | distilled | reward |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "student fwd+bwd+other | floor | step/floor | distilled | reward | TRL s/step | "
+          "ours/TRL |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     results = {}
     for mode in ("grpo", "sdpo"):
         cfg = sc.lab_config(loss_mode=mode, prompts_per_step=8, group_size=8)
         r = time_steps(model, tok, task, cfg)
         floor = time_floor(model, tok, task, cfg, teacher_too=mode == "sdpo")
+        trl = time_trl(model, tok, task, mode)
         results[mode] = r
         print(f"| {mode} | {r['step']:.3f} | {r['rollout']:.3f} | {r['teacher']:.3f} | "
               f"{r['rest']:.3f} | {floor:.3f} | {r['step'] / floor:.2f} | "
-              f"{100 * r['distill_frac']:.0f}% | {r['reward']:.2f} |")
+              f"{100 * r['distill_frac']:.0f}% | {r['reward']:.2f} | {trl:.3f} | "
+              f"{r['step'] / trl:.2f} |", flush=True)
     print(f"\nSDPO step / GRPO step: {results['sdpo']['step'] / results['grpo']['step']:.2f}")
 
     top, full = peak_memory_mib(100), peak_memory_mib("full")
