@@ -2,6 +2,8 @@
 
     pip install trl==1.16.0                  # benchmark-only; not in requirements.txt
     python benchmarks/bench_step.py          # CPU, the lab model (builds/caches the lab base)
+    python benchmarks/bench_step.py --model path/to/model.gguf --prompts 4 --group 4
+    python benchmarks/bench_step.py --experiment   # also time `python run_sequence.py`
 
 Prints one table and exits non-zero if any loss differs from TRL's by more than 1e-5.
 1. Loss identity: `sdpo_loss` vs TRL's self-distillation helpers (trl.experimental.sdpo.
@@ -93,7 +95,7 @@ def time_steps(model, tok, task, cfg, n_warmup=2, n=8) -> dict:
     import copy
     policy = copy.deepcopy(model)
     teacher = sc.Teacher(policy, cfg) if cfg.loss_mode == "sdpo" else None
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, fused=True)   # as train_task
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     policy.train()
     out = []
@@ -115,7 +117,7 @@ def time_floor(model, tok, task, cfg, teacher_too, n_warmup=2, n=8) -> float:
     of the teacher over sequences as long as the teacher contexts)."""
     import copy
     policy = copy.deepcopy(model)
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, fused=True)
     times = []
     for i in range(n_warmup + n):
         ex = [task.train[(i * cfg.prompts_per_step + j) % len(task.train)]
@@ -145,7 +147,7 @@ def time_floor(model, tok, task, cfg, teacher_too, n_warmup=2, n=8) -> float:
     return statistics.median(times)
 
 
-def time_trl(model, tok, task, mode, n_warmup=2, n=8) -> float:
+def time_trl(model, tok, task, mode, batch, group, budget, n_warmup=2, n=8) -> float:
     """Median seconds per step of TRL's GRPOTrainer / SDPOTrainer at the same model, batch
     (8 prompts x 8 completions), budget and loss settings (token-mean, no std scaling, clip
     0.2/0.28, no KL; SDPO: top-20 with tail, alpha 0.5, IS clip 2, EMA teacher at 0.05).
@@ -173,9 +175,9 @@ def time_trl(model, tok, task, mode, n_warmup=2, n=8) -> float:
         def on_step_end(self, *_, **__):
             times.append(time.time() - self.t0)
 
-    common = dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=64,
-                  num_generations=8, max_completion_length=sc.generation_budget(
-                      sc.lab_config(), task), loss_type="dapo", scale_rewards="none",
+    common = dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch,
+                  num_generations=group, max_completion_length=budget,
+                  loss_type="dapo", scale_rewards="none",
                   epsilon=0.2, epsilon_high=0.28, beta=0.0, learning_rate=3e-4, use_cpu=True,
                   max_steps=n_warmup + n, save_strategy="no", logging_steps=1000,
                   report_to="none", temperature=1.0, top_k=0, disable_tqdm=True,
@@ -197,18 +199,22 @@ def time_trl(model, tok, task, mode, n_warmup=2, n=8) -> float:
 
 # --- 3. peak memory -----------------------------------------------------------------------------
 
+# Peak resident memory from VmHWM, which starts anew with the process's own address space
+# (ru_maxrss would carry over the parent's high-water mark through fork).
 MEMORY_PROBE = """
-import resource, sys, torch
+import sys, torch
 sys.path.insert(0, {root!r})
 from sdpo_cl import sdpo_loss
+def hwm_kib():
+    return int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])
 B, T, V = 16, 64, 49152
 topk = None if {topk!r} == 'full' else int({topk!r})
 torch.manual_seed(0)
 s = torch.randn(B, T, V, requires_grad=True); t = torch.randn(B, T, V)
 ids = torch.randint(0, V, (B, T)); mask = torch.ones(B, T)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = hwm_kib()
 loss, _ = sdpo_loss(s, t, ids, mask, topk=topk); loss.backward()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+print((hwm_kib() - base) / 1024)
 """
 
 
@@ -218,7 +224,31 @@ def peak_memory_mib(topk) -> float:
                                 check=True).stdout.strip())
 
 
+def time_experiment() -> float:
+    """Wall time of the quick experiment (`python run_sequence.py`) in a fresh run folder."""
+    import shutil
+    import tempfile
+    root = Path(__file__).resolve().parents[1]
+    out = tempfile.mkdtemp()
+    t0 = time.time()
+    subprocess.run([sys.executable, str(root / "run_sequence.py"), "--out", out], check=True,
+                   capture_output=True)
+    shutil.rmtree(out, ignore_errors=True)
+    return time.time() - t0
+
+
 def main():
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="lab", help="'lab' or a real model (hub id, folder, .gguf)")
+    ap.add_argument("--task", default="math", help="a lab family or an official-layout folder")
+    ap.add_argument("--prompts", type=int, default=8, help="prompts per step (%(default)s)")
+    ap.add_argument("--group", type=int, default=8, help="completions per prompt (%(default)s)")
+    ap.add_argument("--max-new-tokens", type=int, default=None,
+                    help="generation budget (default: the task's own, or 24)")
+    ap.add_argument("--steps", type=int, default=8, help="timed steps after 2 warm-up steps")
+    ap.add_argument("--experiment", action="store_true", help="also time run_sequence.py")
+    args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}")
     rows = loss_identity()
@@ -227,18 +257,31 @@ def main():
         print(f"| {name} | {diff:.2e} |")
     worst = max(d for _, d in rows)
 
-    model, tok = sc.load_policy("lab")
-    task = sc.make_lab_task("math")
-    print("\n| lab model, 8 prompts x 8 completions, math | s/step | rollout | teacher fwd | "
+    model, tok = sc.load_policy(args.model)
+    if args.model.endswith(".gguf"):   # TRL's SDPOTrainer reloads its teacher from the model's
+        import tempfile                # path, which it cannot do for a GGUF file: use a folder
+        folder = tempfile.mkdtemp()
+        model.save_pretrained(folder)
+        tok.save_pretrained(folder)
+        model, tok = sc.load_policy(folder)
+    task = sc.load_task(args.task)
+    if args.model != "lab":   # a real model answers in sentences: the last number counts
+        task.reward = lambda c, ex: sc.gsm8k_reward(c, ex)
+    budget = args.max_new_tokens or task.max_new_tokens or 24
+    task.max_new_tokens = budget
+    print(f"\n| {args.model.split('/')[-1]}, {args.prompts} prompts x {args.group} completions, "
+          f"{task.name}, <= {budget} tokens | s/step | rollout | teacher fwd | "
           "student fwd+bwd+other | floor | step/floor | distilled | reward | TRL s/step | "
           "ours/TRL |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     results = {}
     for mode in ("grpo", "sdpo"):
-        cfg = sc.lab_config(loss_mode=mode, prompts_per_step=8, group_size=8)
-        r = time_steps(model, tok, task, cfg)
-        floor = time_floor(model, tok, task, cfg, teacher_too=mode == "sdpo")
-        trl = time_trl(model, tok, task, mode)
+        cfg = sc.lab_config(model=args.model, loss_mode=mode, prompts_per_step=args.prompts,
+                            group_size=args.group, max_new_tokens=budget)
+        r = time_steps(model, tok, task, cfg, n=args.steps)
+        floor = time_floor(model, tok, task, cfg, teacher_too=mode == "sdpo", n=args.steps)
+        trl = time_trl(model, tok, task, mode, args.prompts * args.group, args.group, budget,
+                       n=args.steps)
         results[mode] = r
         print(f"| {mode} | {r['step']:.3f} | {r['rollout']:.3f} | {r['teacher']:.3f} | "
               f"{r['rest']:.3f} | {floor:.3f} | {r['step'] / floor:.2f} | "
@@ -249,6 +292,9 @@ def main():
     top, full = peak_memory_mib(100), peak_memory_mib("full")
     print(f"\npeak memory of sdpo_loss fwd+bwd, B=16 T=64 V=49152: top-100 {top:.0f} MiB, "
           f"full vocabulary {full:.0f} MiB, ratio {top / full:.2f}")
+    if args.experiment:
+        print(f"\nquick experiment (python run_sequence.py, lab base cached): "
+              f"{time_experiment():.0f} s wall")
     if worst > TOLERANCE:
         print(f"\nFAIL: a loss differs from TRL's by {worst:.2e} > {TOLERANCE}")
         sys.exit(1)
