@@ -224,6 +224,9 @@ class Config:
         if self.is_clip is not None and not (isinstance(self.is_clip, (int, float))
                                              and self.is_clip > 0):
             bad("is_clip", "a number > 0, or None for no importance weight")
+        if self.teacher_path and self.teacher_regularization == "live":
+            bad("teacher_path", "None with teacher_regularization='live' (the live teacher is "
+                                "the student itself and has no weights of its own)")
         if not self.full_logit_distillation and self.alpha != 1.0:
             bad("alpha", "1.0 when full_logit_distillation=False (the sampled-token estimate "
                          "exists only for the reverse KL)")

@@ -91,6 +91,11 @@ def test_sampled_token_mode_requires_reverse_kl():
         s.Config(full_logit_distillation=False)
 
 
+def test_teacher_path_needs_a_teacher_with_its_own_weights():
+    with pytest.raises(ValueError, match="Config.teacher_path='ckpt' is invalid"):
+        s.Config(teacher_path="ckpt", teacher_regularization="live")
+
+
 def test_templates_must_keep_their_fields():
     with pytest.raises(ValueError, match="reprompt_template"):
         s.Config(reprompt_template="{prompt} only")
