@@ -143,3 +143,13 @@ def test_reset_reinitialises_the_teacher_from_the_policy():
         policy.w.fill_(3.0)
     teacher.reset(policy)
     assert teacher.model.w.item() == pytest.approx(3.0)
+
+
+def test_teacher_path_mixes_a_checkpoint_into_the_teacher(tmp_path):
+    from sdpo_cl import build_lab_model, build_lab_tokenizer
+    tok = build_lab_tokenizer()
+    student, ckpt = build_lab_model(tok, seed=0), build_lab_model(tok, seed=1)
+    ckpt.save_pretrained(tmp_path)
+    teacher = Teacher(student, Config(teacher_path=str(tmp_path), teacher_init_alpha=0.25))
+    for t, s, c in zip(teacher.model.parameters(), student.parameters(), ckpt.parameters()):
+        assert torch.allclose(t, 0.25 * c + 0.75 * s, atol=1e-6)
