@@ -151,7 +151,6 @@ def verl_overrides(cfg: sc.Config, model_path: str, steps: int, data=None) -> li
 
 
 def print_verl(methods, configs, names, steps, model):
-    from pathlib import Path as P
     for m in methods:
         cfg = next(c for (mm, _), c in configs.items() if mm == m)
         notes = []
@@ -165,7 +164,7 @@ def print_verl(methods, configs, names, steps, model):
         print(f"# {m}" + "".join(f"\n# note: {n}" for n in notes))
         for k, (name, n_steps) in enumerate(zip(names, steps), 1):
             path = model if k == 1 else f"<checkpoint of stage {k - 1}>"
-            data = P(name) if P(name).is_dir() else None
+            data = Path(name) if Path(name).is_dir() else None
             config_name = "sdpo" if cfg.loss_mode == "sdpo" else "baseline_grpo"
             print(f"# stage {k}: {name}" + ("" if data else " (no data files: a built-in task)"))
             print(f"python -m verl.trainer.main_ppo --config-name {config_name} \\\n    "

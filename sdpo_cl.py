@@ -29,6 +29,7 @@ import math
 import os
 import random
 import re
+import shutil
 import string
 import time
 from dataclasses import dataclass, field
@@ -674,7 +675,6 @@ def build_lab_base(recipe: LabRecipe = LabRecipe(), verbose: bool = True):
     (tmp / "build_seconds.txt").write_text(f"{time.time() - t0:.1f}\n")
     (tmp / "done").touch()
     if folder.exists():            # another process finished first; keep its copy
-        import shutil
         shutil.rmtree(tmp)
     else:
         os.replace(tmp, folder)    # atomic: a crash never leaves a half-written cache entry
@@ -1350,7 +1350,6 @@ def finished_stages(folder) -> int:
 def save_stage(folder, k, record, policy, tokenizer, teacher):
     """Write stage k atomically: a temporary folder renamed into place, so a crash leaves either
     the whole stage or nothing. The teacher is saved with the policy: resuming needs it."""
-    import shutil
     final, tmp = Path(folder) / f"stage{k}", Path(folder) / f"stage{k}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     policy.save_pretrained(tmp / "policy")
