@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -986,6 +987,43 @@ def trust_region_logits(ref_logits, student_logits, tau):
     return torch.lerp(ref_logits, student_logits, tau)
 
 
+def _cache_argument(model) -> str:
+    """transformers 5.24 renamed the forward argument `past_key_values` to `cache`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def response_logits(model, prefix_ids, prefix_mask, rows, response_ids, response_mask):
+    """Logits [b, T, V] of b responses, response i following prefix rows[i]; position t predicts
+    response_ids[:, t]. prefix_ids, prefix_mask: [U, P], left-padded; rows: [b] indices into U.
+    Why not one forward over each (prefix + response)? Within a group every failed sample sees the
+    same demonstration (the first success), so a group has at most two distinct teacher contexts.
+    The U distinct prefixes go through the model once, their KV cache is copied to the b rows, and
+    only the responses are run on top of it: the same numbers up to float rounding, for about
+    U/b of the prefix cost. The model runs in eval mode (no dropout; and transformers before 5.24
+    drops the cache of a training-mode model with gradient checkpointing)."""
+    from transformers import DynamicCache
+    was_training = model.training
+    model.eval()
+    cache, T, P = DynamicCache(config=model.config), response_ids.shape[1], prefix_ids.shape[1]
+    attn = torch.cat([prefix_mask[rows], response_mask.long()], dim=1)          # [b, P + T]
+    positions = (attn.cumsum(1) - 1).clamp(min=0)                               # as generate()
+    last = model(input_ids=prefix_ids, attention_mask=prefix_mask,
+                 position_ids=(prefix_mask.cumsum(1) - 1).clamp(min=0), logits_to_keep=1,
+                 use_cache=True, **{_cache_argument(model): cache}).logits      # [U, 1, V]
+    if cache.get_seq_length() != P:
+        raise RuntimeError(f"{type(model).__name__} did not fill its KV cache; shared-prefix "
+                           "teacher scoring needs a model with a transformers DynamicCache")
+    logits = [last[rows]]
+    if T > 1:   # the last response token predicts nothing we need
+        cache.batch_select_indices(rows)
+        logits.append(model(input_ids=response_ids[:, :-1], attention_mask=attn[:, :-1],
+                            position_ids=positions[:, P:-1], use_cache=True,
+                            **{_cache_argument(model): cache}).logits)          # [b, T-1, V]
+    model.train(was_training)
+    return torch.cat(logits, dim=1)
+
+
 class Teacher:
     """Scores response tokens after a teacher context, without gradients.
     ema: its own weights, moved toward the student after every optimizer step (tau=0: frozen).
@@ -1010,13 +1048,13 @@ class Teacher:
                 t.lerp_(c.to(t.device, t.dtype), self.cfg.teacher_init_alpha)
 
     @torch.no_grad()
-    def logits(self, policy, **inputs):
+    def logits(self, policy, score):
+        """The teacher's logits, where score(model) runs a model on the teacher's inputs."""
         if self.kind == "live":
-            return policy(**inputs).logits
+            return score(policy)
         if self.kind == "trust-region":
-            return trust_region_logits(self.model(**inputs).logits, policy(**inputs).logits,
-                                       self.tau)
-        return self.model(**inputs).logits
+            return trust_region_logits(score(self.model), score(policy), self.tau)
+        return score(self.model)
 
     def after_optimizer_step(self, policy):
         if self.kind == "ema" and self.tau > 0:
@@ -1079,10 +1117,12 @@ def train_step(policy, tokenizer, teacher, optimizer, scheduler, task, examples,
         if cfg.mask_ratio > 0:
             distill_mask = distill_mask * (torch.rand_like(distill_mask) >= cfg.mask_ratio)
         context_rows = has_context.nonzero().squeeze(1)                      # teacher rows
-        if len(context_rows):
-            teacher_ids, teacher_mask = tokenize_prompts(tokenizer, [
-                format_prompt(tokenizer, contexts[i], samples[i].get("system"))
-                for i in context_rows.tolist()], device)
+        if len(context_rows):   # each distinct teacher prompt is tokenized (and run) once
+            texts = [format_prompt(tokenizer, contexts[i], samples[i].get("system"))
+                     for i in context_rows.tolist()]
+            distinct = list(dict.fromkeys(texts))
+            prefix_of = torch.tensor([distinct.index(t) for t in texts], device=device)
+            teacher_ids, teacher_mask = tokenize_prompts(tokenizer, distinct, device)
 
     # --- forward / backward in micro-batches (gradient accumulation) -----------------------------
     optimizer.zero_grad(set_to_none=True)
@@ -1127,10 +1167,11 @@ def train_step(policy, tokenizer, teacher, optimizer, scheduler, task, examples,
             if len(local):
                 t0 = time.time()
                 at = torch.searchsorted(context_rows, local + r0)
+                used, row_prefix = prefix_of[at].unique(return_inverse=True)
                 with autocast:
-                    teacher_logits = teacher.logits(policy, **sequence_inputs(
-                        teacher_ids[at], teacher_mask[at], ro.response_ids[rows][local],
-                        mask[rows][local]))[:, :-1]
+                    teacher_logits = teacher.logits(policy, lambda model: response_logits(
+                        model, teacher_ids[used], teacher_mask[used], row_prefix,
+                        ro.response_ids[rows][local], mask[rows][local]))      # [l, T, V]
                 t_teacher += time.time() - t0
                 loss_s, m = sdpo_loss(
                     logits[local], teacher_logits.float() / cfg.temperature,

@@ -131,9 +131,9 @@ def test_teacher_kinds_produce_the_promised_logits():
     live = Teacher(policy, Config(teacher_regularization="live"))
     with torch.no_grad():
         policy.w.fill_(5.0)                            # the student moves; the reference does not
-    assert torch.allclose(live.logits(policy, x=x), torch.full((2,), 5.0))
-    assert torch.allclose(trust.logits(policy, x=x), torch.full((2,), 1.0 + 0.25 * 4.0))
-    assert not live.logits(policy, x=x).requires_grad
+    assert torch.allclose(live.logits(policy, lambda m: m(x).logits), torch.full((2,), 5.0))
+    assert torch.allclose(trust.logits(policy, lambda m: m(x).logits), torch.full((2,), 1.0 + 0.25 * 4.0))
+    assert not live.logits(policy, lambda m: m(x).logits).requires_grad
 
 
 def test_reset_reinitialises_the_teacher_from_the_policy():
@@ -153,3 +153,52 @@ def test_teacher_path_mixes_a_checkpoint_into_the_teacher(tmp_path):
     teacher = Teacher(student, Config(teacher_path=str(tmp_path), teacher_init_alpha=0.25))
     for t, s, c in zip(teacher.model.parameters(), student.parameters(), ckpt.parameters()):
         assert torch.allclose(t, 0.25 * c + 0.75 * s, atol=1e-6)
+
+
+def prefixes_and_responses():
+    """Three left-padded teacher prefixes of different lengths and five responses (two ending
+    early with EOS) on a randomly initialised lab model."""
+    from sdpo_cl import build_lab_model, build_lab_tokenizer, tokenize_prompts
+    tok = build_lab_tokenizer()
+    model = build_lab_model(tok, seed=3)
+    prefix_ids, prefix_mask = tokenize_prompts(tok, ["12+5=\nCorrect: 17\n", "7+1=", "a"], "cpu")
+    torch.manual_seed(0)
+    response_ids = torch.randint(5, 60, (5, 6))
+    response_mask = torch.ones(5, 6)
+    response_mask[1, 3:] = 0
+    response_mask[4, 1:] = 0
+    return model, prefix_ids, prefix_mask, torch.tensor([0, 0, 1, 2, 1]), response_ids, \
+        response_mask
+
+
+def test_shared_prefix_scoring_equals_one_forward_per_sequence():
+    from sdpo_cl import response_logits, sequence_inputs
+    model, p_ids, p_mask, rows, r_ids, r_mask = prefixes_and_responses()
+    with torch.no_grad():
+        full = model(**sequence_inputs(p_ids[rows], p_mask[rows], r_ids, r_mask)).logits[:, :-1]
+    shared = response_logits(model, p_ids, p_mask, rows, r_ids, r_mask)
+    assert shared.shape == full.shape == (5, 6, model.config.vocab_size)
+    valid = r_mask.bool()
+    assert torch.allclose(shared[valid], full[valid], atol=1e-5)
+
+
+def test_shared_prefix_scoring_of_a_one_token_response():
+    from sdpo_cl import response_logits, sequence_inputs
+    model, p_ids, p_mask, rows, r_ids, r_mask = prefixes_and_responses()
+    with torch.no_grad():
+        full = model(**sequence_inputs(p_ids[rows], p_mask[rows], r_ids[:, :1], r_mask[:, :1])
+                     ).logits[:, :-1]
+    shared = response_logits(model, p_ids, p_mask, rows, r_ids[:, :1], r_mask[:, :1])
+    assert torch.allclose(shared, full, atol=1e-5)
+
+
+def test_a_training_policy_with_gradient_checkpointing_still_scores_with_its_prefix():
+    """The live teacher is the policy in training mode; the prefix cache must not be dropped."""
+    from sdpo_cl import response_logits
+    model, p_ids, p_mask, rows, r_ids, r_mask = prefixes_and_responses()
+    expected = response_logits(model, p_ids, p_mask, rows, r_ids, r_mask)
+    model.gradient_checkpointing_enable()
+    model.train()
+    got = response_logits(model, p_ids, p_mask, rows, r_ids, r_mask)
+    assert model.training
+    assert torch.allclose(got, expected, atol=1e-6)

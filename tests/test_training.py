@@ -53,6 +53,22 @@ def test_sdpo_step_reports_distillation_metrics(base):
         assert key in m
 
 
+def test_every_teacher_kind_is_the_policy_itself_at_the_first_step(base):
+    """ema, frozen, trust-region and live teachers all start as the policy, so the first step's
+    distillation loss is the same whichever runs it (live scores with the training policy)."""
+    task = s.make_lab_task("math")
+    task.reward = lambda c, ex: float(len(c) <= 2)
+    losses = []
+    for kind in s.TEACHER_KINDS:
+        model = copy.deepcopy(base[0])
+        model.gradient_checkpointing_enable()
+        m = one_step(model, base[1], s.lab_config(loss_mode="sdpo", teacher_regularization=kind),
+                     task)
+        losses.append(m["loss_sdpo"])
+    assert losses[0] > 0
+    assert losses == pytest.approx([losses[0]] * len(losses), abs=1e-6)
+
+
 def test_a_step_without_any_demonstration_is_an_empty_target_step(base):
     model, tok = copy.deepcopy(base[0]), base[1]
     task = s.make_lab_task("math")
