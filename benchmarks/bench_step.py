@@ -29,7 +29,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import sdpo_cl as sc  # noqa: E402
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 TOLERANCE = 1e-5
+
+
+def quiet():
+    """Keep library warnings and TRL's per-run log dicts out of the printed table."""
+    import logging
+    import warnings
+    warnings.filterwarnings("ignore")
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.getLogger("trl").setLevel(logging.ERROR)
 
 
 # --- 1. loss identity -------------------------------------------------------------------------
@@ -109,7 +121,8 @@ def time_steps(model, tok, task, cfg, n_warmup=2, n=8) -> dict:
     return {"step": med("seconds"), "rollout": med("t_rollout"), "teacher": med("t_teacher"),
             "rest": med("seconds") - med("t_rollout") - med("t_teacher"),
             "distill_frac": statistics.mean(m.get("distill_frac", 0) for m in out),
-            "reward": statistics.mean(m["reward"] for m in out)}
+            "reward": statistics.mean(m["reward"] for m in out),
+            "length": statistics.mean(m["response_length"] for m in out)}
 
 
 def time_floor(model, tok, task, cfg, teacher_too, n_warmup=2, n=8) -> float:
@@ -147,7 +160,7 @@ def time_floor(model, tok, task, cfg, teacher_too, n_warmup=2, n=8) -> float:
     return statistics.median(times)
 
 
-def time_trl(model, tok, task, mode, batch, group, budget, n_warmup=2, n=8) -> float:
+def time_trl(model, tok, task, mode, batch, group, budget, n_warmup=2, n=8) -> dict:
     """Median seconds per step of TRL's GRPOTrainer / SDPOTrainer at the same model, batch
     (8 prompts x 8 completions), budget and loss settings (token-mean, no std scaling, clip
     0.2/0.28, no KL; SDPO: top-20 with tail, alpha 0.5, IS clip 2, EMA teacher at 0.05).
@@ -156,7 +169,7 @@ def time_trl(model, tok, task, mode, batch, group, budget, n_warmup=2, n=8) -> f
     import tempfile
 
     from datasets import Dataset
-    from transformers import TrainerCallback
+    from transformers import PrinterCallback, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
     from trl.experimental.sdpo import SDPOConfig, SDPOTrainer
 
@@ -166,7 +179,7 @@ def time_trl(model, tok, task, mode, batch, group, budget, n_warmup=2, n=8) -> f
     def reward(completions, answer, **_):
         return [task.reward(c[0]["content"], {"answer": a}) for c, a in zip(completions, answer)]
 
-    times = []
+    times, step_logs = [], []
 
     class Timer(TrainerCallback):
         def on_step_begin(self, *_, **__):
@@ -175,11 +188,15 @@ def time_trl(model, tok, task, mode, batch, group, budget, n_warmup=2, n=8) -> f
         def on_step_end(self, *_, **__):
             times.append(time.time() - self.t0)
 
+        def on_log(self, _args, _state, _control, logs=None, **__):
+            if logs and "completions/mean_length" in logs:
+                step_logs.append(dict(logs))
+
     common = dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch,
                   num_generations=group, max_completion_length=budget,
                   loss_type="dapo", scale_rewards="none",
                   epsilon=0.2, epsilon_high=0.28, beta=0.0, learning_rate=3e-4, use_cpu=True,
-                  max_steps=n_warmup + n, save_strategy="no", logging_steps=1000,
+                  max_steps=n_warmup + n, save_strategy="no", logging_steps=1,
                   report_to="none", temperature=1.0, top_k=0, disable_tqdm=True,
                   gradient_checkpointing=False)
     if mode == "grpo":
@@ -193,8 +210,15 @@ def time_trl(model, tok, task, mode, batch, group, budget, n_warmup=2, n=8) -> f
                           teacher_update_rate=0.05)
         trainer = SDPOTrainer(model=copy.deepcopy(model), reward_funcs=reward, args=args,
                               train_dataset=data, processing_class=tok, callbacks=[Timer()])
+    trainer.remove_callback(PrinterCallback)
     trainer.train()
-    return statistics.median(times[n_warmup:])
+    timed = step_logs[n_warmup:]
+    return {"step": statistics.median(times[n_warmup:]),
+            "length": statistics.mean(g["completions/mean_length"] for g in timed),
+            "reward": statistics.mean(g.get("reward", g.get("self_distillation/reward_mean", 0))
+                                      for g in timed),
+            "distilled": statistics.mean(g.get("self_distillation/reprompt_sample_fraction", 0)
+                                         for g in timed)}
 
 
 # --- 3. peak memory -----------------------------------------------------------------------------
@@ -237,18 +261,37 @@ def time_experiment() -> float:
     return time.time() - t0
 
 
+def sums_task(n_train=400, n_test=40, seed=0) -> sc.Task:
+    """For a real small instruct model: single-digit sums asked in words, scored by the last
+    number in the answer (GSM8K's convention). SmolLM2-135M-Instruct gets about a quarter of them
+    (the lab's "21+4=" none), so GRPO has a signal and SDPO has demonstrations to distil."""
+    import random
+
+    from datasets import Dataset
+    rng = random.Random(seed)
+
+    def rows(n):
+        pairs = [(rng.randint(1, 9), rng.randint(1, 9)) for _ in range(n)]
+        return Dataset.from_list([{"prompt": f"What is {a} plus {b}? Answer with a number.",
+                                   "answer": str(a + b)} for a, b in pairs])
+    return sc.Task("sums", rows(n_train), rows(n_test), sc.gsm8k_reward, sc.gsm8k_feedback)
+
+
 def main():
     import argparse
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="lab", help="'lab' or a real model (hub id, folder, .gguf)")
-    ap.add_argument("--task", default="math", help="a lab family or an official-layout folder")
+    ap.add_argument("--task", default=None,
+                    help="a lab family or an official-layout folder (default: math for the lab, "
+                         "single-digit sums in words for a real model)")
     ap.add_argument("--prompts", type=int, default=8, help="prompts per step (%(default)s)")
     ap.add_argument("--group", type=int, default=8, help="completions per prompt (%(default)s)")
     ap.add_argument("--max-new-tokens", type=int, default=None,
                     help="generation budget (default: the task's own, or 24)")
-    ap.add_argument("--steps", type=int, default=8, help="timed steps after 2 warm-up steps")
+    ap.add_argument("--steps", type=int, default=16, help="timed steps after 2 warm-up steps")
     ap.add_argument("--experiment", action="store_true", help="also time run_sequence.py")
     args = ap.parse_args()
+    quiet()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}")
     rows = loss_identity()
@@ -264,16 +307,24 @@ def main():
         model.save_pretrained(folder)
         tok.save_pretrained(folder)
         model, tok = sc.load_policy(folder)
-    task = sc.load_task(args.task)
-    if args.model != "lab":   # a real model answers in sentences: the last number counts
-        task.reward = lambda c, ex: sc.gsm8k_reward(c, ex)
+    if args.task is None:
+        task = sc.load_task("math") if args.model == "lab" else sums_task()
+    else:
+        task = sc.load_task(args.task)
+        if args.model != "lab":   # a real model answers in sentences: the last number counts
+            task.reward = sc.gsm8k_reward
     budget = args.max_new_tokens or task.max_new_tokens or 24
     task.max_new_tokens = budget
-    print(f"\n| {args.model.split('/')[-1]}, {args.prompts} prompts x {args.group} completions, "
-          f"{task.name}, <= {budget} tokens | s/step | rollout | teacher fwd | "
-          "student fwd+bwd+other | floor | step/floor | distilled | reward | TRL s/step | "
-          "ours/TRL |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"\n{args.model.split('/')[-1]}, task {task.name}, {args.prompts} prompts x "
+          f"{args.group} completions, <= {budget} new tokens, medians of {args.steps} steps after "
+          "2 warm-up steps. Ours: rollout / teacher forward / the rest (student forward+backward, "
+          "loss, AdamW). Floor: generate + one forward+backward+AdamW (+ one teacher forward "
+          "over every full teacher sequence for SDPO). Distilled: share of response tokens "
+          "(ours) or of samples (TRL) with a teacher context.\n")
+    print("| method | s/step | rollout | teacher fwd | rest | floor | step/floor | tokens/answer "
+          "| reward | distilled | TRL s/step | TRL tokens/answer | TRL reward | TRL distilled "
+          "| ours/TRL |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     results = {}
     for mode in ("grpo", "sdpo"):
         cfg = sc.lab_config(model=args.model, loss_mode=mode, prompts_per_step=args.prompts,
@@ -283,11 +334,14 @@ def main():
         trl = time_trl(model, tok, task, mode, args.prompts * args.group, args.group, budget,
                        n=args.steps)
         results[mode] = r
+        distilled = f"{100 * r['distill_frac']:.0f}%" if mode == "sdpo" else "-"
+        trl_distilled = f"{100 * trl['distilled']:.0f}%" if mode == "sdpo" else "-"
         print(f"| {mode} | {r['step']:.3f} | {r['rollout']:.3f} | {r['teacher']:.3f} | "
-              f"{r['rest']:.3f} | {floor:.3f} | {r['step'] / floor:.2f} | "
-              f"{100 * r['distill_frac']:.0f}% | {r['reward']:.2f} | {trl:.3f} | "
-              f"{r['step'] / trl:.2f} |", flush=True)
-    print(f"\nSDPO step / GRPO step: {results['sdpo']['step'] / results['grpo']['step']:.2f}")
+              f"{r['rest']:.3f} | {floor:.3f} | {r['step'] / floor:.2f} | {r['length']:.1f} | "
+              f"{r['reward']:.2f} | {distilled} | {trl['step']:.3f} | {trl['length']:.1f} | "
+              f"{trl['reward']:.2f} | {trl_distilled} | {r['step'] / trl['step']:.2f} |",
+              flush=True)
+    print(f"\nSDPO step / GRPO step: ours {results['sdpo']['step'] / results['grpo']['step']:.2f}")
 
     top, full = peak_memory_mib(100), peak_memory_mib("full")
     print(f"\npeak memory of sdpo_loss fwd+bwd, B=16 T=64 V=49152: top-100 {top:.0f} MiB, "
