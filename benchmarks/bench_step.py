@@ -30,6 +30,7 @@ import sdpo_cl as sc  # noqa: E402
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")          # e.g. the GGUF loader's bar, mid-table
 TOLERANCE = 1e-5
 
 
@@ -160,11 +161,14 @@ def time_floor(model, tok, task, cfg, teacher_too, n_warmup=2, n=8) -> float:
     return statistics.median(times)
 
 
-def time_trl(model, tok, task, mode, batch, group, budget, n_warmup=2, n=8) -> dict:
-    """Median seconds per step of TRL's GRPOTrainer / SDPOTrainer at the same model, batch
-    (8 prompts x 8 completions), budget and loss settings (token-mean, no std scaling, clip
+def time_trl(model, tok, task, mode, batch, group, budget, lr, bf16=False, n_warmup=2,
+             n=8) -> dict:
+    """Median seconds per step of TRL's GRPOTrainer / SDPOTrainer at the same model, batch,
+    group, budget, learning rate and loss settings (token-mean, no std scaling, clip
     0.2/0.28, no KL; SDPO: top-20 with tail, alpha 0.5, IS clip 2, EMA teacher at 0.05).
-    Gradient checkpointing (on by default in TRL) is turned off, as here."""
+    Gradient checkpointing (on by default in TRL) is turned off, as here. TRL's bf16 (also on by
+    default) autocasts on the CPU too, while this project uses bf16 only on CUDA: both sides run
+    fp32 unless --bf16 puts both under bf16 autocast."""
     import copy
     import tempfile
 
@@ -195,22 +199,25 @@ def time_trl(model, tok, task, mode, batch, group, budget, n_warmup=2, n=8) -> d
     common = dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch,
                   num_generations=group, max_completion_length=budget,
                   loss_type="dapo", scale_rewards="none",
-                  epsilon=0.2, epsilon_high=0.28, beta=0.0, learning_rate=3e-4, use_cpu=True,
+                  epsilon=0.2, epsilon_high=0.28, beta=0.0, learning_rate=lr, use_cpu=True,
                   max_steps=n_warmup + n, save_strategy="no", logging_steps=1,
                   report_to="none", temperature=1.0, top_k=0, disable_tqdm=True,
-                  gradient_checkpointing=False)
+                  gradient_checkpointing=False, bf16=bf16)
     if mode == "grpo":
         trainer = GRPOTrainer(model=copy.deepcopy(model), reward_funcs=reward,
                               args=GRPOConfig(**common), train_dataset=data,
-                              processing_class=tok, callbacks=[Timer()])
+                              processing_class=tok)
     else:
         args = SDPOConfig(**common, distillation_mode="topk_logits", distillation_topk=20,
                           distillation_add_tail=True, distillation_alpha=0.5,
                           distillation_is_clip=2.0, teacher_model_kind="ema",
                           teacher_update_rate=0.05)
         trainer = SDPOTrainer(model=copy.deepcopy(model), reward_funcs=reward, args=args,
-                              train_dataset=data, processing_class=tok, callbacks=[Timer()])
+                              train_dataset=data, processing_class=tok)
     trainer.remove_callback(PrinterCallback)
+    # Added last, so that its on_step_end runs after TRL's own callbacks: SDPOTrainer moves its
+    # EMA teacher in an on_step_end callback, which is part of the step (and of ours).
+    trainer.add_callback(Timer())
     trainer.train()
     timed = step_logs[n_warmup:]
     return {"step": statistics.median(times[n_warmup:]),
@@ -289,6 +296,8 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=None,
                     help="generation budget (default: the task's own, or 24)")
     ap.add_argument("--steps", type=int, default=16, help="timed steps after 2 warm-up steps")
+    ap.add_argument("--bf16", action="store_true",
+                    help="run both sides under CPU bf16 autocast (TRL's default) instead of fp32")
     ap.add_argument("--experiment", action="store_true", help="also time run_sequence.py")
     args = ap.parse_args()
     quiet()
@@ -316,7 +325,8 @@ def main():
     budget = args.max_new_tokens or task.max_new_tokens or 24
     task.max_new_tokens = budget
     print(f"\n{args.model.split('/')[-1]}, task {task.name}, {args.prompts} prompts x "
-          f"{args.group} completions, <= {budget} new tokens, medians of {args.steps} steps after "
+          f"{args.group} completions, <= {budget} new tokens, "
+          f"{'bf16 autocast' if args.bf16 else 'fp32'}, medians of {args.steps} steps after "
           "2 warm-up steps. Ours: rollout / teacher forward / the rest (student forward+backward, "
           "loss, AdamW). Floor: generate + one forward+backward+AdamW (+ one teacher forward "
           "over every full teacher sequence for SDPO). Distilled: share of response tokens "
@@ -327,12 +337,17 @@ def main():
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     results = {}
     for mode in ("grpo", "sdpo"):
+        # the lab's learning rate, or the official one for a real model: at 3e-4 SmolLM2 drifts
+        # within the warm-up steps, and the two sides would then time different behaviour
         cfg = sc.lab_config(model=args.model, loss_mode=mode, prompts_per_step=args.prompts,
-                            group_size=args.group, max_new_tokens=budget)
-        r = time_steps(model, tok, task, cfg, n=args.steps)
-        floor = time_floor(model, tok, task, cfg, teacher_too=mode == "sdpo", n=args.steps)
+                            group_size=args.group, max_new_tokens=budget,
+                            lr=sc.lab_config().lr if args.model == "lab" else sc.Config().lr)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            torch.manual_seed(0)
+            r = time_steps(model, tok, task, cfg, n=args.steps)
+            floor = time_floor(model, tok, task, cfg, teacher_too=mode == "sdpo", n=args.steps)
         trl = time_trl(model, tok, task, mode, args.prompts * args.group, args.group, budget,
-                       n=args.steps)
+                       cfg.lr, bf16=args.bf16, n=args.steps)
         results[mode] = r
         distilled = f"{100 * r['distill_frac']:.0f}%" if mode == "sdpo" else "-"
         trl_distilled = f"{100 * trl['distilled']:.0f}%" if mode == "sdpo" else "-"
