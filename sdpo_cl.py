@@ -1005,22 +1005,24 @@ def response_logits(model, prefix_ids, prefix_mask, rows, response_ids, response
     from transformers import DynamicCache
     was_training = model.training
     model.eval()
-    cache, T, P = DynamicCache(config=model.config), response_ids.shape[1], prefix_ids.shape[1]
-    attn = torch.cat([prefix_mask[rows], response_mask.long()], dim=1)          # [b, P + T]
-    positions = (attn.cumsum(1) - 1).clamp(min=0)                               # as generate()
-    last = model(input_ids=prefix_ids, attention_mask=prefix_mask,
-                 position_ids=(prefix_mask.cumsum(1) - 1).clamp(min=0), logits_to_keep=1,
-                 use_cache=True, **{_cache_argument(model): cache}).logits      # [U, 1, V]
-    if cache.get_seq_length() != P:
-        raise RuntimeError(f"{type(model).__name__} did not fill its KV cache; shared-prefix "
-                           "teacher scoring needs a model with a transformers DynamicCache")
-    logits = [last[rows]]
-    if T > 1:   # the last response token predicts nothing we need
-        cache.batch_select_indices(rows)
-        logits.append(model(input_ids=response_ids[:, :-1], attention_mask=attn[:, :-1],
-                            position_ids=positions[:, P:-1], use_cache=True,
-                            **{_cache_argument(model): cache}).logits)          # [b, T-1, V]
-    model.train(was_training)
+    try:
+        cache, T, P = DynamicCache(config=model.config), response_ids.shape[1], prefix_ids.shape[1]
+        attn = torch.cat([prefix_mask[rows], response_mask.long()], dim=1)      # [b, P + T]
+        positions = (attn.cumsum(1) - 1).clamp(min=0)                           # as generate()
+        last = model(input_ids=prefix_ids, attention_mask=prefix_mask,
+                     position_ids=(prefix_mask.cumsum(1) - 1).clamp(min=0), logits_to_keep=1,
+                     use_cache=True, **{_cache_argument(model): cache}).logits  # [U, 1, V]
+        if cache.get_seq_length() != P:
+            raise RuntimeError(f"{type(model).__name__} did not fill its KV cache; shared-"
+                               "prefix teacher scoring needs a transformers DynamicCache")
+        logits = [last[rows]]
+        if T > 1:   # the last response token predicts nothing we need
+            cache.batch_select_indices(rows)
+            logits.append(model(input_ids=response_ids[:, :-1], attention_mask=attn[:, :-1],
+                                position_ids=positions[:, P:-1], use_cache=True,
+                                **{_cache_argument(model): cache}).logits)      # [b, T-1, V]
+    finally:
+        model.train(was_training)
     return torch.cat(logits, dim=1)
 
 
@@ -1120,9 +1122,9 @@ def train_step(policy, tokenizer, teacher, optimizer, scheduler, task, examples,
         if len(context_rows):   # each distinct teacher prompt is tokenized (and run) once
             texts = [format_prompt(tokenizer, contexts[i], samples[i].get("system"))
                      for i in context_rows.tolist()]
-            distinct = list(dict.fromkeys(texts))
-            prefix_of = torch.tensor([distinct.index(t) for t in texts], device=device)
-            teacher_ids, teacher_mask = tokenize_prompts(tokenizer, distinct, device)
+            distinct = {t: k for k, t in enumerate(dict.fromkeys(texts))}   # text -> index
+            prefix_of = torch.tensor([distinct[t] for t in texts], device=device)
+            teacher_ids, teacher_mask = tokenize_prompts(tokenizer, list(distinct), device)
 
     # --- forward / backward in micro-batches (gradient accumulation) -----------------------------
     optimizer.zero_grad(set_to_none=True)
@@ -1183,7 +1185,8 @@ def train_step(policy, tokenizer, teacher, optimizer, scheduler, task, examples,
                 share = aggregation_share(distill_mask[rows], distill_mask, cfg.loss_agg_mode)
                 loss = loss + w * share * loss_s
                 totals["loss_sdpo"] = totals.get("loss_sdpo", 0.0) + (share * loss_s).item()
-                totals["divergence"] = totals.get("divergence", 0.0) + share.item() * m["divergence"]
+                totals["divergence"] = (totals.get("divergence", 0.0)
+                                        + share.item() * m["divergence"])
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()} (micro-batch at row {r0})")
         loss.backward()

@@ -131,9 +131,11 @@ def test_teacher_kinds_produce_the_promised_logits():
     live = Teacher(policy, Config(teacher_regularization="live"))
     with torch.no_grad():
         policy.w.fill_(5.0)                            # the student moves; the reference does not
-    assert torch.allclose(live.logits(policy, lambda m: m(x).logits), torch.full((2,), 5.0))
-    assert torch.allclose(trust.logits(policy, lambda m: m(x).logits), torch.full((2,), 1.0 + 0.25 * 4.0))
-    assert not live.logits(policy, lambda m: m(x).logits).requires_grad
+    def score(model):
+        return model(x).logits
+    assert torch.allclose(live.logits(policy, score), torch.full((2,), 5.0))
+    assert torch.allclose(trust.logits(policy, score), torch.full((2,), 1.0 + 0.25 * 4.0))
+    assert not live.logits(policy, score).requires_grad
 
 
 def test_reset_reinitialises_the_teacher_from_the_policy():
