@@ -987,6 +987,11 @@ def trust_region_logits(ref_logits, student_logits, tau):
     return torch.lerp(ref_logits, student_logits, tau)
 
 
+def real_token_positions(attention_mask):
+    """Positions that count real tokens only, as generate() gives them with left padding."""
+    return (attention_mask.cumsum(1) - 1).clamp(min=0)
+
+
 def _cache_argument(model) -> str:
     """transformers 5.24 renamed the forward argument `past_key_values` to `cache`."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -1006,12 +1011,12 @@ def response_logits(model, prefix_ids, prefix_mask, rows, response_ids, response
     was_training = model.training
     model.eval()
     try:
-        cache, T, P = DynamicCache(config=model.config), response_ids.shape[1], prefix_ids.shape[1]
+        T, P = response_ids.shape[1], prefix_ids.shape[1]
+        cache, cache_arg = DynamicCache(config=model.config), _cache_argument(model)
         attn = torch.cat([prefix_mask[rows], response_mask.long()], dim=1)      # [b, P + T]
-        positions = (attn.cumsum(1) - 1).clamp(min=0)                           # as generate()
         last = model(input_ids=prefix_ids, attention_mask=prefix_mask,
-                     position_ids=(prefix_mask.cumsum(1) - 1).clamp(min=0), logits_to_keep=1,
-                     use_cache=True, **{_cache_argument(model): cache}).logits  # [U, 1, V]
+                     position_ids=real_token_positions(prefix_mask), logits_to_keep=1,
+                     use_cache=True, **{cache_arg: cache}).logits               # [U, 1, V]
         if cache.get_seq_length() != P:
             raise RuntimeError(f"{type(model).__name__} did not fill its KV cache; shared-"
                                "prefix teacher scoring needs a transformers DynamicCache")
@@ -1019,8 +1024,8 @@ def response_logits(model, prefix_ids, prefix_mask, rows, response_ids, response
         if T > 1:   # the last response token predicts nothing we need
             cache.batch_select_indices(rows)
             logits.append(model(input_ids=response_ids[:, :-1], attention_mask=attn[:, :-1],
-                                position_ids=positions[:, P:-1], use_cache=True,
-                                **{_cache_argument(model): cache}).logits)      # [b, T-1, V]
+                                position_ids=real_token_positions(attn)[:, P:-1], use_cache=True,
+                                **{cache_arg: cache}).logits)                   # [b, T-1, V]
     finally:
         model.train(was_training)
     return torch.cat(logits, dim=1)
@@ -1073,7 +1078,7 @@ def sequence_inputs(prompt_ids, prompt_mask, response_ids, response_mask):
     count real tokens only, as generate() does with left padding."""
     attn = torch.cat([prompt_mask, response_mask.long()], dim=1)
     return dict(input_ids=torch.cat([prompt_ids, response_ids], dim=1), attention_mask=attn,
-                position_ids=(attn.cumsum(1) - 1).clamp(min=0),
+                position_ids=real_token_positions(attn),
                 logits_to_keep=response_ids.shape[1] + 1)
 
 
