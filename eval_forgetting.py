@@ -63,6 +63,36 @@ def mean_std(values) -> tuple:
     return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
 
 
+# Student's t quantile t(0.975, df) for two-sided 95% intervals; between entries the smaller df
+# (a wider interval) is used.
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+         9: 2.262, 10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042, 60: 2.000, 120: 1.980}
+
+
+def t_quantile(df: int) -> float:
+    return T_975[max(k for k in T_975 if k <= df)]
+
+
+def paired_difference(a, b) -> dict:
+    """Mean of a[i] - b[i] over paired runs (the same seed: the same base evaluation and the
+    same training prompts) with a 95% t interval. With one pair there is no interval."""
+    d = [x - y for x, y in zip(a, b) if x is not None and y is not None]
+    if not d:
+        return {"n": 0, "mean": None, "low": None, "high": None}
+    m, sd = mean_std(d)
+    if len(d) < 2:
+        return {"n": 1, "mean": m, "low": None, "high": None}
+    half = t_quantile(len(d) - 1) * sd / math.sqrt(len(d))
+    return {"n": len(d), "mean": m, "low": m - half, "high": m + half}
+
+
+def verdict(diff) -> str:
+    """'beyond noise' when the 95% interval excludes 0, 'within noise' when it contains 0."""
+    if diff["low"] is None:
+        return "no interval (one seed)"
+    return "beyond noise" if diff["low"] > 0 or diff["high"] < 0 else "within noise"
+
+
 # ================================================================================================
 # Reading run folders and comparing methods
 # ================================================================================================
@@ -71,26 +101,28 @@ def load_results(folder) -> dict:
     return json.loads((Path(folder) / "results.json").read_text())
 
 
+def method_values(results, run) -> dict:
+    """Every summary metric and measure of one finished run (one method, one seed)."""
+    R, records, trained = run["R"], run["records"], results["trained"]
+    probes = [j for j in range(len(results["tasks"])) if j not in trained]
+    values = summarize(R, trained)
+    values["ood"] = (sum(R[-1][j] - R[0][j] for j in probes) / len(probes) if probes else None)
+    last = records[-1]
+    values["param_drift"] = last["param_drift"]["overall"]
+    values["response_kl"] = last["response_kl"]
+    values["repetition"] = last["artifacts"]["repetition_frac"]
+    return values
+
+
 def method_rows(results) -> dict:
     """Per method, per-seed values of every summary metric and measure after the last stage."""
-    tasks, trained = results["tasks"], results["trained"]
-    probes = [j for j in range(len(tasks)) if j not in trained]
     rows = {}
     for method, seeds in results["runs"].items():
         per = {}
         for run in seeds.values():
-            R, records = run["R"], run["records"]
-            if len(R) != len(trained) + 1:
+            if len(run["R"]) != len(results["trained"]) + 1:
                 continue                                     # an unfinished run
-            values = summarize(R, trained)
-            values["ood"] = (sum(R[-1][j] - R[0][j] for j in probes) / len(probes)
-                             if probes else None)
-            last = records[-1]
-            values["param_drift"] = last["param_drift"]["overall"]
-            values["response_kl"] = last["response_kl"]
-            values["repetition"] = last["artifacts"]["repetition_frac"]
-            values["lift"] = sum(last["teacher_lift"].values()) / len(last["teacher_lift"])
-            for key, v in values.items():
+            for key, v in method_values(results, run).items():
                 per.setdefault(key, []).append(v)
         if per:
             rows[method] = per
@@ -118,6 +150,54 @@ def comparison_table(results) -> str:
     return "\n".join(lines)
 
 
+PAIRED = [("acc", "ACC"), ("forgetting", "Forgetting"), ("bwt", "BWT"),
+          ("plasticity", "Plasticity"), ("ood", "OOD Δ")]
+
+
+def paired_rows(results, baseline) -> dict:
+    """Per method other than `baseline`: the paired difference (method - baseline) of each
+    summary metric over the seeds both finished."""
+    per_seed = {}
+    for method, seeds in results["runs"].items():
+        for seed, run in seeds.items():
+            if len(run["R"]) == len(results["trained"]) + 1:
+                per_seed.setdefault(method, {})[seed] = method_values(results, run)
+    out = {}
+    for method, by_seed in per_seed.items():
+        if method == baseline or baseline not in per_seed:
+            continue
+        common = sorted(set(by_seed) & set(per_seed[baseline]))
+        out[method] = {key: paired_difference([by_seed[s][key] for s in common],
+                                               [per_seed[baseline][s][key] for s in common])
+                       for key, _ in PAIRED}
+    return out
+
+
+def paired_table(results, baseline="grpo") -> str:
+    """Method minus baseline, per metric: mean over paired seeds [95% interval], in points, and
+    one plain sentence per method on forgetting and ACC."""
+    rows = paired_rows(results, baseline)
+    if not rows:
+        return ""
+    lines = [f"| method − {baseline} | seeds | " + " | ".join(c[1] for c in PAIRED) + " |",
+             "|" + "---|" * (len(PAIRED) + 2)]
+    sentences = []
+    for method, diffs in rows.items():
+        cells = []
+        for key, _ in PAIRED:
+            d = diffs[key]
+            cells.append("n/a" if d["mean"] is None else f"{100 * d['mean']:+.1f}" + (
+                "" if d["low"] is None else f" [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"))
+        lines.append(f"| {method} | {diffs['acc']['n']} | " + " | ".join(cells) + " |")
+        f, a = diffs["forgetting"], diffs["acc"]
+        if f["mean"] is not None and a["mean"] is not None:
+            sentences.append(
+                f"{method} forgets {100 * f['mean']:+.1f} points more than {baseline} "
+                f"({verdict(f)}) and ends with an ACC {100 * a['mean']:+.1f} points higher "
+                f"({verdict(a)}), over {f['n']} paired seed{'s' * (f['n'] != 1)}.")
+    return "\n".join(lines) + "\n\n" + "\n".join(sentences)
+
+
 def accuracy_table(results, method) -> str:
     """Accuracy of every task after every stage (mean over seeds), in points."""
     tasks, trained = results["tasks"], results["trained"]
@@ -128,7 +208,8 @@ def accuracy_table(results, method) -> str:
     for k in range(n_rows):
         label = "base" if k == 0 else f"{k}: {tasks[trained[k - 1]]}"
         cells = [f"{100 * mean_std([r['R'][k][j] for r in runs])[0]:.1f}"
-                 for j in range(len(tasks))]
+                 + (f" ± {100 * runs[0]['SE'][k][j]:.1f}" if len(runs) == 1 and "SE" in runs[0]
+                    else "") for j in range(len(tasks))]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -164,6 +245,10 @@ def write_report(results, out: Path) -> str:
              "BWT < 0 and Forgetting > 0 mean forgetting; OOD Δ is the final minus base "
              "accuracy on the held-out probes; Response KL is KL(base || model) per token on the "
              "base model's own evaluation answers.", "", comparison_table(results), ""]
+    paired = paired_table(results)
+    if paired:
+        parts += ["Paired differences against GRPO (the same seeds: the same base evaluation and "
+                  "the same training prompts), mean [95% t interval] in points:", "", paired, ""]
     for method in results["runs"]:
         if any(r["R"] for r in results["runs"][method].values()):
             parts += [f"## {method}", "", "Accuracy (points):", "",

@@ -22,9 +22,20 @@ from pathlib import Path
 import eval_forgetting as ef
 import sdpo_cl as sc
 
-# The methods of the paper and its variants, as overrides of the Config defaults.
+def quarter_of_the_batch(settings):
+    """The GRPO baseline's mini-batch: a quarter of the rollout batch (8 of 32 prompts), so four
+    optimizer steps per rollout batch."""
+    prompts = settings["prompts_per_step"]
+    if prompts % 4:
+        raise ValueError(f"the grpo method takes four optimizer steps per rollout batch, so "
+                         f"prompts_per_step={prompts} must be a multiple of 4")
+    return prompts // 4
+
+
+# The methods of the paper and its variants: the Config values each one fixes (a function of the
+# other settings where the official value is relative).
 METHODS = {
-    "grpo": dict(loss_mode="grpo"),
+    "grpo": dict(loss_mode="grpo", ppo_mini_batch_size=quarter_of_the_batch),
     "sdpo": dict(loss_mode="sdpo"),                                    # official: EMA at 5%
     "sdpo_frozen": dict(loss_mode="sdpo", teacher_update_rate=0.0),    # the paper's SDPO_0
     "stable_sdpo": dict(loss_mode="sdpo", teacher_update_rate=0.0,     # restarted, then frozen
@@ -35,7 +46,8 @@ METHODS = {
     "hybrid": dict(loss_mode="sdpo", distillation_weight=0.5),         # (GRPO + SDPO) / 2
 }
 METHOD_HELP = {
-    "grpo": "GRPO, the paper's baseline (no std normalisation, clip 0.2/0.28, no KL)",
+    "grpo": "GRPO, the paper's baseline (no std normalisation, clip 0.2/0.28, no KL, four "
+            "optimizer steps per rollout batch)",
     "sdpo": "SDPO with the official defaults (EMA teacher, rate 0.05: the paper's SDPO_5%%)",
     "sdpo_frozen": "SDPO with a frozen teacher, the base model (the paper's SDPO_0)",
     "stable_sdpo": "SDPO whose teacher restarts from the policy at each task, then stays frozen",
@@ -44,6 +56,21 @@ METHOD_HELP = {
     "sdpo_mask50": "SDPO dropping 50%% of distilled tokens at random (mask_ratio=0.5)",
     "hybrid": "0.5 GRPO + 0.5 SDPO (distillation_weight=0.5)",
 }
+
+
+def method_config(method, settings, overrides, make_config):
+    """The Config of `method` on top of the run's settings. A value the method fixes may not be
+    overridden with another one (--set): that would silently run a different method."""
+    run_cfg = make_config(**settings)
+    fixed = {}
+    for key, value in METHODS[method].items():
+        value = value(dataclasses.asdict(run_cfg)) if callable(value) else value
+        if key in overrides and overrides[key] != value:
+            raise ValueError(f"--set {key}={overrides[key]!r} conflicts with the method "
+                             f"{method!r}, which fixes {key}={value!r}; choose another method "
+                             f"or drop the override")
+        fixed[key] = value
+    return dataclasses.replace(run_cfg, **fixed)
 
 
 def parse_list(text, kind=str):
@@ -76,8 +103,9 @@ def build_parser():
                     help="the training sequence, in order (default: %(default)s)")
     ap.add_argument("--probes", default=",".join(sc.LAB_PROBES),
                     help="held-out tasks, evaluated but never trained (default: %(default)s)")
-    ap.add_argument("--steps", default="25",
-                    help="optimizer steps per task: one number, or one per task (e.g. 50,50,50,20)")
+    ap.add_argument("--steps", default=None,
+                    help="rollout batches per task: one number, or one per task (e.g. "
+                         "50,50,50,20); default 15 on the lab, 50 on a real model")
     ap.add_argument("--model", default="lab", help="'lab' (the built-in tiny model, default), a "
                     "hub id, a local folder, or a .gguf file")
     ap.add_argument("--lab-steps", type=int, default=sc.LabRecipe.steps,
@@ -90,13 +118,18 @@ def build_parser():
     ap.add_argument("--print-verl", action="store_true", help="print the equivalent command "
                     "lines for the official verl implementation (one per method and stage), "
                     "then exit")
+    ap.add_argument("--export-verl-data", metavar="DIR", help="write each task's train and test "
+                    "split as the parquet files verl reads (DIR/<task>/{train,test}.parquet), "
+                    "then exit; with --print-verl the commands point to them")
     return ap
 
 
-# ALGORITHMS.md §7: this project's Config fields -> the official verl override keys.
-VERL_KEYS = {
+# --- the verl bridge: the same settings as command lines for the official implementation -------
+
+VERL_KEYS = {   # this project's Config fields -> the official verl override keys
     "prompts_per_step": "data.train_batch_size",
     "group_size": "actor_rollout_ref.rollout.n",
+    "ppo_epochs": "actor_rollout_ref.actor.ppo_epochs",
     "max_new_tokens": "data.max_response_length",
     "temperature": "actor_rollout_ref.rollout.temperature",
     "lr": "actor_rollout_ref.actor.optim.lr",
@@ -107,69 +140,121 @@ VERL_KEYS = {
     "clip_ratio_low": "actor_rollout_ref.actor.clip_ratio_low",
     "clip_ratio_high": "actor_rollout_ref.actor.clip_ratio_high",
     "clip_ratio_c": "actor_rollout_ref.actor.clip_ratio_c",
-    "loss_agg_mode": "actor_rollout_ref.actor.loss_agg_mode",
+    "enable_thinking": "data.apply_chat_template_kwargs.enable_thinking",
+    "eval_temperature": "actor_rollout_ref.rollout.val_kwargs.temperature",
+    "eval_top_p": "actor_rollout_ref.rollout.val_kwargs.top_p",
 }
-SELF_DISTILLATION_KEYS = (
+SELF_DISTILLATION_KEYS = (   # in the official actor.yaml
     "alpha", "full_logit_distillation", "distillation_topk", "distillation_add_tail", "is_clip",
     "success_reward_threshold", "teacher_regularization", "teacher_update_rate",
     "dont_reprompt_on_self_success", "remove_thinking_from_demonstration",
-    "include_environment_feedback", "environment_feedback_only_without_solution", "mask_ratio",
-    "teacher_path", "teacher_init_alpha")
+    "include_environment_feedback", "environment_feedback_only_without_solution")
+SDPO_CL_KEYS = ("mask_ratio", "teacher_path", "teacher_init_alpha")   # not in actor.yaml: "+key"
 
 
 def verl_value(v) -> str:
-    return "null" if v is None else str(v)
+    return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
 
 
-def verl_overrides(cfg: sc.Config, model_path: str, steps: int, data=None) -> list:
-    """key=value overrides for `python -m verl.trainer.main_ppo` equivalent to `cfg`."""
+def verl_overrides(cfg: sc.Config, model_path: str, steps: int, stage: int, base_model: str,
+                   data=None) -> list:
+    """key=value overrides for `python -m verl.trainer.main_ppo` equivalent to `cfg` at stage
+    `stage` (1-based) of a sequence that starts from `base_model`."""
+    sd = "actor_rollout_ref.actor.self_distillation."
     out = [f"actor_rollout_ref.model.path={model_path}", "algorithm.adv_estimator=grpo",
-           # one optimizer step per rollout batch, as here
-           f"actor_rollout_ref.actor.ppo_mini_batch_size={cfg.prompts_per_step}",
+           "actor_rollout_ref.actor.ppo_mini_batch_size="
+           f"{cfg.ppo_mini_batch_size or cfg.prompts_per_step}",
            "actor_rollout_ref.actor.policy_loss.loss_mode="
            + ("sdpo" if cfg.loss_mode == "sdpo" else "vanilla"),
            f"trainer.total_training_steps={steps}"]
     out += [f"{key}={verl_value(getattr(cfg, name))}" for name, key in VERL_KEYS.items()]
+    if cfg.loss_agg_mode == "micro1-token-mean":   # verl's token-mean, one sequence at a time
+        out += ["actor_rollout_ref.actor.loss_agg_mode=token-mean",
+                "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=1",
+                "actor_rollout_ref.actor.use_dynamic_bsz=false"]
+    else:
+        out.append(f"actor_rollout_ref.actor.loss_agg_mode={cfg.loss_agg_mode}")
+    sample = cfg.eval_mode == "sample"
+    out += [f"actor_rollout_ref.rollout.val_kwargs.do_sample={verl_value(sample)}",
+            f"actor_rollout_ref.rollout.val_kwargs.n={cfg.eval_samples if sample else 1}"]
     if cfg.kl_loss_coef > 0:
-        out += ["actor_rollout_ref.actor.use_kl_loss=True",
+        out += ["actor_rollout_ref.actor.use_kl_loss=true",
                 "actor_rollout_ref.actor.kl_loss_type=low_var_kl",
                 f"actor_rollout_ref.actor.kl_loss_coef={cfg.kl_loss_coef}"]
     else:
-        out.append("actor_rollout_ref.actor.use_kl_loss=False")
+        out.append("actor_rollout_ref.actor.use_kl_loss=false")
     if cfg.loss_mode == "sdpo":
-        t = cfg.teacher_regularization
+        kind = cfg.teacher_regularization
         # frozen = ema at rate 0 in verl; live has no verl key (ema at rate 1 comes closest)
-        rate = {"frozen": 0.0, "live": 1.0}.get(t, cfg.teacher_update_rate)
-        t = "ema" if t in ("frozen", "live") else t
-        for name in SELF_DISTILLATION_KEYS:
-            value = {"teacher_regularization": t, "teacher_update_rate": rate}.get(
-                name, getattr(cfg, name))
-            out.append(f"actor_rollout_ref.actor.self_distillation.{name}={verl_value(value)}")
+        values = {"teacher_regularization": "ema" if kind in ("frozen", "live") else kind,
+                  "teacher_update_rate": {"frozen": 0.0, "live": 1.0}.get(
+                      kind, cfg.teacher_update_rate)}
+        out += [f"{sd}{name}={verl_value(values.get(name, getattr(cfg, name)))}"
+                for name in SELF_DISTILLATION_KEYS]
+        teacher_path = cfg.teacher_path
+        frozen = values["teacher_update_rate"] == 0 and not cfg.reset_teacher_each_task
+        if frozen and stage > 1 and teacher_path is None:
+            teacher_path = base_model   # each verl run re-creates its teacher from model.path
+        for name, value in (("mask_ratio", cfg.mask_ratio), ("teacher_path", teacher_path),
+                            ("teacher_init_alpha", cfg.teacher_init_alpha)):
+            if value != dataclasses.asdict(sc.Config())[name]:
+                out.append(f"+{sd}{name}={verl_value(value)}")
     if data is not None:
-        out += [f"data.train_files={data / 'train.json'}", f"data.val_files={data / 'test.json'}"]
+        out += [f"data.train_files={data / 'train.parquet'}",
+                f"data.val_files={data / 'test.parquet'}"]
     return out
 
 
-def print_verl(methods, configs, names, steps, model):
+def print_verl(methods, configs, names, steps, model, data_dir=None):
+    """One command per method and stage; a stage starts from the previous stage's checkpoint."""
     for m in methods:
         cfg = next(c for (mm, _), c in configs.items() if mm == m)
         notes = []
         if cfg.loss_mode == "sdpo" and cfg.distillation_weight < 1:
             notes.append(f"distillation_weight={cfg.distillation_weight} (the GRPO+SDPO hybrid) "
                          "has no verl key; verl runs pure SDPO")
-        if cfg.reset_teacher_each_task:
-            notes.append("reset_teacher_each_task: each verl stage starts its teacher anew")
         if cfg.teacher_regularization == "live":
             notes.append("the live teacher has no verl key; shown as ema at rate 1.0")
+        if cfg.loss_mode == "sdpo" and cfg.teacher_update_rate > 0 and len(names) > 1:
+            notes.append("verl re-creates the EMA teacher from each stage's starting checkpoint; "
+                         "this project carries it over (set reset_teacher_each_task for verl's)")
         print(f"# {m}" + "".join(f"\n# note: {n}" for n in notes))
         for k, (name, n_steps) in enumerate(zip(names, steps), 1):
             path = model if k == 1 else f"<checkpoint of stage {k - 1}>"
-            data = Path(name) if Path(name).is_dir() else None
+            data = Path(data_dir) / Path(name).name if data_dir else None
             config_name = "sdpo" if cfg.loss_mode == "sdpo" else "baseline_grpo"
-            print(f"# stage {k}: {name}" + ("" if data else " (no data files: a built-in task)"))
+            print(f"# stage {k}: {name}" + ("" if data else " (data: add --export-verl-data DIR)"))
             print(f"python -m verl.trainer.main_ppo --config-name {config_name} \\\n    "
-                  + " \\\n    ".join(verl_overrides(cfg, path, n_steps, data)))
+                  + " \\\n    ".join(verl_overrides(cfg, path, n_steps, k, model, data)))
         print()
+
+
+def export_verl_data(tasks, out_dir) -> list:
+    """Each task's train and test split as the parquet rows verl's RL dataset reads: the prompt
+    as a chat message list, data_source, ability, reward_model {style, ground_truth} and
+    extra_info. Returns the files written."""
+    from datasets import Dataset
+    written = []
+    for task in tasks:
+        folder = Path(out_dir) / task.name
+        folder.mkdir(parents=True, exist_ok=True)
+        for split, data in (("train", task.train), ("test", task.test)):
+            rows = []
+            for i, ex in enumerate(data):
+                kind = ex.get("kind") or ("lab" if task.name in sc.LAB_FAMILIES else "")
+                messages = ([{"role": "system", "content": ex["system"]}]
+                            if ex.get("system") else []) + [{"role": "user",
+                                                             "content": ex["prompt"]}]
+                truth = ex["tests"] if kind == "code" else ex["answer"]
+                rows.append({"data_source": ex.get("dataset") or kind or task.name,
+                             "prompt": messages, "ability": kind,
+                             "reward_model": {"style": kind, "ground_truth": truth},
+                             "extra_info": {"split": split, "index": str(i),
+                                            "problem": ex["prompt"]}})
+            path = folder / f"{split}.parquet"
+            Dataset.from_list(rows).to_parquet(str(path))
+            written.append(path)
+    return written
 
 
 def main(argv=None):
@@ -186,22 +271,26 @@ def main(argv=None):
             raise ValueError(f"--methods {args.methods!r}: unknown {unknown}; allowed: "
                              f"{', '.join(METHODS)}")
         names, probe_names = parse_list(args.tasks), parse_list(args.probes)
-        steps = parse_list(args.steps, int)
+        make_config = sc.lab_config if args.model == "lab" else sc.Config
+        steps = parse_list(args.steps or str(make_config().steps_per_task), int)
         if len(steps) not in (1, len(names)) or min(steps) < 1:
             raise ValueError(f"--steps {args.steps!r}: give one positive number or one per task "
                              f"({len(names)} tasks)")
         steps = steps * len(names) if len(steps) == 1 else steps
         sets = parse_sets(args.set)
         # the lab has its scaled-down settings; a real model starts from the official ones
-        make_config = sc.lab_config if args.model == "lab" else sc.Config
-        configs = {(m, s): make_config(**{"model": args.model, **sets, **METHODS[m], "seed": s,
-                                          "steps_per_task": steps[0]})
+        configs = {(m, s): method_config(m, {"model": args.model, **sets, "seed": s,
+                                             "steps_per_task": steps[0]}, sets, make_config)
                    for m in methods for s in seeds}
-        if args.print_verl:
-            print_verl(methods, configs, names, steps, args.model)
-            return None
         tasks = [sc.load_task(n) for n in names]
         probes = [sc.load_task(n) for n in probe_names if n not in names]
+        if args.export_verl_data:
+            for path in export_verl_data(tasks + probes, args.export_verl_data):
+                print(f"wrote {path}")
+        if args.print_verl:
+            print_verl(methods, configs, names, steps, args.model, args.export_verl_data)
+        if args.print_verl or args.export_verl_data:
+            return None
         device = sc.device_of(next(iter(configs.values())))
         base, tokenizer = sc.load_policy(args.model, device, sc.LabRecipe(steps=args.lab_steps))
     except (ValueError, FileNotFoundError) as e:
@@ -226,6 +315,18 @@ def main(argv=None):
     print(f"base model: {sum(p.numel() for p in base.parameters()) / 1e6:.2f}M parameters "
           f"(loaded in {time.time() - t_start:.0f}s)")
 
+    # --- row 0: the base model, once for every method and seed ------------------------------------
+    base_eval = None
+    if any(sc.finished_stages(folder / m / f"seed{s}") < 0 for m in methods for s in seeds):
+        t0 = time.time()
+        base_eval = sc.base_evaluation(base, tokenizer, tasks + probes,
+                                       next(iter(configs.values())))
+        record = base_eval["record"]
+        print(f"base model, accuracy ± standard error / teacher lift (points), "
+              f"{time.time() - t0:.0f}s: " + ", ".join(
+                  f"{k} {100 * record['accuracy'][k]:.0f}±{100 * record['stderr'][k]:.0f}"
+                  f"/{100 * record['teacher_lift'][k]:+.0f}" for k in record["accuracy"]))
+
     # --- methods x seeds --------------------------------------------------------------------------
     log_path = folder / "log.jsonl"
     for m in methods:
@@ -245,20 +346,20 @@ def main(argv=None):
                 t0 = time.time()
                 records = sc.continual_sequence(cfg, policy, tokenizer, tasks, probes,
                                                 steps=steps, folder=sub, log=log,
-                                                desc=f"{m} seed {s}")
-            print(f"{m} seed {s}: {time.time() - t0:.0f}s, final accuracy " + ", ".join(
+                                                desc=f"{m} seed {s}", base_eval=base_eval)
+            print(f"{m} seed {s}: {time.time() - t0:.0f}s; own-stage gain (points) " + ", ".join(
+                f"{t.name} {100 * (records[k + 1]['accuracy'][t.name] - records[k]['accuracy'][t.name]):+.0f}"
+                for k, t in enumerate(tasks)) + "; final accuracy " + ", ".join(
                 f"{k} {100 * v:.0f}" for k, v in records[-1]["accuracy"].items()))
-            if done < 0:
-                lift = records[0]["teacher_lift"]
-                print("  base accuracy / teacher lift (points): " + ", ".join(
-                    f"{k} {100 * records[0]['accuracy'][k]:.0f}/{100 * lift[k]:+.0f}"
-                    for k in lift))
             write_results(folder, run_config, methods, seeds, tasks, probes)
 
     # --- summary ----------------------------------------------------------------------------------
     results = write_results(folder, run_config, methods, seeds, tasks, probes)
     ef.write_report(results, folder)
     print("\n" + ef.comparison_table(results))
+    paired = ef.paired_table(results)
+    if paired:
+        print("\npaired differences against grpo (points, 95% interval):\n" + paired)
     for m in methods:
         print(f"\n{m}:\n" + ef.accuracy_table(results, m))
     print(f"\nwall time {time.time() - t_start:.0f}s; report: {folder / 'report.md'}")
@@ -295,7 +396,8 @@ def write_results(folder, run_config, methods, seeds, tasks, probes) -> dict:
             records = [json.loads((sub / f"stage{k}" / "stage.json").read_text())
                        for k in range(sc.finished_stages(sub) + 1)]
             runs.setdefault(m, {})[str(s)] = {
-                "R": [[r["accuracy"][n] for n in names] for r in records], "records": records}
+                "R": [[r["accuracy"][n] for n in names] for r in records],
+                "SE": [[r["stderr"][n] for n in names] for r in records], "records": records}
     results = {"name": run_config["name"], "config": {"model": run_config["model"],
                "steps": run_config["steps"], "eval_mode": next(iter(
                    run_config["configs"].values()))["eval_mode"]}, "tasks": names,

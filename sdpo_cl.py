@@ -32,7 +32,9 @@ import random
 import re
 import shutil
 import string
+import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -47,15 +49,17 @@ from tqdm.auto import tqdm
 # ================================================================================================
 
 LOSS_MODES = ("grpo", "sdpo")
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+LOSS_AGG_MODES = ("micro1-token-mean", "token-mean", "seq-mean-token-mean",
+                  "seq-mean-token-sum-norm")
 TEACHER_KINDS = ("ema", "trust-region", "frozen", "live")
 EVAL_MODES = ("greedy", "sample")
 
-REPROMPT_TEMPLATE = "{prompt}{solution}{feedback}\n\nCorrectly solve the original question.\n"
-SOLUTION_TEMPLATE = "\nCorrect solution:\n\n{successful_previous_attempt}\n\n"
-FEEDBACK_TEMPLATE = (
-    "\nThe following is feedback from your unsuccessful earlier attempt:\n\n{feedback_raw}\n\n"
-)
+# The official templates as the official yaml renders them (block scalars `|-`: no trailing
+# newline; the dataclass defaults of the official code end in newlines that the yaml drops).
+REPROMPT_TEMPLATE = "{prompt}{solution}{feedback}\n\nCorrectly solve the original question."
+SOLUTION_TEMPLATE = "\nCorrect solution:\n\n{successful_previous_attempt}"
+FEEDBACK_TEMPLATE = ("\nThe following is feedback from your unsuccessful earlier attempt:\n\n"
+                     "{feedback_raw}")
 
 
 @dataclass
@@ -81,23 +85,35 @@ class Config:
     temperature: float = 1.0
     """sampling temperature for training rollouts"""
 
-    # --- evaluation -----------------------------------------------------------------------------
-    eval_mode: str = "greedy"
-    """'greedy', or 'sample' (eval_temperature, eval_top_p, eval_samples; mean accuracy)"""
+    enable_thinking: bool = False
+    """the chat template's thinking switch (Qwen3); off, as the official runs
+    (data.apply_chat_template_kwargs.enable_thinking=false)"""
+
+    # --- evaluation (the official val_kwargs) -----------------------------------------------------
+    eval_mode: str = "sample"
+    """'sample' (eval_samples per prompt at eval_temperature / eval_top_p, mean accuracy) or
+    'greedy'"""
     eval_temperature: float = 0.6
     """temperature when eval_mode='sample'"""
     eval_top_p: float = 0.95
     """nucleus mass when eval_mode='sample'"""
-    eval_samples: int = 1
-    """samples per test prompt when eval_mode='sample'"""
+    eval_samples: int = 4
+    """samples per test prompt when eval_mode='sample' (val_kwargs.n)"""
     eval_examples: int = 200
     """at most this many test examples per task (the first ones, so every stage sees the same)"""
 
-    # --- optimiser (one optimizer step per rollout batch, as in the paper) ----------------------
+    # --- optimiser ------------------------------------------------------------------------------
+    ppo_mini_batch_size: int = 0
+    """prompts per optimizer step, a divisor of prompts_per_step; 0 = all of them (one optimizer
+    step per rollout batch). Official: SDPO 32 of 32 (one step), the GRPO baseline 8 of 32 (four
+    steps, so its PPO ratio and clip act from the second mini-batch on)"""
+    ppo_epochs: int = 1
+    """passes over the rollout batch"""
     lr: float = 1e-5
     """AdamW learning rate (actor_rollout_ref.actor.optim.lr)"""
     warmup_steps: int = 10
-    """linear warm-up steps, restarted at every task like a fresh verl run"""
+    """linear warm-up over rollout batches as verl does it: batch k (from 0) gets lr * k /
+    warmup_steps, so the first batch has lr 0; restarted at every task like a fresh verl run"""
     weight_decay: float = 0.01
     """AdamW weight decay"""
     adam_betas: tuple = (0.9, 0.999)
@@ -105,7 +121,8 @@ class Config:
     grad_clip: float = 1.0
     """max global gradient norm"""
     micro_batch_size: int = 0
-    """sequences per forward/backward (gradient accumulation); 0 = the whole batch at once"""
+    """sequences per forward/backward (gradient accumulation); 0 = a whole mini-batch at once.
+    The loss does not depend on it (loss_agg_mode fixes the normalisation)"""
     gradient_checkpointing: bool = False
     """trade compute for activation memory (real models on small GPUs)"""
     bf16: bool = True
@@ -128,8 +145,11 @@ class Config:
     """dual-clip bound c for negative advantages (must be > 1)"""
     kl_loss_coef: float = 0.0
     """beta of the k3 KL to the frozen initial model (the paper: 0, no reference model kept)"""
-    loss_agg_mode: str = "token-mean"
-    """'token-mean', 'seq-mean-token-mean' or 'seq-mean-token-sum-norm'"""
+    loss_agg_mode: str = "micro1-token-mean"
+    """how per-token losses become one number per optimizer step. 'micro1-token-mean' is what
+    the paper's runs computed (verl's token-mean with ppo_micro_batch_size_per_gpu=1): each
+    sample's mean over its tokens, averaged over every sample of the mini-batch, those without
+    an SDPO target included; also 'token-mean', 'seq-mean-token-mean', 'seq-mean-token-sum-norm'"""
 
     # --- SDPO (ALGORITHMS.md §4) ----------------------------------------------------------------
     alpha: float = 0.5
@@ -142,7 +162,7 @@ class Config:
     """top-k: add a tail bucket for the remaining mass (True) or renormalise over k (False)"""
     is_clip: float | None = 2.0
     """cap of the detached importance weight pi/pi_old; None = no weight"""
-    success_reward_threshold: float = 1.0
+    success_reward_threshold: float = 0.5
     """a sibling with reward >= this is a demonstration"""
     dont_reprompt_on_self_success: bool = True
     """never show a sample its own answer as the demonstration"""
@@ -173,7 +193,9 @@ class Config:
 
     # --- continual sequence ---------------------------------------------------------------------
     steps_per_task: int = 50
-    """optimizer steps (= rollout batches) per task"""
+    """rollout batches per task"""
+    teacher_lift_every_stage: bool = False
+    """measure the teacher lift after every stage too (it is always measured on the base model)"""
 
     def __post_init__(self):
         def bad(name, allowed):
@@ -199,6 +221,12 @@ class Config:
                 bad(name, "an integer >= 1")
         if not isinstance(self.group_size, int) or self.group_size < 2:
             bad("group_size", "an integer >= 2 (a group of one has no baseline and no sibling)")
+        if not isinstance(self.ppo_epochs, int) or self.ppo_epochs < 1:
+            bad("ppo_epochs", "an integer >= 1")
+        if (not isinstance(self.ppo_mini_batch_size, int) or self.ppo_mini_batch_size < 0
+                or self.prompts_per_step % max(self.ppo_mini_batch_size, 1)):
+            bad("ppo_mini_batch_size", f"0 or a divisor of prompts_per_step="
+                                       f"{self.prompts_per_step}")
         for name in ("warmup_steps", "micro_batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 bad(name, "an integer >= 0")
@@ -242,12 +270,12 @@ class Config:
 
 def lab_config(**overrides) -> Config:
     """The official settings scaled down to the tiny lab: the paper's 32 prompts x 8 rollouts, a
-    larger learning rate for a 1M-parameter model (3e-4; at 6e-4 both methods collapse in a few
-    dozen steps), 25 steps per task, short answers, top-20 distillation (the vocabulary has ~100
-    tokens, so top-100 would be all of it). Everything else stays official."""
+    learning rate for a 0.45M-parameter model (3e-4), a short warm-up, 15 steps per task, short
+    answers, top-20 distillation (the vocabulary has 104 tokens, so top-100 would be all of it),
+    and 100 test prompts x 4 samples per evaluation. Everything else stays official."""
     settings = dict(model="lab", prompts_per_step=32, group_size=8, max_new_tokens=24, lr=3e-4,
-                    warmup_steps=5, distillation_topk=20, steps_per_task=25, eval_examples=100,
-                    device="cpu")
+                    warmup_steps=2, distillation_topk=20, steps_per_task=15, eval_examples=100,
+                    eval_samples=4, device="cpu")
     settings.update(overrides)
     return Config(**settings)
 
@@ -279,10 +307,10 @@ def first_number(text: str) -> int | None:
     return int(m.group()) if m else None
 
 
-def last_answer_letter(text: str) -> str | None:
-    """The letter after the last <answer> tag (the official multiple-choice reward)."""
-    found = re.findall(r"<answer>\s*([A-Z])", text)
-    return found[-1] if found else None
+def mcq_choice(text: str) -> str:
+    """The official multiple-choice extraction: the text after the last <answer> up to the next
+    </answer>, stripped; without any tag, the whole text (cut at a stray </answer>)."""
+    return text.split("<answer>")[-1].split("</answer>")[0].strip()
 
 
 def normalize(text: str) -> str:
@@ -303,7 +331,9 @@ def number_feedback(completion: str, example: dict) -> str | None:
 
 
 def mcq_reward(completion: str, example: dict) -> float:
-    return float(last_answer_letter(completion) == last_answer_letter(example["answer"]))
+    """1 iff the chosen text equals the gold letter, exactly (case-sensitive), as the official
+    `mcq` reward. The gold may be written `B` or `<answer>B</answer>`."""
+    return float(mcq_choice(completion) == mcq_choice(example["answer"]))
 
 
 def exact_reward(completion: str, example: dict) -> float:
@@ -338,87 +368,109 @@ def string_feedback(completion: str, example: dict) -> str | None:
     return f"Test failed: the output is wrong at position {i + 1}."
 
 
+def final_answer_reward(completion: str, example: dict) -> float:
+    """A worked answer `... #12` is right iff the number after the last '#' is right."""
+    return float(first_number(completion.split("#")[-1]) == first_number(
+        example["answer"].split("#")[-1]) and "#" in completion)
+
+
 # --- The lab's synthetic task families ----------------------------------------------------------
 # Four trained domains mirror the paper's Math -> Science -> ToolUse -> Code sequence; two held-out
-# probes are partially related to them (the out-of-distribution columns). Each family is a
-# generator `make(rng) -> {"prompt", "answer", "distractor"}` with a reward and, where natural,
-# rich feedback. The distractor is a plausible wrong habit (an off-by-one sum, the smallest option
-# instead of the largest, arguments in prompt order, the string left unreversed). The base model
-# sees it as the target of half of its plain examples, so that, like a real base model, it holds
-# a right and a wrong behaviour side by side: RL and self-distillation then have something to
-# select, which a 1M-parameter model's missing skills would not give them in a few dozen steps.
+# probes share a format or a content with them (the out-of-distribution columns), and one family
+# with a short worked solution serves the chain-of-thought finding. Each family is a generator
+# `make(rng) -> {"prompt", "answer", "habit"}` with a reward and, where natural, rich feedback.
+# `habit` is a plausible wrong answer made by a systematic slip (an off-by-one sum, the letter of
+# the next option, the arguments in prompt order, the string left unreversed). The base model is
+# pre-trained on the habit in most plain examples of every family, so that, like a real base
+# model, it holds a right and a wrong behaviour side by side and samples both: RL and self-
+# distillation then have something to select, which missing skills would not give them in a few
+# dozen steps. Every family's skill itself is small enough for the tiny model to master, so the
+# choice between the two behaviours, not the skill, is what a stage can change.
 
 NAMES = ("ann", "bob", "cai", "dan", "eve", "fay")
-WORDS = ("hi", "ok", "yo", "bye")
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 
-def make_math(rng):                       # Math: two-number addition
-    a, b = rng.randrange(30), rng.randrange(10)
-    return {"prompt": f"{a}+{b}=", "answer": str(a + b), "distractor": str(a + b + 1)}
+def make_math(rng):                       # Math: single-digit addition
+    a, b = rng.randrange(10), rng.randrange(10)
+    return {"prompt": f"{a}+{b}=", "answer": str(a + b), "habit": str(a + b + 1)}
 
 
-def _mcq(question, options, gold, wrong):
-    letters = "ABCD"
-    shown = " ".join(f"{letters[i]}){o}" for i, o in enumerate(options))
-    return {"prompt": f"{question} {shown}", "answer": f"<answer>{letters[gold]}</answer>",
-            "distractor": f"<answer>{letters[wrong]}</answer>"}
+def _mcq(rng, question, right, wrong):
+    """The question, then the options; the answer is the chosen option inside <answer> tags (the
+    official multiple-choice format, with the option itself where the official data has its
+    letter: a model this small does not learn to map an option to its letter within the lab's
+    budget). The right option is never the first one; the habit answers the first one."""
+    options = list(wrong)
+    options.insert(rng.randrange(1, len(options) + 1), right)
+    return {"prompt": f"{question} " + " ".join(map(str, options)),
+            "answer": f"<answer>{right}</answer>", "habit": f"<answer>{options[0]}</answer>"}
 
 
 def make_science(rng):                    # Science: multiple choice with an <answer> tag
-    options = rng.sample(range(10), 4)
-    return _mcq("largest?", options, options.index(max(options)), options.index(min(options)))
+    want_even = rng.random() < 0.5        # the one even digit among odd ones, or the reverse
+    right = rng.choice([d for d in range(10) if (d % 2 == 0) == want_even])
+    wrong = rng.sample([d for d in range(10) if (d % 2 == 0) != want_even], 3)
+    return _mcq(rng, "even?" if want_even else "odd?", right, wrong)
 
 
 def make_tool(rng):                       # ToolUse: arguments in any order -> a canonical call
-    to, at, msg, on = rng.choice(NAMES), rng.randrange(1, 13), rng.choice(WORDS), rng.choice(DAYS)
-    parts = [f"to {to}", f"at {at}", f"say {msg}", f"on {on}"]
-    rng.shuffle(parts)
-    in_prompt_order = ",".join(p.split(" ")[1] for p in parts)
-    return {"prompt": "send " + " ".join(parts), "answer": f"send({to},{at},{msg},{on})",
-            "distractor": f"send({in_prompt_order})"}
+    to, at, on = rng.choice(NAMES), rng.randrange(1, 13), rng.choice(DAYS)
+    canonical = [f"to {to}", f"at {at}", f"on {on}"]
+    parts = list(canonical)
+    while parts == canonical:             # never the canonical order: the habit is always wrong
+        rng.shuffle(parts)
+    return {"prompt": "send " + " ".join(parts), "answer": f"send({to},{at},{on})",
+            "habit": "send(" + ",".join(p.split(" ")[1] for p in parts) + ")"}
 
 
 def make_code(rng):                       # Code: a string program, checked by its output
-    s = "".join(rng.choice("abcdefgh") for _ in range(rng.randrange(4, 8)))
-    return {"prompt": f"rev({s})", "answer": s[::-1], "distractor": s}
+    s = ""
+    while s == s[::-1]:                   # no palindromes: the habit must be wrong
+        s = "".join(rng.choice("abcdefgh") for _ in range(rng.randrange(3, 5)))
+    return {"prompt": f"rev({s})", "answer": s[::-1], "habit": s}
 
 
 def make_mcq_math(rng):                   # probe: Science's format with Math's content
     a, b = rng.randrange(10), rng.randrange(10)
-    wrong = rng.sample([v for v in range(19) if v != a + b], 3)
-    options = wrong + [a + b]
-    rng.shuffle(options)
-    return _mcq(f"{a}+{b}?", options, options.index(a + b), options.index(max(options)))
+    return _mcq(rng, f"{a}+{b}?", a + b, rng.sample([v for v in range(19) if v != a + b], 3))
 
 
 def make_math_words(rng):                 # probe: Math's content in words
-    a, b = rng.randrange(30), rng.randrange(10)
-    return {"prompt": f"add {a} and {b}", "answer": str(a + b), "distractor": str(a + b + 1)}
+    a, b = rng.randrange(10), rng.randrange(10)
+    return {"prompt": f"add {a} and {b}", "answer": str(a + b), "habit": str(a + b + 1)}
+
+
+def make_math_cot(rng):                   # chain of thought: three numbers, a worked solution
+    a, b, c = rng.randrange(10), rng.randrange(10), rng.randrange(10)
+    return {"prompt": f"{a}+{b}+{c}=", "answer": f"{a}+{b}={a + b},{a + b}+{c}={a + b + c}#{a + b + c}",
+            "habit": f"{a}+{b}={a + b + 1},{a + b + 1}+{c}={a + b + c + 1}#{a + b + c + 1}"}
 
 
 LAB_FAMILIES = {
     # name: (generator, reward, feedback, max_new_tokens)
-    "math": (make_math, number_reward, number_feedback, 6),
-    "science": (make_science, mcq_reward, None, 20),
-    "tool": (make_tool, exact_reward, tool_feedback, 24),
-    "code": (make_code, exact_reward, string_feedback, 10),
-    "mcq_math": (make_mcq_math, mcq_reward, None, 20),
-    "math_words": (make_math_words, number_reward, number_feedback, 6),
+    "math": (make_math, number_reward, number_feedback, 4),
+    "science": (make_science, mcq_reward, None, 5),
+    "tool": (make_tool, exact_reward, tool_feedback, 20),
+    "code": (make_code, exact_reward, string_feedback, 8),
+    "mcq_math": (make_mcq_math, mcq_reward, None, 5),
+    "math_words": (make_math_words, number_reward, number_feedback, 4),
+    "math_cot": (make_math_cot, final_answer_reward, None, 22),
 }
 LAB_SEQUENCE = ("math", "science", "tool", "code")
 LAB_PROBES = ("mcq_math", "math_words")
 
 
-def make_lab_task(name: str, n_train: int = 2000, n_test: int = 200, seed: int = 0) -> Task:
+def make_lab_task(name: str, n_train: int = 2000, n_test: int = 100, seed: int = 0) -> Task:
     """Draw a family's train and test sets independently from its generator (test prompts are
-    unique). A family is a skill drill: in small families (math has 300 distinct prompts) test
-    prompts also occur in training, in large ones (tool, code) they mostly do not. A 1M-parameter
-    model cannot learn arithmetic on unseen facts from a few RL steps; it can sharpen a skill."""
+    unique). A family is a skill drill: the small ones (math has 100 distinct prompts) repeat
+    their test prompts in training, the large ones (tool, code) mostly do not."""
     make, reward, feedback, max_new = LAB_FAMILIES[name]
     rng = random.Random(f"{name}-{seed}")
     test = {}
-    while len(test) < n_test:
+    for _ in range(100 * n_test):
+        if len(test) == n_test:
+            break
         ex = make(rng)
         test.setdefault(ex["prompt"], ex)
     train = [make(rng) for _ in range(n_train)]
@@ -427,41 +479,226 @@ def make_lab_task(name: str, n_train: int = 2000, n_test: int = 200, seed: int =
 
 
 
-# --- Real data: the official SDPO layout and GSM8K ----------------------------------------------
+# --- Real data: the official SDPO layout, its rewards, and GSM8K -------------------------------
+# The official code picks a reward by each row's data source; here by its `kind` (the official
+# layout's field for it): mcq (SciKnowEval, GPQA), tooluse (ToolAlpaca), math (DAPO-Math,
+# MATH-500, GSM8K) and code. A row without a kind is scored by normalised exact match, an
+# addition of this project. Model-written code runs only in a separate, limited process.
 
-def read_official_rows(path: Path) -> list:
-    """JSON lines with `prompt` and `answer` (strings), optional `system` and `kind`. A
-    malformed row raises one error naming the file, the line and the field."""
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
+OFFICIAL_KINDS = ("mcq", "tooluse", "math", "code", "")
+MATH_PROMPT_SUFFIX = "\n\nPlease reason step by step, and put your final answer within \\boxed{}."
+
+
+def tool_calls(text: str):
+    """The official tool-use parse: every name after `Action:` (a multiset), and the JSON objects
+    after `Action Input:` merged into one dict (later keys win; unparsable ones are skipped).
+    The object match stops at the first `}`, so nested objects do not parse, as officially."""
+    names = re.findall(r"Action:\s*(\w+)", text)
+    merged = {}
+    for block in re.findall(r"Action Input:\s*({.*?})", text, flags=re.DOTALL):
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}, line {n}: expected a JSON object with prompt and answer")
-        for key in ("prompt", "answer"):
-            if not isinstance(row.get(key), str) or not row[key].strip():
-                raise ValueError(f"{path}, line {n}: field {key!r} must be a non-empty string")
-        for key in ("system", "kind"):
-            if key in row and row[key] is not None and not isinstance(row[key], str):
-                raise ValueError(f"{path}, line {n}: field {key!r} must be a string")
-        rows.append({"prompt": row["prompt"], "answer": row["answer"],
-                     "system": row.get("system") or None, "kind": row.get("kind") or ""})
-    return rows
+            value = json.loads(block)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(value, dict):
+            merged.update(value)
+    return names, merged
+
+
+def gold_tool_calls(answer: str):
+    """The gold calls of a tooluse row: a JSON list of {"Action", "Action_Input"}, where the
+    input is a JSON object or a string holding one."""
+    names, merged = [], {}
+    for call in json.loads(answer):
+        names.append(call["Action"])
+        value = call.get("Action_Input", {})
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                value = {}
+        merged.update(value if isinstance(value, dict) else {})
+    return names, merged
+
+
+def tooluse_reward(completion: str, example: dict) -> float:
+    """1 iff the called names equal the gold ones as a multiset and the merged inputs equal the
+    merged gold inputs exactly (types and empty fields included)."""
+    names, inputs = tool_calls(completion)
+    gold_names, gold_inputs = gold_tool_calls(example["answer"])
+    return float(Counter(names) == Counter(gold_names) and inputs == gold_inputs)
+
+
+def tooluse_feedback(completion: str, example: dict) -> str | None:
+    """What did not match. Like the official feedback, it shows the expected calls: it reaches
+    the teacher only with include_environment_feedback (off in the paper's runs)."""
+    names, inputs = tool_calls(completion)
+    gold_names, gold_inputs = gold_tool_calls(example["answer"])
+    parts = []
+    if Counter(names) != Counter(gold_names):
+        parts.append(f"Actions mismatch: predicted {names}, expected {gold_names}")
+    if inputs != gold_inputs:
+        parts.append(f"Action inputs mismatch: predicted {inputs}, expected {gold_inputs}")
+    return "; ".join(parts) or None
+
+
+def last_boxed(text: str) -> str | None:
+    """The content of the last \\boxed{...} in the last 100 characters (the official window), or
+    None without one; '' when its braces do not close."""
+    tail = text[-100:]
+    start = tail.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 1, start + len("\\boxed{")
+    for j in range(i, len(tail)):
+        depth += {"{": 1, "}": -1}.get(tail[j], 0)
+        if depth == 0:
+            return tail[i:j]
+    return ""
+
+
+def math_reward(completion: str, example: dict) -> float:
+    """The last boxed answer equals the gold as a string, or math-verify finds them equal
+    (parse both, verify, 5 s timeouts), as the official math reward."""
+    answer = last_boxed(completion)
+    if not answer:
+        return 0.0
+    if answer == example["answer"]:
+        return 1.0
+    try:
+        from math_verify import parse, verify
+    except ImportError:
+        raise ImportError("the math reward needs the math-verify package: "
+                          "pip install math-verify") from None
+    try:
+        return float(verify(parse(example["answer"]), parse(answer)))
+    except Exception:                      # a parse the verifier cannot handle scores 0
+        return 0.0
+
+
+def math_feedback(completion: str, example: dict) -> str | None:
+    """Only the format, never the answer (the official default)."""
+    if last_boxed(completion):
+        return None
+    return ("Your answer had the wrong format. The solution must be given in the format: "
+            "\\boxed{your_answer}.")
+
+
+def code_block(text: str) -> str | None:
+    """The longest fenced code block (```python ... ```), as the official code reward takes it."""
+    blocks = re.findall(r"```[\w+-]*\n(.*?)```", text, flags=re.DOTALL)
+    return max(blocks, key=len) if blocks else None
+
+
+def code_tests(example: dict) -> dict:
+    """A code row's tests, the official format: {"inputs": [...], "outputs": [...],
+    "testtype": "stdin" or "functional", "fn_name": name for functional tests}."""
+    tests = example["tests"]
+    return json.loads(tests) if isinstance(tests, str) else tests
+
+
+def code_result(completion: str, example: dict) -> dict:
+    """Run the completion's code on the row's tests in a sandbox (see run_untrusted_code)."""
+    code = code_block(completion)
+    if code is None:
+        return {"passed": False, "feedback": "Incorrect format: put your code inside a "
+                                             "```python ... ``` block."}
+    tests = code_tests(example)
+    return run_untrusted_code(code, tests)
+
+
+def code_reward(completion: str, example: dict) -> float:
+    """1 iff every test passes."""
+    return float(code_result(completion, example)["passed"])
+
+
+def code_feedback(completion: str, example: dict) -> str | None:
+    """The first failing test or error, shortened."""
+    result = code_result(completion, example)
+    return None if result["passed"] else result["feedback"]
+
+
+OFFICIAL_REWARDS = {"mcq": (mcq_reward, None), "tooluse": (tooluse_reward, tooluse_feedback),
+                    "math": (math_reward, math_feedback), "code": (code_reward, code_feedback)}
 
 
 def official_reward(completion: str, example: dict) -> float:
-    """kind 'mcq': the letter after the last <answer> tag equals the gold letter (the gold may
-    be written `B` or `<answer>B</answer>`); otherwise exact match after normalisation, of the
-    text inside the last <answer> tag when there is one."""
-    if example["kind"] == "mcq":
-        gold = last_answer_letter(example["answer"]) or example["answer"].strip()[:1].upper()
-        return float(last_answer_letter(completion) == gold)
-    tagged = re.findall(r"<answer>(.*?)</answer>", completion, flags=re.DOTALL)
-    return float(normalize(tagged[-1] if tagged else completion) == normalize(example["answer"]))
+    """The official reward of the row's kind; a row without a kind: normalised exact match of
+    the text inside the last <answer> tag, or of the whole completion without one."""
+    if example["kind"] in OFFICIAL_REWARDS:
+        return OFFICIAL_REWARDS[example["kind"]][0](completion, example)
+    return float(normalize(mcq_choice(completion)) == normalize(example["answer"]))
+
+
+def official_feedback(completion: str, example: dict) -> str | None:
+    reward_and_feedback = OFFICIAL_REWARDS.get(example["kind"])
+    if reward_and_feedback is None or reward_and_feedback[1] is None:
+        return None
+    return reward_and_feedback[1](completion, example)
+
+
+def read_official_rows(path: Path) -> list:
+    """JSON lines with `prompt` and `answer` (strings), optional `system`, `kind` (one of
+    OFFICIAL_KINDS) and, for code rows, `tests`. A malformed row raises one error naming the
+    file, the line and the field."""
+    rows = []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {n}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected a JSON object with prompt and answer")
+        for key in ("prompt", "answer"):
+            if not isinstance(row.get(key), str) or not row[key].strip():
+                raise ValueError(f"{where}: field {key!r} must be a non-empty string")
+        for key in ("system", "kind", "dataset"):
+            if key in row and row[key] is not None and not isinstance(row[key], str):
+                raise ValueError(f"{where}: field {key!r} must be a string")
+        kind = row.get("kind") or ""
+        if kind not in OFFICIAL_KINDS:
+            raise ValueError(f"{where}: kind {kind!r} is unknown; allowed: "
+                             f"{', '.join(repr(k) for k in OFFICIAL_KINDS)}")
+        check_official_answer(where, kind, row)
+        rows.append({"prompt": row["prompt"], "answer": row["answer"],
+                     "system": row.get("system") or None, "kind": kind,
+                     "dataset": row.get("dataset") or "",
+                     "tests": json.dumps(row["tests"]) if kind == "code" else ""})
+    return rows
+
+
+def check_official_answer(where, kind, row):
+    """A row whose gold answer its reward can never match is refused at load time."""
+    if kind == "mcq" and not re.fullmatch(r"[A-Z]", mcq_choice(row["answer"])):
+        raise ValueError(f"{where}: a mcq answer must be one capital letter (A, B, ...), "
+                         f"got {row['answer']!r}")
+    if kind == "tooluse":
+        try:
+            gold_tool_calls(row["answer"])
+        except (json.JSONDecodeError, TypeError, KeyError, AttributeError):
+            raise ValueError(f"{where}: a tooluse answer must be a JSON list of "
+                             f'{{"Action": ..., "Action_Input": ...}}, got {row["answer"][:80]!r}'
+                             ) from None
+    if kind == "code":
+        tests = row.get("tests")
+        try:
+            tests = json.loads(tests) if isinstance(tests, str) else tests
+            ok = (isinstance(tests, dict) and len(tests["inputs"]) == len(tests["outputs"])
+                  and tests.get("testtype", "stdin") in ("stdin", "functional")
+                  and (tests.get("testtype", "stdin") == "stdin" or tests.get("fn_name")))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            ok = False
+        if not ok:
+            raise ValueError(f"{where}: a code row needs `tests`: {{\"inputs\": [...], "
+                             f"\"outputs\": [...], \"testtype\": \"stdin\" or \"functional\" "
+                             f"(with \"fn_name\")}}")
 
 
 def load_official_task(folder) -> Task:
@@ -477,46 +714,23 @@ def load_official_task(folder) -> Task:
         if not rows[split]:
             raise ValueError(f"{path}: no examples")
     return Task(folder.name, Dataset.from_list(rows["train"]), Dataset.from_list(rows["test"]),
-                official_reward)
-
-
-def last_number(text: str) -> float | None:
-    found = re.findall(r"-?\d[\d,]*\.?\d*", text)
-    if not found:
-        return None
-    try:
-        return float(found[-1].replace(",", "").rstrip("."))
-    except ValueError:
-        return None
+                official_reward, official_feedback)
 
 
 def gsm8k_example(row: dict) -> dict:
-    """A GSM8K row (`question`, `answer` = worked solution ending in '#### 42') -> our schema."""
-    return {"prompt": row["question"].strip(), "answer": row["answer"].split("####")[-1].strip(),
-            "system": None, "kind": "gsm8k"}
-
-
-def gsm8k_reward(completion: str, example: dict) -> float:
-    """The last number in the completion equals the answer (GSM8K's own convention)."""
-    guess = last_number(completion)
-    return float(guess is not None and abs(guess - last_number(example["answer"])) < 1e-6)
-
-
-def gsm8k_feedback(completion: str, example: dict) -> str | None:
-    """Says whether a final number was found and that it is wrong, never the right number."""
-    guess = last_number(completion)
-    if guess is None:
-        return "Your answer does not end with a final number."
-    if gsm8k_reward(completion, example):
-        return None
-    return f"Your final answer {guess:g} is wrong. Check each step of the calculation."
+    """A GSM8K row (`question`, `answer` = worked solution ending in '#### 42') -> our schema,
+    with the official math prompt (reason step by step, the answer in \\boxed{})."""
+    return {"prompt": row["question"].strip() + MATH_PROMPT_SUFFIX,
+            "answer": row["answer"].split("####")[-1].strip().replace(",", ""),
+            "system": None, "kind": "math", "dataset": "gsm8k", "tests": ""}
 
 
 def gsm8k_task(dataset_dict, name="gsm8k") -> Task:
-    """GSM8K from a datasets.DatasetDict with train and test splits in the hub schema."""
+    """GSM8K from a datasets.DatasetDict with train and test splits in the hub schema, scored
+    by the official math reward."""
     return Task(name, dataset_dict["train"].map(gsm8k_example, remove_columns=["question"]),
                 dataset_dict["test"].map(gsm8k_example, remove_columns=["question"]),
-                gsm8k_reward, gsm8k_feedback)
+                official_reward, official_feedback)
 
 
 def load_task(name: str) -> Task:
@@ -533,6 +747,115 @@ def load_task(name: str) -> Task:
                      f"{', '.join(LAB_FAMILIES)}, 'gsm8k', or a folder with train.json and "
                      f"test.json")
 
+
+# --- Running model-written code: a separate process with limits ---------------------------------
+# The program runs in a fresh `python -I -B` process (no user site, no environment variables
+# read, no bytecode written) in an empty temporary directory, with a minimal environment, limits
+# on memory, CPU time, file size and open files, a per-test alarm and a wall-clock kill. An audit
+# hook installed before the program runs refuses what a test never needs: writing, deleting or
+# renaming outside the working directory, starting processes, sockets, ctypes, raising limits.
+# A guard against accidents of model-written code, not a security boundary against an attacker.
+
+SANDBOX_RUNNER = r'''
+import io, json, os, resource, signal, sys
+job = json.loads(sys.stdin.read())
+mem = job["memory_mb"] * 2 ** 20
+resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
+resource.setrlimit(resource.RLIMIT_CPU, (job["cpu_seconds"], job["cpu_seconds"]))
+resource.setrlimit(resource.RLIMIT_FSIZE, (2 ** 24, 2 ** 24))
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+root = os.path.realpath(os.getcwd())
+out = os.fdopen(os.dup(1), "w")
+
+def inside(path):
+    if isinstance(path, int):
+        return True
+    return os.path.realpath(os.fsdecode(path)).startswith(root + os.sep)
+
+WRITES = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+PATH_EVENTS = {"os.remove", "os.rmdir", "os.rename", "shutil.rmtree", "os.truncate", "os.chmod",
+               "os.chown", "os.link", "os.symlink", "os.mkdir", "os.utime", "shutil.move"}
+FORBIDDEN = {"os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty",
+             "subprocess.Popen", "os.kill", "os.killpg", "socket.connect", "socket.bind",
+             "ctypes.dlopen", "resource.setrlimit", "os.setuid", "os.chroot", "pty.spawn"}
+
+def guard(event, args):
+    if event == "open" and args[0] is not None and (args[2] or 0) & WRITES and not inside(args[0]):
+        raise PermissionError(f"sandbox: writing {args[0]} outside the working directory")
+    if event in PATH_EVENTS and not all(inside(a) for a in args[:2] if isinstance(a, (str, bytes))):
+        raise PermissionError(f"sandbox: {event} outside the working directory")
+    if event in FORBIDDEN:
+        raise PermissionError(f"sandbox: {event} is not allowed")
+    if event == "import" and args[0] in ("ctypes", "_ctypes", "multiprocessing"):
+        raise PermissionError(f"sandbox: import {args[0]} is not allowed")
+
+def alarm(signum, frame):
+    raise TimeoutError("time limit exceeded")
+
+signal.signal(signal.SIGALRM, alarm)
+sys.addaudithook(guard)
+tests, results = job["tests"], []
+for given, expected in zip(tests["inputs"], tests["outputs"]):
+    stdout = io.StringIO()
+    sys.stdin, sys.stdout = io.StringIO(given if isinstance(given, str) else json.dumps(given)), stdout
+    signal.setitimer(signal.ITIMER_REAL, job["seconds_per_test"])
+    try:
+        scope = {"__name__": "__main__"}
+        exec(compile(job["code"], "<model code>", "exec"), scope)
+        if tests.get("testtype", "stdin") == "functional":
+            args = given if isinstance(given, list) else [json.loads(a) for a in given.split("\n") if a.strip()]
+            got = scope[tests["fn_name"]](*args)
+            want = json.loads(expected) if isinstance(expected, str) else expected
+            ok = json.dumps(got, sort_keys=True) == json.dumps(want, sort_keys=True)
+        else:
+            got = stdout.getvalue()
+            ok = got.split() == str(expected).split()
+        results.append({"ok": ok, "got": repr(got)[:200]})
+    except BaseException as e:
+        results.append({"ok": False, "error": f"{type(e).__name__}: {e}"[:300]})
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        sys.stdout = sys.__stdout__
+    if not results[-1]["ok"]:
+        break
+out.write(job["marker"] + json.dumps(results) + "\n")
+out.flush()
+'''
+
+
+def run_untrusted_code(code: str, tests: dict, *, seconds_per_test: float = 2.0,
+                       memory_mb: int = 512) -> dict:
+    """Run `code` on each (input, expected output) of `tests` in a limited subprocess, stopping at
+    the first failure. Returns {"passed": bool, "feedback": the first failure, shortened}."""
+    import subprocess
+    import tempfile
+    n = len(tests["inputs"])
+    marker = f"@@results-{os.urandom(8).hex()}@@"
+    job = {"code": code, "tests": tests, "seconds_per_test": seconds_per_test,
+           "memory_mb": memory_mb, "cpu_seconds": int(seconds_per_test * n) + 2, "marker": marker}
+    with tempfile.TemporaryDirectory(prefix="sdpo-cl-code-") as work:
+        env = {"PATH": os.defpath, "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8"}
+        try:
+            done = subprocess.run([sys.executable, "-I", "-B", "-c", SANDBOX_RUNNER],
+                                  input=json.dumps(job), capture_output=True, text=True, cwd=work,
+                                  env=env, timeout=seconds_per_test * n + 5,
+                                  start_new_session=True)
+        except subprocess.TimeoutExpired:
+            return {"passed": False, "feedback": "Time limit exceeded."}
+    lines = [line for line in done.stdout.splitlines() if line.startswith(marker)]
+    if not lines:
+        return {"passed": False, "feedback": f"The program was killed (exit code "
+                                             f"{done.returncode}): {done.stderr.strip()[-200:]}"}
+    results = json.loads(lines[-1][len(marker):])
+    for i, (r, given, want) in enumerate(zip(results, tests["inputs"], tests["outputs"])):
+        if not r["ok"]:
+            what = r.get("error") or f"output {r['got']}, expected {str(want)[:100]!r}"
+            return {"passed": False,
+                    "feedback": f"Test {i + 1} failed on input {str(given)[:100]!r}: {what}"}
+    return {"passed": len(results) == n, "feedback": None}
+
+
 # ================================================================================================
 # Models: any causal LM that transformers loads, and the built-in tiny lab model
 # ================================================================================================
@@ -545,44 +868,52 @@ LAB_CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 LAB_SPECIAL_TOKENS = ("<pad>", "<unk>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>")
+LAB_WORD_TOKENS = ("<answer>", "</answer>")   # plain text, but one token each (as in most LLMs)
 
 
 def build_lab_tokenizer():
     """A character-level tokenizer that is a real transformers tokenizer (chat template, pad and
     eos tokens, save_pretrained), so the lab runs through exactly the code path of a hub model."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     chars = [c for c in string.printable if c not in "\t\r\x0b\x0c"]   # 95 printable + "\n"
-    vocab = {tok: i for i, tok in enumerate(LAB_SPECIAL_TOKENS + tuple(chars))}
+    vocab = {tok: i for i, tok in enumerate(LAB_SPECIAL_TOKENS + LAB_WORD_TOKENS + tuple(chars))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
     tok.add_special_tokens(list(LAB_SPECIAL_TOKENS))
+    tok.add_tokens([AddedToken(w, normalized=False) for w in LAB_WORD_TOKENS])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
                                    eos_token="<|end|>", chat_template=LAB_CHAT_TEMPLATE)
 
 
 def build_lab_model(tokenizer, seed: int = 0):
-    """A ~0.9M-parameter Llama: 4 layers of width 128, tied embeddings."""
+    """A 0.45M-parameter Llama: 4 layers of width 96, tied embeddings. Eager attention: at these
+    tiny shapes it is faster on a CPU than the SDPA kernel (a third less time in generate)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=352,
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=96, intermediate_size=256,
                       num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
                       max_position_embeddings=512, tie_word_embeddings=True,
                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                      bos_token_id=None)
+                      bos_token_id=None, attn_implementation="eager")
     return LlamaForCausalLM(cfg)
 
 
-def format_prompt(tokenizer, prompt: str, system: str | None = None) -> str:
-    """The text the model sees before its answer: the tokenizer's chat template when it has one;
+def format_prompt(tokenizer, prompt: str, system: str | None = None,
+                  enable_thinking: bool = False) -> str:
+    """The text the model sees before its answer: the tokenizer's chat template when it has one
+    (with thinking off, as the official runs, when the template has the switch, e.g. Qwen3);
     otherwise a plain fallback "{system}\\n\\nUser: {prompt}\\nAssistant:" (base models)."""
     if tokenizer.chat_template:
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": prompt}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        switch = ({"enable_thinking": enable_thinking}
+                  if "enable_thinking" in str(tokenizer.chat_template) else {})
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                             **switch)
     return (f"{system}\n\n" if system else "") + f"User: {prompt}\nAssistant:"
 
 
@@ -592,15 +923,17 @@ def cache_dir() -> Path:
 
 @dataclass
 class LabRecipe:
-    """How the lab's base model is made: short supervised pre-training on a mixture of every lab
-    family, partly in the SDPO re-prompt format (a correct demonstration in context), so the
-    self-teacher can use a demonstration the way an instruction-tuned LLM does."""
+    """How the lab's base model is made: supervised pre-training on a mixture of every lab family.
+    In plain examples the target is the family's habit with probability `habit_fraction`, else
+    the right answer; a `reprompt_fraction` of the batches are in the SDPO teacher's format (the
+    gold answer as a demonstration in context), so the self-teacher can use a demonstration the
+    way an instruction-tuned LLM does."""
     families: tuple = tuple(LAB_FAMILIES)
-    steps: int = 1200
-    batch_size: int = 32
+    steps: int = 1500
+    batch_size: int = 64
     lr: float = 2e-3
-    reprompt_fraction: float = 0.5
-    distractor_fraction: float = 0.5
+    reprompt_fraction: float = 0.3
+    habit_fraction: float = 0.5
     seed: int = 0
 
     def key(self) -> str:
@@ -608,26 +941,24 @@ class LabRecipe:
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-LAB_VERSION = "3"   # bump when the lab's tokenizer, model or families change
+LAB_VERSION = "4"   # bump when the lab's tokenizer, model or families change
 
 
-def lab_pretraining_batch(tokenizer, tasks, rng, recipe, reprompt_template=REPROMPT_TEMPLATE,
-                          solution_template=SOLUTION_TEMPLATE):
+def lab_pretraining_batch(tokenizer, tasks, rng, recipe):
     """A right-padded batch of (chat prompt, answer + EOS); loss only on the answer tokens.
     A batch is either all plain or all re-prompt format: mixing them would pad every short row
     to the long re-prompt length and double the cost of a step."""
     rows = []
     reprompt = rng.random() < recipe.reprompt_fraction
+    cfg = Config()                                     # the official teacher templates
     for _ in range(recipe.batch_size):
         task = tasks[rng.randrange(len(tasks))]
         ex = task.train[rng.randrange(len(task.train))]
         prompt, target = ex["prompt"], ex["answer"]
         if reprompt:                                   # the teacher's view: a demo in context
-            prompt = reprompt_template.format(
-                prompt=prompt, feedback="",
-                solution=solution_template.format(successful_previous_attempt=ex["answer"]))
-        elif ex.get("distractor") and rng.random() < recipe.distractor_fraction:
-            target = ex["distractor"]                  # the wrong habit the base also learns
+            prompt = teacher_prompt(prompt, cfg, demonstration=ex["answer"])
+        elif rng.random() < recipe.habit_fraction:
+            target = ex["habit"]                       # the wrong habit the base also learns
         p = tokenizer(format_prompt(tokenizer, prompt), add_special_tokens=False).input_ids
         a = tokenizer(target, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
         rows.append((p, a))
@@ -640,14 +971,10 @@ def lab_pretraining_batch(tokenizer, tasks, rng, recipe, reprompt_template=REPRO
     return ids, labels, (ids != tokenizer.pad_token_id).long()
 
 
-def build_lab_base(recipe: LabRecipe = LabRecipe(), verbose: bool = True):
-    """Pre-train the lab's base model once and cache it on disk, keyed by the recipe."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = cache_dir() / f"lab-{recipe.key()}"
-    if (folder / "done").exists():
-        return AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
-    t0 = time.time()
+def pretrain_lab_base(recipe: LabRecipe, verbose: bool = True):
+    """Run the recipe: a fresh lab model pre-trained on the family mixture. Deterministic for a
+    given machine; another CPU rounds differently and gets a slightly different model, which is
+    why the default base is shipped as a file rather than rebuilt (see `lab_base`)."""
     tokenizer = build_lab_tokenizer()
     model = build_lab_model(tokenizer, recipe.seed)
     tasks = [make_lab_task(name) for name in recipe.families]
@@ -657,7 +984,7 @@ def build_lab_base(recipe: LabRecipe = LabRecipe(), verbose: bool = True):
         opt, lambda s: min(1.0, (s + 1) / (0.05 * recipe.steps))
         * (0.55 + 0.45 * math.cos(math.pi * s / recipe.steps)))
     model.train()
-    bar = tqdm(range(recipe.steps), desc="building the lab base model",
+    bar = tqdm(range(recipe.steps), desc="pre-training a lab base model",
                disable=None if verbose else True)
     for _ in bar:
         ids, labels, attn = lab_pretraining_batch(tokenizer, tasks, rng, recipe)
@@ -668,24 +995,78 @@ def build_lab_base(recipe: LabRecipe = LabRecipe(), verbose: bool = True):
         opt.step()
         sched.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
-    model.eval()
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=1))
-    (tmp / "build_seconds.txt").write_text(f"{time.time() - t0:.1f}\n")
-    (tmp / "done").touch()
-    if folder.exists():            # another process finished first; keep its copy
-        shutil.rmtree(tmp)
-    else:
-        os.replace(tmp, folder)    # atomic: a crash never leaves a half-written cache entry
+    return model.eval(), tokenizer
+
+
+LAB_BASE_FILE = Path(__file__).resolve().with_name("lab_base.safetensors")
+# Recorded when the shipped file was written by write_lab_base() (pre-training took 454 s on 2
+# cores of an AMD EPYC with AVX2 only): its SHA-256, and its accuracy on each family as
+# base_evaluation() measures it (100 test prompts x 4 samples at temperature 0.6, seeded).
+LAB_BASE_SHA256 = "502496388d0c8fc76dec7f687cc0a593e81c07fe45748aa325591f2e8d269033"
+LAB_BASE_ACCURACY = {"math": 0.4575, "science": 0.395, "tool": 0.45, "code": 0.4375,
+                     "mcq_math": 0.23, "math_words": 0.5475}
+
+
+def save_lab_weights(model, path: Path, recipe: LabRecipe):
+    """The weights (the tied output matrix once) and the recipe, in one safetensors file."""
+    from safetensors.torch import save_file
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    save_file(state, str(tmp), metadata={"recipe": json.dumps(dataclasses.asdict(recipe)),
+                                         "lab_version": LAB_VERSION})
+    os.replace(tmp, path)
+
+
+def load_lab_weights(path: Path):
+    """(model, tokenizer, recipe dict) from a file written by save_lab_weights."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    tokenizer = build_lab_tokenizer()
+    model = build_lab_model(tokenizer)
+    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise ValueError(f"{path} does not hold lab weights of this version (missing {missing}, "
+                         f"unexpected {unexpected})")
+    model.tie_weights()
+    return model.eval(), tokenizer, json.loads(meta["recipe"]) | {"version": meta["lab_version"]}
+
+
+def write_lab_base(path: Path = LAB_BASE_FILE) -> dict:
+    """Rebuild the shipped base from the default recipe; returns what to record above. Run it
+    only when the lab itself changes (then bump LAB_VERSION): another machine rounds
+    differently, so its file, hash and accuracies will differ a little from the shipped ones."""
+    model, tokenizer = pretrain_lab_base(LabRecipe())
+    save_lab_weights(model, path, LabRecipe())
+    tasks = [make_lab_task(name) for name in LAB_SEQUENCE + LAB_PROBES]
+    record = base_evaluation(model, tokenizer, tasks, lab_config())["record"]
+    return {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            "accuracy": {k: round(v, 4) for k, v in record["accuracy"].items()}}
+
+
+def lab_base(recipe: LabRecipe = LabRecipe(), verbose: bool = True):
+    """The lab's base model. The default recipe loads the file shipped with the code, so every
+    machine starts from the same weights: the lab's greedy choices between a right answer and a
+    habit sit close together, and a rebuild on another CPU (other float rounding) would move
+    them. Any other recipe is pre-trained once and cached on disk, keyed by the recipe."""
+    if recipe == LabRecipe() and LAB_BASE_FILE.exists():
+        model, tokenizer, _ = load_lab_weights(LAB_BASE_FILE)
+        return model, tokenizer
+    path = cache_dir() / f"lab-{recipe.key()}.safetensors"
+    if path.exists():
+        model, tokenizer, _ = load_lab_weights(path)
+        return model, tokenizer
+    model, tokenizer = pretrain_lab_base(recipe, verbose)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_lab_weights(model, path, recipe)     # atomic: a crash never leaves half a file
     return model, tokenizer
 
 
 def load_policy(name: str, device: str = "cpu", recipe: LabRecipe | None = None):
     """(model, tokenizer) for 'lab', a hub id, a local folder, or a .gguf file."""
     if name == "lab":
-        model, tokenizer = build_lab_base(recipe or LabRecipe())
+        model, tokenizer = lab_base(recipe or LabRecipe())
         return model.to(device), tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -814,14 +1195,20 @@ def grpo_advantages(rewards, group_size, norm_by_std=False, eps=1e-6):
 
 def aggregate(per_token, mask, agg="token-mean"):
     """Reduce a [B, T] per-token loss to a scalar (verl's loss_agg_mode).
+    micro1-token-mean: each sequence's mean over its valid tokens, averaged over all B sequences,
+    those without a valid token counting as 0. This is what verl computes with one sequence per
+    micro-batch (the paper's runs): a sample without an SDPO target still counts in B, so the
+    update shrinks with the share of samples that have one, and long answers weigh less per token.
     token-mean: every valid token of the batch weighs the same (no length bias).
-    seq-mean-token-mean: mean per sequence, then over sequences (original GRPO; favours short
-    answers). seq-mean-token-sum-norm: per-sequence sum over a constant T (Dr. GRPO), here T is
-    the padded length of the batch, mask.shape[1]. Sequences without a valid token are left out.
+    seq-mean-token-mean: mean per sequence, then over the sequences that have a valid token
+    (original GRPO; favours short answers). seq-mean-token-sum-norm: per-sequence sum over a
+    constant T (Dr. GRPO), here the padded length of the batch, mask.shape[1].
     An all-zero mask gives a zero that is still connected to the graph."""
     masked = per_token * mask
     if agg == "token-mean":
         return masked.sum() / mask.sum().clamp(min=1)
+    if agg == "micro1-token-mean":
+        return (masked.sum(1) / mask.sum(1).clamp(min=1)).sum() / max(mask.shape[0], 1)
     has_tokens = (mask.sum(1) > 0).float()                    # [B]
     if agg == "seq-mean-token-mean":
         per_seq = masked.sum(1) / mask.sum(1).clamp(min=1)
@@ -833,11 +1220,22 @@ def aggregate(per_token, mask, agg="token-mean"):
 
 
 def aggregation_share(mask_part, mask_all, agg="token-mean"):
-    """The weight of a micro-batch's aggregated loss, so that summing micro-batches gives the loss
-    of the whole batch: its share of the valid tokens (token-mean) or of valid sequences."""
+    """The weight of aggregate(part) in aggregate(all) when `part` is a subset of the rows of
+    `all`: summing share * aggregate over the parts gives the aggregate of the whole. Its share
+    of the valid tokens (token-mean), of the rows (micro1-token-mean), or of the rows that have a
+    valid token (the seq-mean modes)."""
     if agg == "token-mean":
-        return mask_part.sum() / mask_all.sum().clamp(min=1)
-    return (mask_part.sum(1) > 0).sum() / (mask_all.sum(1) > 0).sum().clamp(min=1)
+        return (mask_part.sum() / mask_all.sum().clamp(min=1)).item()
+    if agg == "micro1-token-mean":
+        return mask_part.shape[0] / max(mask_all.shape[0], 1)
+    return ((mask_part.sum(1) > 0).sum() / (mask_all.sum(1) > 0).sum().clamp(min=1)).item()
+
+
+def k3_kl(logprobs, ref_logprobs):
+    """k3 = exp(ref - logp) - (ref - logp) - 1 per token: >= 0 and an unbiased estimate of
+    KL(pi || ref) on tokens sampled from pi (verl's low_var_kl, before its clamp)."""
+    d = ref_logprobs - logprobs
+    return torch.exp(d) - d - 1.0
 
 
 def grpo_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=0.28,
@@ -857,8 +1255,7 @@ def grpo_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_hi
     metrics = {"clip_frac": aggregate((clipped > unclipped).float(), mask).item(),
                "ratio_mean": aggregate(ratio.detach(), mask).item()}
     if ref_logprobs is not None and beta > 0:
-        d = ref_logprobs - logprobs
-        k3 = torch.exp(d) - d - 1.0                           # >= 0, unbiased for KL(pi||ref)
+        k3 = k3_kl(logprobs, ref_logprobs)
         per_token = per_token + beta * k3
         metrics["kl_ref"] = aggregate(k3.detach(), mask).item()
     return aggregate(per_token, mask, agg), metrics
@@ -871,7 +1268,20 @@ def grpo_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_hi
 # --- 1-3. The teacher context: the prompt plus a successful sibling and/or feedback ------------
 
 def strip_thinking(text: str) -> str:
-    return re.sub(r"<think>.*?</think>\s*", "", text, flags=re.DOTALL)
+    """Drop every <think>...</think> block, then everything up to a remaining unmatched </think>
+    (a model whose template opens the block in the prompt), as SDPO-CL does."""
+    text = re.sub(r"<think>.*?</think>\s*", "", text, flags=re.DOTALL)
+    return re.sub(r"^.*?</think>\s*", "", text, flags=re.DOTALL)
+
+
+def teacher_prompt(prompt, cfg, demonstration=None, feedback=None) -> str:
+    """The user text the self-teacher sees: the prompt, a correct solution and/or feedback, and
+    the instruction to solve the original question (the official templates). The teacher
+    contexts, the teacher-lift evaluation and the lab's pre-training all build it here."""
+    solution = ("" if demonstration is None else
+                cfg.solution_template.format(successful_previous_attempt=demonstration))
+    feedback = "" if feedback is None else cfg.feedback_template.format(feedback_raw=feedback)
+    return cfg.reprompt_template.format(prompt=prompt, solution=solution, feedback=feedback)
 
 
 def teacher_contexts(prompts, completions, rewards, feedbacks, group_size, cfg) -> list:
@@ -884,18 +1294,16 @@ def teacher_contexts(prompts, completions, rewards, feedbacks, group_size, cfg) 
         group = range(i - i % group_size, i - i % group_size + group_size)
         demos = [j for j in group if rewards[j] >= cfg.success_reward_threshold
                  and not (cfg.dont_reprompt_on_self_success and j == i)]
-        solution = feedback = ""
+        demo = feedback = None
         if demos:   # the first success: rollouts are i.i.d., so this is a random one (official)
             demo = completions[demos[0]]
             if cfg.remove_thinking_from_demonstration:
                 demo = strip_thinking(demo)
-            solution = cfg.solution_template.format(successful_previous_attempt=demo)
-        if (cfg.include_environment_feedback and feedbacks[i]
+        if (cfg.include_environment_feedback and feedbacks[i] and feedbacks[i].strip()
                 and not (demos and cfg.environment_feedback_only_without_solution)):
-            feedback = cfg.feedback_template.format(feedback_raw=feedbacks[i])
-        contexts.append(cfg.reprompt_template.format(prompt=prompts[i], solution=solution,
-                                                     feedback=feedback)
-                        if solution or feedback else None)
+            feedback = feedbacks[i]
+        contexts.append(None if demo is None and feedback is None
+                        else teacher_prompt(prompts[i], cfg, demo, feedback))
     return contexts
 
 
@@ -1063,7 +1471,8 @@ class Teacher:
             return trust_region_logits(score(self.model), score(policy), self.tau)
         return score(self.model)
 
-    def after_optimizer_step(self, policy):
+    def after_rollout_batch(self, policy):
+        """The EMA teacher moves once per rollout batch, after all of its optimizer steps."""
         if self.kind == "ema" and self.tau > 0:
             ema_update_(self.model, policy, self.tau)
 
@@ -1088,131 +1497,189 @@ def device_of(cfg: Config) -> str:
     return cfg.device
 
 
+@dataclass
+class Targets:
+    """What the losses need besides the rollout, computed once per rollout batch."""
+    rewards: torch.Tensor                   # [B]
+    advantages: torch.Tensor | None         # [B]     GRPO: group-centred rewards
+    distill_mask: torch.Tensor | None       # [B, T]  SDPO: response mask x has a teacher context
+    teacher_ids: torch.Tensor | None        # [U, P'] the U distinct teacher prompts, left-padded
+    teacher_mask: torch.Tensor | None       # [U, P']
+    teacher_of: torch.Tensor | None         # [B]     row -> index into U (-1: no context)
+
+
+def sample_rollout(policy, tokenizer, task, examples, cfg):
+    """G completions per prompt at the training temperature, and their rewards."""
+    prompts = [format_prompt(tokenizer, ex["prompt"], ex.get("system"), cfg.enable_thinking)
+               for ex in examples]
+    with autocast_for(cfg, policy):
+        rollout = generate(policy, tokenizer, prompts, generation_budget(cfg, task), sample=True,
+                           temperature=cfg.temperature, num_return_sequences=cfg.group_size)
+    samples = [examples[i // cfg.group_size] for i in range(len(rollout.completions))]
+    rewards = torch.tensor([float(task.reward(c, ex))
+                            for c, ex in zip(rollout.completions, samples)])
+    return rollout, samples, rewards
+
+
+def loss_targets(rollout, samples, rewards, task, tokenizer, cfg) -> Targets:
+    """GRPO's advantages and SDPO's teacher inputs (each distinct teacher prompt tokenized once)."""
+    device, sdpo_weight = rollout.response_ids.device, distillation_weight(cfg)
+    targets = Targets(rewards, None, None, None, None, None)
+    if sdpo_weight < 1:
+        targets.advantages = grpo_advantages(rewards, cfg.group_size,
+                                             cfg.norm_adv_by_std_in_grpo).to(device)
+    if sdpo_weight > 0:
+        feedbacks = [task.feedback(c, ex) if task.feedback and cfg.include_environment_feedback
+                     else None for c, ex in zip(rollout.completions, samples)]
+        contexts = teacher_contexts([ex["prompt"] for ex in samples], rollout.completions,
+                                    rewards.tolist(), feedbacks, cfg.group_size, cfg)
+        texts = [None if c is None else format_prompt(tokenizer, c, ex.get("system"),
+                                                      cfg.enable_thinking)
+                 for c, ex in zip(contexts, samples)]
+        distinct = list(dict.fromkeys(t for t in texts if t is not None))
+        index = {t: u for u, t in enumerate(distinct)}
+        targets.teacher_of = torch.tensor([index.get(t, -1) for t in texts], device=device)
+        has_context = (targets.teacher_of >= 0).float()
+        targets.distill_mask = rollout.response_mask * has_context[:, None]
+        if cfg.mask_ratio > 0:   # SDPO-CL: drop a share of the distilled tokens at random
+            keep = torch.rand_like(targets.distill_mask) >= cfg.mask_ratio
+            targets.distill_mask = targets.distill_mask * keep
+        if distinct:
+            targets.teacher_ids, targets.teacher_mask = tokenize_prompts(tokenizer, distinct,
+                                                                         device)
+    return targets
+
+
+def distillation_weight(cfg) -> float:
+    """w in (1 - w) * GRPO + w * SDPO: 0 for GRPO, distillation_weight for SDPO."""
+    return cfg.distillation_weight if cfg.loss_mode == "sdpo" else 0.0
+
+
+def autocast_for(cfg, model):
+    return torch.autocast("cuda", dtype=torch.bfloat16,
+                          enabled=cfg.bf16 and model.device.type == "cuda")
+
+
+def micro_batch_loss(policy, teacher, reference, rollout, targets, rows, minibatch, cfg):
+    """The loss of `rows` (a micro-batch) scaled to its share of `minibatch` (the rows of one
+    optimizer step), so that the micro-batches' losses add up to the mini-batch's loss.
+    Returns (loss, metrics weighted the same way)."""
+    mask, ids = rollout.response_mask, rollout.response_ids
+    sdpo_weight, metrics = distillation_weight(cfg), {}
+    with autocast_for(cfg, policy):
+        logits = policy(**sequence_inputs(rollout.prompt_ids[rows], rollout.prompt_mask[rows],
+                                          ids[rows], mask[rows]), use_cache=False).logits
+    logits = logits[:, :-1].float() / cfg.temperature          # [b, T, V]: pi = softmax(z / temp)
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logprobs = logp_all.gather(-1, ids[rows, :, None]).squeeze(-1)          # [b, T]
+    token_share = aggregation_share(mask[rows], mask[minibatch], "token-mean")
+    entropy = -(logp_all.exp() * logp_all).sum(-1).detach()
+    metrics["entropy"] = token_share * aggregate(entropy, mask[rows]).item()
+    loss = logits.sum() * 0.0   # graph-connected zero: the step runs even without any target
+    if sdpo_weight < 1:
+        share = aggregation_share(mask[rows], mask[minibatch], cfg.loss_agg_mode)
+        loss_grpo, m = grpo_loss(logprobs, rollout.old_logprobs[rows], targets.advantages[rows],
+                                 mask[rows], clip_low=cfg.clip_ratio_low,
+                                 clip_high=cfg.clip_ratio_high, dual_clip=cfg.clip_ratio_c,
+                                 agg=cfg.loss_agg_mode)
+        loss = loss + (1 - sdpo_weight) * share * loss_grpo
+        metrics.update(loss_grpo=share * loss_grpo.item(), clip_frac=token_share * m["clip_frac"],
+                       ratio_mean=token_share * m["ratio_mean"])
+    if sdpo_weight > 0:
+        local = (targets.teacher_of[rows] >= 0).nonzero().squeeze(1)   # rows with a context
+        share = aggregation_share(targets.distill_mask[rows][local],
+                                  targets.distill_mask[minibatch], cfg.loss_agg_mode)
+        if len(local):
+            t0 = time.time()
+            used, prefix_of = targets.teacher_of[rows][local].unique(return_inverse=True)
+            with autocast_for(cfg, policy):
+                teacher_logits = teacher.logits(policy, lambda model: response_logits(
+                    model, targets.teacher_ids[used], targets.teacher_mask[used], prefix_of,
+                    ids[rows][local], mask[rows][local]))                  # [l, T, V]
+            metrics["t_teacher"] = time.time() - t0
+            loss_sdpo, m = sdpo_loss(
+                logits[local], teacher_logits.float() / cfg.temperature, ids[rows][local],
+                targets.distill_mask[rows][local], old_logprobs=rollout.old_logprobs[rows][local],
+                alpha=cfg.alpha, topk=cfg.distillation_topk, add_tail=cfg.distillation_add_tail,
+                full_logits=cfg.full_logit_distillation, is_clip=cfg.is_clip,
+                agg=cfg.loss_agg_mode)
+            loss = loss + sdpo_weight * share * loss_sdpo
+            metrics.update(loss_sdpo=share * loss_sdpo.item(),
+                           divergence=share * m["divergence"])
+    if cfg.kl_loss_coef > 0:    # the k3 anchor to the frozen initial model, for any method
+        with torch.no_grad(), autocast_for(cfg, reference):
+            ref_logits = reference(**sequence_inputs(
+                rollout.prompt_ids[rows], rollout.prompt_mask[rows], ids[rows], mask[rows])
+            ).logits[:, :-1].float() / cfg.temperature
+        ref_logprobs = torch.log_softmax(ref_logits, -1).gather(-1, ids[rows, :, None]).squeeze(-1)
+        share = aggregation_share(mask[rows], mask[minibatch], cfg.loss_agg_mode)
+        kl = aggregate(k3_kl(logprobs, ref_logprobs), mask[rows], cfg.loss_agg_mode)
+        loss = loss + cfg.kl_loss_coef * share * kl
+        metrics["kl_ref"] = share * kl.item()
+    metrics["loss"] = loss.item()
+    return loss, metrics
+
+
+def minibatches(cfg, n_rows) -> list:
+    """Row indices of each optimizer step: ppo_epochs passes over consecutive groups of
+    ppo_mini_batch_size prompts (verl splits the batch in order, without shuffling)."""
+    rows_per_step = (cfg.ppo_mini_batch_size or cfg.prompts_per_step) * cfg.group_size
+    steps = [torch.arange(r0, min(r0 + rows_per_step, n_rows))
+             for r0 in range(0, n_rows, rows_per_step)]
+    return steps * cfg.ppo_epochs
+
+
 def train_step(policy, tokenizer, teacher, optimizer, scheduler, task, examples, cfg,
                reference=None) -> dict:
-    """One rollout batch and one optimizer step. examples: `prompts_per_step` task rows.
-    reference: the frozen initial model, needed only for the GRPO part's k3 KL
-    (kl_loss_coef > 0)."""
+    """One rollout batch: sample and reward, compute the targets of each loss, then one optimizer
+    step per mini-batch (gradients accumulated over micro-batches), then move the learning-rate
+    schedule and the EMA teacher once. examples: `prompts_per_step` task rows. reference: the
+    frozen initial model, needed only for the k3 KL anchor (kl_loss_coef > 0)."""
     if cfg.kl_loss_coef > 0 and reference is None:
         raise ValueError("Config.kl_loss_coef > 0 needs the frozen reference model")
     t_start = time.time()
-    G, device = cfg.group_size, policy.device
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16,
-                              enabled=cfg.bf16 and device.type == "cuda")
-    # --- rollout and reward ---------------------------------------------------------------------
-    prompt_texts = [format_prompt(tokenizer, ex["prompt"], ex.get("system")) for ex in examples]
-    with autocast:
-        ro = generate(policy, tokenizer, prompt_texts, generation_budget(cfg, task),
-                      sample=True, temperature=cfg.temperature, num_return_sequences=G)
-    samples = [examples[i // G] for i in range(len(ro.completions))]
-    rewards = torch.tensor([task.reward(c, ex) for c, ex in zip(ro.completions, samples)])
-    mask = ro.response_mask                                                  # [B, T]
-    B = mask.shape[0]
+    rollout, samples, rewards = sample_rollout(policy, tokenizer, task, examples, cfg)
     t_rollout = time.time() - t_start
-
-    # --- what each loss needs -------------------------------------------------------------------
-    w = cfg.distillation_weight if cfg.loss_mode == "sdpo" else 0.0         # weight of SDPO
-    if w < 1:
-        advantages = grpo_advantages(rewards, G, cfg.norm_adv_by_std_in_grpo).to(device)
-    if w > 0:
-        feedbacks = [task.feedback(c, ex) if task.feedback and cfg.include_environment_feedback
-                     else None for c, ex in zip(ro.completions, samples)]
-        contexts = teacher_contexts([ex["prompt"] for ex in samples], ro.completions,
-                                    rewards.tolist(), feedbacks, G, cfg)
-        has_context = torch.tensor([c is not None for c in contexts], device=device)
-        distill_mask = mask * has_context[:, None]
-        if cfg.mask_ratio > 0:
-            distill_mask = distill_mask * (torch.rand_like(distill_mask) >= cfg.mask_ratio)
-        context_rows = has_context.nonzero().squeeze(1)                      # teacher rows
-        if len(context_rows):   # each distinct teacher prompt is tokenized (and run) once
-            texts = [format_prompt(tokenizer, contexts[i], samples[i].get("system"))
-                     for i in context_rows.tolist()]
-            distinct = {t: k for k, t in enumerate(dict.fromkeys(texts))}   # text -> index
-            prefix_of = torch.tensor([distinct[t] for t in texts], device=device)
-            teacher_ids, teacher_mask = tokenize_prompts(tokenizer, list(distinct), device)
-
-    # --- forward / backward in micro-batches (gradient accumulation) -----------------------------
-    optimizer.zero_grad(set_to_none=True)
-    totals = {"loss": 0.0, "entropy": 0.0}
-    t_teacher = 0.0
-    mb = cfg.micro_batch_size or B
-    for r0 in range(0, B, mb):
-        rows = slice(r0, r0 + mb)
-        with autocast:
-            logits = policy(**sequence_inputs(ro.prompt_ids[rows], ro.prompt_mask[rows],
-                                              ro.response_ids[rows], mask[rows]),
-                            use_cache=False).logits[:, :-1]
-        logits = logits.float() / cfg.temperature            # [b, T, V]: pi is softmax(z / temp)
-        logp_all = torch.log_softmax(logits, dim=-1)
-        logprobs = logp_all.gather(-1, ro.response_ids[rows, :, None]).squeeze(-1)    # [b, T]
-        entropy = -(logp_all.exp() * logp_all).sum(-1).detach()
-        totals["entropy"] += (aggregate(entropy, mask[rows]) * aggregation_share(mask[rows], mask)
-                              ).item()
-        loss = logits.sum() * 0.0   # graph-connected zero: the step runs even with no target
-        if w < 1:
-            ref_logprobs = None
-            if cfg.kl_loss_coef > 0:
-                with torch.no_grad(), autocast:
-                    ref_logits = reference(**sequence_inputs(
-                        ro.prompt_ids[rows], ro.prompt_mask[rows], ro.response_ids[rows],
-                        mask[rows])).logits[:, :-1]
-                ref_logprobs = torch.log_softmax(ref_logits.float() / cfg.temperature, -1
-                                                 ).gather(-1, ro.response_ids[rows, :, None]
-                                                          ).squeeze(-1)
-            loss_g, m = grpo_loss(logprobs, ro.old_logprobs[rows], advantages[rows], mask[rows],
-                                  clip_low=cfg.clip_ratio_low, clip_high=cfg.clip_ratio_high,
-                                  dual_clip=cfg.clip_ratio_c, agg=cfg.loss_agg_mode,
-                                  ref_logprobs=ref_logprobs, beta=cfg.kl_loss_coef)
-            share = aggregation_share(mask[rows], mask, cfg.loss_agg_mode)
-            loss = loss + (1 - w) * share * loss_g
-            totals["loss_grpo"] = totals.get("loss_grpo", 0.0) + (share * loss_g).item()
-            for key in ("clip_frac", "kl_ref"):
-                if key in m:
-                    totals[key] = totals.get(key, 0.0) + share.item() * m[key]
-        if w > 0:
-            local = has_context[rows].nonzero().squeeze(1)   # context rows in this micro-batch
-            if len(local):
-                t0 = time.time()
-                at = torch.searchsorted(context_rows, local + r0)
-                used, row_prefix = prefix_of[at].unique(return_inverse=True)
-                with autocast:
-                    teacher_logits = teacher.logits(policy, lambda model: response_logits(
-                        model, teacher_ids[used], teacher_mask[used], row_prefix,
-                        ro.response_ids[rows][local], mask[rows][local]))      # [l, T, V]
-                t_teacher += time.time() - t0
-                loss_s, m = sdpo_loss(
-                    logits[local], teacher_logits.float() / cfg.temperature,
-                    ro.response_ids[rows][local], distill_mask[rows][local],
-                    old_logprobs=ro.old_logprobs[rows][local], alpha=cfg.alpha,
-                    topk=cfg.distillation_topk, add_tail=cfg.distillation_add_tail,
-                    full_logits=cfg.full_logit_distillation, is_clip=cfg.is_clip,
-                    agg=cfg.loss_agg_mode)
-                share = aggregation_share(distill_mask[rows], distill_mask, cfg.loss_agg_mode)
-                loss = loss + w * share * loss_s
-                totals["loss_sdpo"] = totals.get("loss_sdpo", 0.0) + (share * loss_s).item()
-                totals["divergence"] = (totals.get("divergence", 0.0)
-                                        + share.item() * m["divergence"])
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()} (micro-batch at row {r0})")
-        loss.backward()
-        totals["loss"] += loss.item()
-    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-    optimizer.step()
+    targets = loss_targets(rollout, samples, rewards, task, tokenizer, cfg)
+    totals, updates = {}, minibatches(cfg, len(rewards))
+    for minibatch in updates:
+        optimizer.zero_grad(set_to_none=True)
+        for micro in minibatch.split(cfg.micro_batch_size or len(minibatch)):
+            loss, metrics = micro_batch_loss(policy, teacher, reference, rollout, targets, micro,
+                                             minibatch, cfg)
+            if not math.isfinite(metrics["loss"]):
+                raise FloatingPointError(f"non-finite loss {metrics['loss']}")
+            loss.backward()
+            for key, value in metrics.items():
+                totals[key] = totals.get(key, 0.0) + value / len(updates)
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip).item()
+        if not math.isfinite(grad_norm):   # never let it reach the weights
+            raise FloatingPointError(f"non-finite gradient norm {grad_norm}")
+        totals["grad_norm"] = totals.get("grad_norm", 0.0) + grad_norm / len(updates)
+        optimizer.step()
+    totals["t_teacher"] = totals.get("t_teacher", 0.0) * len(updates)      # a sum, not a mean
+    lr = scheduler.get_last_lr()[0]
     scheduler.step()
     if teacher is not None:
-        teacher.after_optimizer_step(policy)
+        teacher.after_rollout_batch(policy)
+    return step_metrics(rollout, targets, totals, cfg) | {
+        "updates": len(updates), "lr": lr, "seconds": time.time() - t_start,
+        "t_rollout": t_rollout}
 
-    groups = rewards.view(-1, G)
-    metrics = {"reward": rewards.mean().item(),
+
+def step_metrics(rollout, targets, totals, cfg) -> dict:
+    """What one rollout batch looked like: reward, signal (groups with a success, groups whose
+    rewards are all equal and so give GRPO nothing), loss parts, lengths, distilled share."""
+    groups = targets.rewards.view(-1, cfg.group_size)
+    metrics = {"reward": targets.rewards.mean().item(),
                "solved_groups": (groups.max(1).values >= cfg.success_reward_threshold
                                  ).float().mean().item(),
                "zero_adv_groups": (groups.std(1) == 0).float().mean().item(),
-               **totals, "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr()[0],
-               "response_length": mask.sum(1).mean().item()}
-    if w > 0:
-        metrics["distill_frac"] = (distill_mask.sum() / mask.sum().clamp(min=1)).item()
-        metrics["empty_target"] = bool(distill_mask.sum() == 0)
-    metrics.update(seconds=time.time() - t_start, t_rollout=t_rollout, t_teacher=t_teacher)
+               **totals, "response_length": rollout.response_mask.sum(1).mean().item()}
+    if targets.distill_mask is not None:
+        mask = rollout.response_mask
+        metrics["distill_frac"] = (targets.distill_mask.sum() / mask.sum().clamp(min=1)).item()
+        metrics["empty_target"] = bool(targets.distill_mask.sum() == 0)
     return metrics
 
 
@@ -1236,8 +1703,8 @@ def train_task(policy, tokenizer, teacher, task, cfg, *, rng, reference=None, lo
     # faster than the per-tensor loop on a 100M-parameter model
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
                                   weight_decay=cfg.weight_decay, fused=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(     # verl's warm-up: batch s gets lr * s / W
+        optimizer, lambda s: min(1.0, s / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
     order, history = [], []
     bar = tqdm(range(cfg.steps_per_task), desc=desc, leave=False, disable=None)
     for step in bar:
@@ -1263,34 +1730,55 @@ def train_task(policy, tokenizer, teacher, task, cfg, *, rng, reference=None, lo
 # Evaluation: accuracy with the task's own reward, and the teacher lift
 # ================================================================================================
 
-def demonstration_prompt(example, cfg: Config) -> str:
-    """The prompt as the SDPO teacher sees it when the demonstration is the gold answer."""
-    return cfg.reprompt_template.format(
-        prompt=example["prompt"], feedback="",
-        solution=cfg.solution_template.format(successful_previous_attempt=example["answer"]))
-
-
 @torch.no_grad()
 def evaluate(model, tokenizer, task, cfg, *, with_demonstration=False, batch_size=100) -> dict:
-    """Accuracy on the first `eval_examples` test rows: greedy, or the mean over `eval_samples`
-    samples at eval_temperature / eval_top_p. Returns accuracy, completions and their token ids."""
+    """Accuracy on the first `eval_examples` test rows, as the official code evaluates: the mean
+    reward of `eval_samples` samples per prompt at eval_temperature / eval_top_p (or greedy).
+    `stderr` is the standard error of that mean over prompts (samples of one prompt are not
+    independent, so it is taken from the per-prompt means). With `with_demonstration`, every
+    prompt carries its gold answer as a demonstration, as the SDPO teacher sees it."""
     examples = task.test.select(range(min(cfg.eval_examples, len(task.test))))
     sample = cfg.eval_mode == "sample"
     n = cfg.eval_samples if sample else 1
-    scores, completions, sequences = [], [], []
+    per_prompt, completions, sequences = [], [], []
     for start in range(0, len(examples), batch_size):
         chunk = [examples[i] for i in range(start, min(start + batch_size, len(examples)))]
-        texts = [format_prompt(tokenizer, demonstration_prompt(ex, cfg) if with_demonstration
-                               else ex["prompt"], ex.get("system")) for ex in chunk]
+        texts = [format_prompt(tokenizer, teacher_prompt(ex["prompt"], cfg, ex["answer"])
+                               if with_demonstration else ex["prompt"], ex.get("system"),
+                               cfg.enable_thinking) for ex in chunk]
         ro = generate(model, tokenizer, texts, generation_budget(cfg, task),
                       sample=sample, temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
                       num_return_sequences=n)
-        scores += [task.reward(c, chunk[i // n]) for i, c in enumerate(ro.completions)]
+        scores = [task.reward(c, chunk[i // n]) for i, c in enumerate(ro.completions)]
+        per_prompt += [sum(scores[i:i + n]) / n for i in range(0, len(scores), n)]
         completions += ro.completions
         sequences += [(p[pm > 0].tolist(), r[m > 0].tolist()) for p, pm, r, m in zip(
             ro.prompt_ids, ro.prompt_mask, ro.response_ids, ro.response_mask)]
-    return {"accuracy": sum(scores) / len(scores), "completions": completions,
-            "sequences": sequences}
+    mean = sum(per_prompt) / len(per_prompt)
+    var = sum((x - mean) ** 2 for x in per_prompt) / max(len(per_prompt) - 1, 1)
+    return {"accuracy": mean, "stderr": math.sqrt(var / len(per_prompt)),
+            "completions": completions, "sequences": sequences}
+
+
+@torch.no_grad()
+def signal_check(model, tokenizer, task, cfg, n_prompts=64) -> dict:
+    """What each method will have to learn from, before any training: on `n_prompts` training
+    prompts, G samples each at the training temperature, the mean reward, the share of groups
+    with at least one success (SDPO's demonstrations) and of groups whose rewards are all equal
+    (no GRPO advantage); and on the test prompts the accuracy without and with a correct
+    demonstration in the prompt (the teacher lift: what a self-teacher can add)."""
+    examples = [task.train[i] for i in range(min(n_prompts, len(task.train)))]
+    rollout, _, rewards = sample_rollout(model, tokenizer, task, examples, cfg)
+    groups = rewards.view(-1, cfg.group_size)
+    plain = evaluate(model, tokenizer, task, cfg)
+    demo = evaluate(model, tokenizer, task, cfg, with_demonstration=True)
+    return {"reward": rewards.mean().item(),
+            "solved_groups": (groups.max(1).values >= cfg.success_reward_threshold
+                              ).float().mean().item(),
+            "zero_adv_groups": (groups.std(1) == 0).float().mean().item(),
+            "accuracy": plain["accuracy"], "stderr": plain["stderr"],
+            "with_demonstration": demo["accuracy"],
+            "teacher_lift": demo["accuracy"] - plain["accuracy"]}
 
 
 # ================================================================================================
@@ -1369,23 +1857,40 @@ def format_artifacts(completions, n=3, min_repeats=3) -> dict:
 # The continual sequence: train T1..TN in order, evaluate every task after every stage
 # ================================================================================================
 
-def evaluate_stage(policy, tokenizer, tasks, cfg, base, base_sequences) -> dict:
-    """Row k of the accuracy matrix plus the drift, artifact and teacher-lift measures.
-    teacher lift = the model's accuracy with a correct demonstration in its prompt (the SDPO
-    teacher's view) minus its plain accuracy: what a self-teacher can add."""
-    record = {"accuracy": {}, "teacher_lift": {}, "samples": {}}
-    completions = []
+def evaluate_stage(policy, tokenizer, tasks, cfg, base, base_sequences, lift=False):
+    """Row k of the accuracy matrix (with standard errors) plus the drift and artifact measures,
+    and with `lift` the teacher lift: the model's accuracy with a correct demonstration in its
+    prompt (the SDPO teacher's view) minus its plain accuracy, what a self-teacher can add.
+    Returns (record, sequences): the (prompt, response) token ids of one sample per test prompt,
+    on which later stages measure response drift when this is the base model."""
+    record = {"accuracy": {}, "stderr": {}, "samples": {}}
+    completions, sequences = [], []
     for task in tasks:
         plain = evaluate(policy, tokenizer, task, cfg)
-        demo = evaluate(policy, tokenizer, task, cfg, with_demonstration=True)
         record["accuracy"][task.name] = plain["accuracy"]
-        record["teacher_lift"][task.name] = demo["accuracy"] - plain["accuracy"]
+        record["stderr"][task.name] = plain["stderr"]
         record["samples"][task.name] = plain["completions"][:3]
         completions += plain["completions"]
+        n = cfg.eval_samples if cfg.eval_mode == "sample" else 1
+        sequences += plain["sequences"][::n]
+        if lift:
+            demo = evaluate(policy, tokenizer, task, cfg, with_demonstration=True)
+            record.setdefault("teacher_lift", {})[task.name] = demo["accuracy"] - plain["accuracy"]
     record["artifacts"] = format_artifacts(completions)
     record["param_drift"] = parameter_drift(policy, base)
-    record["response_kl"] = response_kl(policy, base, base_sequences)
-    return record
+    record["response_kl"] = response_kl(policy, base, base_sequences or sequences)
+    return record, sequences
+
+
+def base_evaluation(base, tokenizer, tasks, cfg) -> dict:
+    """Row 0, the base model on every task with its teacher lift, and the base's own answers that
+    response drift is measured on. Seeded independently of cfg.seed, so every method and seed of
+    a run starts from the same row 0 and a run computes it once."""
+    t0 = time.time()
+    seed_everything("base-eval")
+    record, sequences = evaluate_stage(base, tokenizer, tasks, cfg, base, None, lift=True)
+    return {"record": {"stage": 0, "task": "base", **record, "seconds": time.time() - t0},
+            "sequences": sequences}
 
 
 def finished_stages(folder) -> int:
@@ -1396,15 +1901,18 @@ def finished_stages(folder) -> int:
     return k
 
 
-def save_stage(folder, k, record, policy, tokenizer, teacher):
+def save_stage(folder, k, record, policy, tokenizer, teacher, extra=None):
     """Write stage k atomically: a temporary folder renamed into place, so a crash leaves either
-    the whole stage or nothing. The teacher is saved with the policy: resuming needs it."""
+    the whole stage or nothing. The teacher is saved with the policy: resuming needs it.
+    extra: more JSON files to keep with the stage, {name: object}."""
     final, tmp = Path(folder) / f"stage{k}", Path(folder) / f"stage{k}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     policy.save_pretrained(tmp / "policy")
     tokenizer.save_pretrained(tmp / "policy")
     if teacher is not None and teacher.model is not None:
         teacher.model.save_pretrained(tmp / "teacher")
+    for name, obj in (extra or {}).items():
+        (tmp / name).write_text(json.dumps(obj))
     (tmp / "stage.json").write_text(json.dumps(record, indent=1))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -1422,29 +1930,33 @@ def load_stage_weights(folder, k, policy, teacher):
 
 
 def continual_sequence(cfg, policy, tokenizer, sequence, probes=(), *, steps=None, folder=None,
-                       log=None, desc="") -> list:
+                       log=None, desc="", base_eval=None) -> list:
     """Train the tasks of `sequence` one after another, starting from `policy`; evaluate every
     task of sequence + probes before the first stage (row 0, the base model) and after each.
     Returns one record per stage; record["accuracy"] is row k of the accuracy matrix R.
     With a folder, each finished stage is checkpointed (policy and teacher) and a rerun resumes
     after the last finished stage. The SDPO teacher is carried over from stage to stage unless
     reset_teacher_each_task (then it restarts from the policy at each new task). `steps` may
-    give each task its own number of steps (default: cfg.steps_per_task for every task)."""
+    give each task its own number of steps (default: cfg.steps_per_task for every task).
+    base_eval: row 0 from base_evaluation(), when the caller shares it between runs."""
     eval_tasks = list(sequence) + [p for p in probes if p.name not in {t.name for t in sequence}]
     base = copy.deepcopy(policy).eval().requires_grad_(False)
     teacher = Teacher(policy, cfg) if cfg.loss_mode == "sdpo" else None
     done = finished_stages(folder)
     records = [json.loads((Path(folder) / f"stage{k}" / "stage.json").read_text())
                for k in range(done + 1)]
+    if done >= 0:
+        base_eval = {"record": records[0], "sequences": json.loads(
+            (Path(folder) / "stage0" / "base_sequences.json").read_text())}
     if done > 0:
         load_stage_weights(folder, done, policy, teacher)
-    seed_everything(cfg.seed, "base-eval")
-    base_sequences = [s for task in eval_tasks
-                      for s in evaluate(base, tokenizer, task, cfg)["sequences"]]
+    if base_eval is None:
+        base_eval = base_evaluation(base, tokenizer, eval_tasks, cfg)
     for k in range(done + 1, len(sequence) + 1):
         t0 = time.time()
-        record = {"stage": k, "task": "base" if k == 0 else sequence[k - 1].name}
-        if k > 0:
+        if k == 0:
+            record = dict(base_eval["record"])
+        else:
             task = sequence[k - 1]
             rng = seed_everything(cfg.seed, "train", k)
             if teacher is not None and cfg.reset_teacher_each_task and k > 1:
@@ -1454,17 +1966,25 @@ def continual_sequence(cfg, policy, tokenizer, sequence, probes=(), *, steps=Non
                 policy, tokenizer, teacher, task, stage_cfg, rng=rng, reference=base,
                 log=(lambda m: log({"stage": k, "task": task.name, **m})) if log else None,
                 desc=f"{desc} stage {k}/{len(sequence)} {task.name}".strip())
-            record["train"] = {
-                "reward_first5": sum(h["reward"] for h in history[:5]) / len(history[:5]),
-                "reward_last5": sum(h["reward"] for h in history[-5:]) / len(history[-5:]),
-                "seconds_per_step": sum(h["seconds"] for h in history) / len(history)}
-            if teacher is not None:
-                record["train"]["distill_frac"] = sum(h["distill_frac"] for h in history) / len(
-                    history)
-        seed_everything(cfg.seed, "eval", k)
-        record.update(evaluate_stage(policy, tokenizer, eval_tasks, cfg, base, base_sequences))
-        record["seconds"] = time.time() - t0
+            record = {"stage": k, "task": task.name, "train": stage_summary(history)}
+            seed_everything(cfg.seed, "eval", k)
+            record.update(evaluate_stage(policy, tokenizer, eval_tasks, cfg, base,
+                                         base_eval["sequences"], cfg.teacher_lift_every_stage)[0])
+            record["seconds"] = time.time() - t0
         records.append(record)
         if folder is not None:
-            save_stage(folder, k, record, policy, tokenizer, teacher)
+            save_stage(folder, k, record, policy, tokenizer, teacher,
+                       {"base_sequences.json": base_eval["sequences"]} if k == 0 else None)
     return records
+
+
+def stage_summary(history) -> dict:
+    """A stage's training in a few numbers: the reward at its start and end, seconds per step,
+    and the means of the signal measures over its steps."""
+    def mean(key, part=slice(None)):
+        values = [h[key] for h in history[part] if key in h]
+        return sum(values) / len(values) if values else None
+    return {"reward_first": history[0]["reward"], "reward_first5": mean("reward", slice(0, 5)),
+            "reward_last5": mean("reward", slice(-5, None)), "seconds_per_step": mean("seconds"),
+            "zero_adv_groups_first": history[0]["zero_adv_groups"],
+            "distill_frac": mean("distill_frac")}

@@ -1,27 +1,27 @@
-"""It learns: on a lab base that holds both the right tool-call habit and a wrong one (arguments
-in prompt order), 15 seeded steps of GRPO, and of SDPO, raise greedy test accuracy by at least
-8 points. Measured when this test was written (2 cores, torch 2.13 CPU): 23% -> 36% (GRPO) and
-23% -> 38% (SDPO), seed 0."""
+"""It learns: from the shipped lab base, a few seeded steps of GRPO, and of SDPO, raise the
+sampled test accuracy on math by a wide margin. The base is the same file on every machine; the
+margin (15 points, where runs on two CPUs gained 50-65 in 15 steps) absorbs the float rounding
+in which CPUs differ."""
 import copy
 
 import pytest
 
 import sdpo_cl as s
 
-MARGIN = 0.08
+MARGIN = 0.15
 
 
 @pytest.fixture(scope="module")
-def tool_base():
-    model, tok = s.build_lab_base(s.LabRecipe(families=("tool",), steps=300), verbose=False)
-    return model, tok, s.make_lab_task("tool", n_test=100)
+def base():
+    model, tok = s.load_policy("lab")
+    return model, tok, s.make_lab_task("math")
 
 
 @pytest.mark.parametrize("loss_mode", ["grpo", "sdpo"])
-def test_a_few_dozen_steps_raise_tool_accuracy(tool_base, loss_mode):
-    model, tok, task = tool_base
-    cfg = s.lab_config(loss_mode=loss_mode, steps_per_task=15, seed=0)
+def test_eight_steps_raise_math_accuracy(base, loss_mode):
+    model, tok, task = base
+    cfg = s.lab_config(loss_mode=loss_mode, steps_per_task=8, seed=0,
+                       ppo_mini_batch_size=8 if loss_mode == "grpo" else 0)
     records = s.continual_sequence(cfg, copy.deepcopy(model), tok, [task])
-    before, after = records[0]["accuracy"]["tool"], records[1]["accuracy"]["tool"]
-    assert 0.05 < before < 0.6, "the base must be partial for the test to mean anything"
+    before, after = records[0]["accuracy"]["math"], records[1]["accuracy"]["math"]
     assert after >= before + MARGIN, f"{loss_mode}: {before:.2f} -> {after:.2f}"

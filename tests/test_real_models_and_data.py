@@ -44,22 +44,6 @@ def test_official_layout_loads_rows_system_and_kind(official_task):
     assert task.test[0]["system"].startswith("Answer with") and task.test[0]["kind"] == "mcq"
 
 
-def test_mcq_reward_reads_the_letter_after_the_last_answer_tag():
-    ex = {"answer": "B", "kind": "mcq"}
-    assert s.official_reward("maybe <answer>A</answer>, no: <answer>B</answer>", ex) == 1.0
-    assert s.official_reward("<answer>B</answer> then <answer>C</answer>", ex) == 0.0
-    assert s.official_reward("B", ex) == 0.0                   # the tag is required
-    assert s.official_reward("<answer>B</answer>", {"answer": "<answer>B</answer>",
-                                                    "kind": "mcq"}) == 1.0
-
-
-def test_other_kinds_use_normalised_exact_match():
-    ex = {"answer": "New  York", "kind": ""}
-    assert s.official_reward("  new york ", ex) == 1.0
-    assert s.official_reward("I think <answer>new york</answer>", ex) == 1.0
-    assert s.official_reward("Boston", ex) == 0.0
-
-
 @pytest.mark.parametrize("line, message", [
     ('{"prompt": "q", "answer": "a"}\n{not json}\n', "train.json, line 2: not valid JSON"),
     ('{"prompt": "q"}\n', "train.json, line 1: field 'answer' must be a non-empty string"),
@@ -80,7 +64,7 @@ def test_missing_split_is_refused(tmp_path):
         s.load_official_task(tmp_path)
 
 
-def test_gsm8k_parsing_reward_and_feedback(tmp_path):
+def test_gsm8k_rows_get_the_official_math_prompt_and_reward(tmp_path):
     from datasets import load_dataset
     rows = [{"question": "Tom has 3 apples and buys 4. How many? ",
              "answer": "3 + 4 = <<3+4=7>>7\n#### 7"},
@@ -92,14 +76,13 @@ def test_gsm8k_parsing_reward_and_feedback(tmp_path):
                                             for k in ("train", "test")})
     task = s.gsm8k_task(data)
     ex = task.test[1]
-    assert ex["prompt"] == rows[1]["question"] and ex["answer"] == "2,400"
-    assert task.reward("2 * 1200 = 2400, so the answer is 2400.", ex) == 1.0
-    assert task.reward("The answer is 2,400", ex) == 1.0
-    assert task.reward("2400 eggs? no, 2300", ex) == 0.0     # the last number counts
-    feedback = task.feedback("It is 2300.", ex)
-    assert "2300" in feedback and "2400" not in feedback and "2,400" not in feedback
-    assert task.feedback("no idea", ex) == "Your answer does not end with a final number."
-    assert task.feedback("2400", ex) is None
+    assert ex["prompt"] == rows[1]["question"] + s.MATH_PROMPT_SUFFIX
+    assert ex["answer"] == "2400" and ex["kind"] == "math"
+    assert task.reward("2 * 1200 = 2400, so \\boxed{2400}", ex) == 1.0
+    assert task.reward("The answer is 2400", ex) == 0.0          # the official reward wants a box
+    assert task.reward("\\boxed{2300}", ex) == 0.0
+    assert "\\boxed{your_answer}" in task.feedback("It is 2300.", ex)
+    assert task.feedback("\\boxed{2400}", ex) is None
 
 
 def test_a_tokenizer_without_chat_template_gets_the_plain_fallback(model_folder):
@@ -137,7 +120,7 @@ def test_run_sequence_with_model_path_and_official_task(model_folder, official_t
     results = run_sequence.main([
         "--model", str(model_folder), "--tasks", str(official_task), "--probes", "",
         "--methods", "grpo,sdpo", "--steps", "1", "--out", str(tmp_path), "--name", "real",
-        "--set", "prompts_per_step=2", "group_size=2", "max_new_tokens=6", "eval_examples=2",
+        "--set", "prompts_per_step=4", "group_size=2", "max_new_tokens=6", "eval_examples=2",
         'device="cpu"'])
     assert results["tasks"] == ["letters"]
     for method in ("grpo", "sdpo"):
@@ -152,26 +135,70 @@ def test_run_sequence_refuses_an_unloadable_model_before_anything_runs(tmp_path,
     assert not (tmp_path / "quick").exists()
 
 
-def test_print_verl_maps_settings_to_official_keys(capsys, official_task):
+def parse_verl(text) -> dict:
+    """--print-verl's output as {method: {stage: {key: value}}} (plus "config" and "notes")."""
+    out, method, stage = {}, None, None
+    for line in text.splitlines():
+        line = line.strip().rstrip("\\").strip()
+        if line.startswith("# note:"):
+            out[method].setdefault("notes", []).append(line[len("# note: "):])
+        elif line.startswith("# stage"):
+            stage = int(line.split()[2].rstrip(":"))
+            out[method][stage] = {}
+        elif line.startswith("# "):
+            method, stage = line[2:], None
+            out[method] = {}
+        elif line.startswith("python -m verl.trainer.main_ppo"):
+            out[method][stage]["config"] = line.split("--config-name ")[1]
+        elif "=" in line and stage is not None:
+            key, value = line.split("=", 1)
+            out[method][stage][key] = value
+    return out
+
+
+def test_print_verl_maps_settings_to_official_keys(capsys, official_task, tmp_path):
     run_sequence.main(["--print-verl", "--model", "Qwen/Qwen3-0.6B", "--methods",
                        "grpo,sdpo_frozen,hybrid", "--tasks", f"{official_task},math",
-                       "--steps", "50,20", "--set", "alpha=1.0", "distillation_topk=20"])
-    out = capsys.readouterr().out
-    grpo, sdpo, hybrid = out.split("# grpo")[1].split("# sdpo_frozen")[0], \
-        out.split("# sdpo_frozen")[1].split("# hybrid")[0], out.split("# hybrid")[1]
-    assert "--config-name baseline_grpo" in grpo and "loss_mode=vanilla" in grpo
-    assert "self_distillation" not in grpo
-    for line in ("actor_rollout_ref.model.path=Qwen/Qwen3-0.6B", "data.train_batch_size=32",
-                 "actor_rollout_ref.rollout.n=8", "actor_rollout_ref.actor.optim.lr=1e-05",
-                 "algorithm.norm_adv_by_std_in_grpo=False",
-                 "actor_rollout_ref.actor.clip_ratio_high=0.28",
-                 "actor_rollout_ref.actor.loss_agg_mode=token-mean",
-                 "trainer.total_training_steps=50", f"data.train_files={official_task}/train.json"):
-        assert line in grpo, line
-    assert "model.path=<checkpoint of stage 1>" in grpo and "trainer.total_training_steps=20" in grpo
-    for line in ("--config-name sdpo", "policy_loss.loss_mode=sdpo",
-                 "self_distillation.alpha=1.0", "self_distillation.distillation_topk=20",
-                 "self_distillation.teacher_regularization=ema",
-                 "self_distillation.teacher_update_rate=0.0"):
-        assert line in sdpo, line
-    assert "distillation_weight=0.5" in hybrid and "no verl key" in hybrid
+                       "--steps", "50,20", "--set", "alpha=1.0", "distillation_topk=20",
+                       "--export-verl-data", str(tmp_path / "verl")])
+    verl = parse_verl(capsys.readouterr().out)
+    grpo, frozen = verl["grpo"], verl["sdpo_frozen"]
+    assert grpo[1]["config"] == "baseline_grpo" and frozen[1]["config"] == "sdpo"
+    ppo = "actor_rollout_ref.actor."
+    sd = ppo + "self_distillation."
+    expected = {"actor_rollout_ref.model.path": "Qwen/Qwen3-0.6B", "data.train_batch_size": "32",
+                "actor_rollout_ref.rollout.n": "8", ppo + "ppo_mini_batch_size": "8",
+                ppo + "optim.lr": "1e-05", ppo + "policy_loss.loss_mode": "vanilla",
+                "algorithm.norm_adv_by_std_in_grpo": "false", ppo + "clip_ratio_high": "0.28",
+                ppo + "loss_agg_mode": "token-mean", ppo + "ppo_micro_batch_size_per_gpu": "1",
+                "data.apply_chat_template_kwargs.enable_thinking": "false",
+                "actor_rollout_ref.rollout.val_kwargs.temperature": "0.6",
+                "actor_rollout_ref.rollout.val_kwargs.n": "4",
+                "trainer.total_training_steps": "50",
+                "data.train_files": str(tmp_path / "verl" / "letters" / "train.parquet")}
+    assert {k: grpo[1][k] for k in expected} == expected
+    assert not any(k.startswith(sd) for k in grpo[1])
+    assert grpo[2]["actor_rollout_ref.model.path"] == "<checkpoint of stage 1>"
+    assert grpo[2]["trainer.total_training_steps"] == "20"
+    assert frozen[1][ppo + "ppo_mini_batch_size"] == "32"
+    assert frozen[1][sd + "alpha"] == "1.0" and frozen[1][sd + "distillation_topk"] == "20"
+    assert frozen[1][sd + "teacher_update_rate"] == "0.0"
+    assert "+" + sd + "teacher_path" not in frozen[1]                 # stage 1: the base itself
+    assert frozen[2]["+" + sd + "teacher_path"] == "Qwen/Qwen3-0.6B"   # later: still the base
+    assert any("no verl key" in n for n in verl["hybrid"]["notes"])
+    assert "+" + sd + "mask_ratio" not in frozen[1] and sd + "mask_ratio" not in frozen[1]
+
+
+def test_exported_verl_data_round_trips(official_task, tmp_path):
+    from datasets import load_dataset
+    run_sequence.main(["--export-verl-data", str(tmp_path), "--tasks", str(official_task),
+                       "--probes", ""])
+    rows = load_dataset("parquet", data_files=str(tmp_path / "letters" / "train.parquet"),
+                        split="train")
+    assert len(rows) == len(MCQ_ROWS)
+    first = rows[0]
+    assert first["prompt"] == [{"role": "system", "content": MCQ_ROWS[0]["system"]},
+                               {"role": "user", "content": MCQ_ROWS[0]["prompt"]}]
+    assert first["data_source"] == "mcq" and first["ability"] == "mcq"
+    assert first["reward_model"] == {"style": "mcq", "ground_truth": "A"}
+    assert first["extra_info"]["split"] == "train" and first["extra_info"]["index"] == "0"

@@ -106,16 +106,18 @@ def test_lab_rewards_and_feedback():
     assert s.number_feedback("40", {"answer": "42"}) == "Your answer 40 is too small."
     assert s.mcq_reward("<answer>A</answer> no, <answer>C</answer>",
                         {"answer": "<answer>C</answer>"}) == 1.0
-    assert s.mcq_reward("C", {"answer": "<answer>C</answer>"}) == 0.0
+    assert s.mcq_reward("C", {"answer": "<answer>C</answer>"}) == 1.0   # no tag: the whole text
+    assert s.mcq_reward("<answer>c</answer>", {"answer": "C"}) == 0.0   # case-sensitive
     assert s.tool_feedback("send(ann,3,hi,mon)", {"answer": "send(ann,4,hi,mon)"}) == \
         "Argument 2 ('3') is wrong."
     assert s.string_feedback("abd", {"answer": "abc"}) == \
         "Test failed: the output is wrong at position 3."
 
 
-def test_lab_tasks_have_unique_test_prompts_and_correct_answers():
+def test_lab_tasks_have_unique_test_prompts_right_answers_and_wrong_habits():
     for name in s.LAB_FAMILIES:
         task = s.make_lab_task(name, n_train=50, n_test=40)
         assert len(set(task.test["prompt"])) == 40
-        for ex in task.test:                        # the gold answer always earns reward 1
+        for ex in task.test:                        # the gold answer earns 1, the habit 0
             assert task.reward(ex["answer"], ex) == 1.0
+            assert task.reward(ex["habit"], ex) == 0.0

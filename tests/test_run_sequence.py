@@ -45,9 +45,11 @@ def test_results_hold_the_accuracy_matrix_and_measures(run):
     r = results["runs"]["sdpo"]["0"]
     assert len(r["R"]) == 3 and all(len(row) == 3 for row in r["R"])
     last = r["records"][-1]
-    for key in ("param_drift", "response_kl", "artifacts", "teacher_lift"):
+    for key in ("param_drift", "response_kl", "artifacts", "stderr"):
         assert key in last
     assert last["param_drift"]["overall"] > 0
+    assert set(r["records"][0]["teacher_lift"]) == {"math", "code", "tool"}
+    assert r["records"][0] == results["runs"]["grpo"]["0"]["records"][0]   # row 0 is shared
 
 
 def test_report_compares_the_methods(run):

@@ -15,14 +15,15 @@ def demo_of(context):
     """The demonstration inside a teacher context, or None."""
     if context is None or "Correct solution:" not in context:
         return None
-    return context.split("Correct solution:\n\n")[1].split("\n\n")[0]
+    demo = context.split("Correct solution:\n\n")[1]
+    return demo.split("\nThe following is feedback")[0].split("\n\nCorrectly solve")[0]
 
 
 def test_official_templates_render_exactly():
+    """As the official yaml renders them (`|-` block scalars: no trailing newlines)."""
     cfg = Config(group_size=2, dont_reprompt_on_self_success=False)
     ctx = teacher_contexts(["2+2=?"], ["4"], [1.0], [None], 1, cfg)[0]
-    assert ctx == ("2+2=?\nCorrect solution:\n\n4\n\n\n\nCorrectly solve the original "
-                   "question.\n")
+    assert ctx == "2+2=?\nCorrect solution:\n\n4\n\nCorrectly solve the original question."
 
 
 def test_demonstration_is_the_first_successful_sibling_other_than_itself():
@@ -59,7 +60,7 @@ def test_feedback_is_used_only_without_a_solution_by_default():
     assert demo_of(ctx[1]) == "right-0" and "feedback" not in ctx[1]
     assert ctx[2] is None                              # no demo and no feedback for it
     assert ctx[3] == ("Q\nThe following is feedback from your unsuccessful earlier attempt:\n\n"
-                      "too large\n\n\n\nCorrectly solve the original question.\n")
+                      "too large\n\nCorrectly solve the original question.")
 
 
 def test_feedback_together_with_a_solution_when_allowed():
@@ -78,6 +79,8 @@ def test_feedback_is_ignored_unless_enabled():
 
 def test_thinking_is_stripped_from_demonstrations():
     assert strip_thinking("<think>long\nwork</think>\nanswer 4") == "answer 4"
+    # a template that opens the block in the prompt leaves an unmatched </think>
+    assert strip_thinking("work on it</think>\n\nanswer 4") == "answer 4"
     ctx = teacher_contexts(["Q", "Q"], ["<think>hmm</think> 4", "5"], [1.0, 0.0], [None] * 2, 2,
                            Config(group_size=2))
     assert demo_of(ctx[1]) == "4"
@@ -105,7 +108,7 @@ def test_ema_teacher_follows_the_student_and_frozen_stays_fixed():
     with torch.no_grad():
         student.weight.fill_(2.0)                      # an optimizer step
     for t in (ema, frozen, ema_zero):
-        t.after_optimizer_step(student)
+        t.after_rollout_batch(student)
     assert torch.allclose(ema.model.weight, torch.full((1, 2), 1.0))
     assert torch.all(frozen.model.weight == 0) and torch.all(ema_zero.model.weight == 0)
 
@@ -204,3 +207,43 @@ def test_a_training_policy_with_gradient_checkpointing_still_scores_with_its_pre
     got = response_logits(model, p_ids, p_mask, rows, r_ids, r_mask)
     assert model.training
     assert torch.allclose(got, expected, atol=1e-6)
+
+
+QWEN3_LIKE_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% if enable_thinking is defined and "
+    "enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+
+
+def qwen3_like_tokenizer():
+    from sdpo_cl import build_lab_tokenizer
+    tok = build_lab_tokenizer()
+    tok.chat_template = QWEN3_LIKE_TEMPLATE
+    return tok
+
+
+def test_thinking_is_off_unless_switched_on():
+    from sdpo_cl import format_prompt
+    tok = qwen3_like_tokenizer()
+    assert format_prompt(tok, "Q", "S") == "<|system|>S<|user|>Q<|assistant|><think>\n\n</think>\n\n"
+    assert format_prompt(tok, "Q", "S", enable_thinking=True) == "<|system|>S<|user|>Q<|assistant|>"
+
+
+def test_the_teacher_sees_exactly_the_official_prompt():
+    """One failed sample's teacher prompt as the training step builds and tokenizes it: the system
+    message kept, the sibling's answer (thinking stripped) in the official templates, the chat
+    template with thinking off."""
+    import sdpo_cl as s
+    tok = qwen3_like_tokenizer()
+    completions = ["<think>add</think>\n4", "5"]
+    ids = torch.tensor([[tok.convert_tokens_to_ids("4")] * 2] * 2)
+    rollout = s.Rollout(ids, torch.ones(2, 2), ids, torch.ones(2, 2), torch.zeros(2, 2),
+                        completions)
+    examples = [{"prompt": "2+2=?", "system": "Be brief.", "answer": "4"}] * 2
+    task = s.Task("t", None, None, lambda c, ex: 0.0)
+    targets = s.loss_targets(rollout, examples, torch.tensor([1.0, 0.0]), task, tok,
+                             Config(group_size=2))
+    assert targets.teacher_of.tolist() == [-1, 0]          # only the failed sample has a teacher
+    text = tok.decode(targets.teacher_ids[0][targets.teacher_mask[0] > 0])
+    assert text == ("<|system|>Be brief.<|user|>2+2=?\nCorrect solution:\n\n4\n\n"
+                    "Correctly solve the original question.<|assistant|><think>\n\n</think>\n\n")

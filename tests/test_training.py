@@ -12,7 +12,7 @@ RECIPE = s.LabRecipe(families=("math", "code"), steps=40)
 
 @pytest.fixture(scope="module")
 def base():
-    return s.build_lab_base(RECIPE, verbose=False)
+    return s.lab_base(RECIPE, verbose=False)
 
 
 def one_step(model, tok, cfg, task, seed=0):

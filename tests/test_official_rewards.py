@@ -1,0 +1,72 @@
+"""The official rewards of the paper's domains, chosen by a row's `kind`, on rows in the official
+layout: mcq (SciKnowEval), tooluse (ToolAlpaca), math (math-verify on the last \\boxed{}),
+and the dispatch by kind."""
+import json
+
+import pytest
+
+import sdpo_cl as s
+
+MCQ = {"kind": "mcq", "answer": "A"}
+TOOL_ANSWER = json.dumps([
+    {"Action": "searchImages", "Action_Input": json.dumps({"color": "wild", "size": "", "page": 1})},
+    {"Action": "getDetails", "Action_Input": {"id": "7"}}])
+TOOL = {"kind": "tooluse", "answer": TOOL_ANSWER}
+MATH = {"kind": "math", "answer": "\\frac{1}{2}"}
+
+
+@pytest.mark.parametrize("completion, reward", [
+    ("<reasoning>it is A</reasoning><answer>A</answer>", 1.0),
+    ("A", 1.0),                                      # no tag: the whole completion, stripped
+    (" A \n", 1.0),
+    ("<answer>A: 2270.7</answer>", 0.0),             # only the letter counts
+    ("<answer>a</answer>", 0.0),                     # case-sensitive
+    ("<answer>B</answer> no wait <answer>A</answer>", 1.0),   # the last tag
+    ("<answer>A</answer> no wait <answer>B</answer>", 0.0),
+    ("<answer> A ", 1.0),                            # an unclosed last tag: the rest, stripped
+])
+def test_mcq_is_the_text_after_the_last_answer_tag(completion, reward):
+    assert s.official_reward(completion, MCQ) == reward
+
+
+def test_tooluse_needs_every_action_and_the_merged_inputs():
+    right = ('Thought: find images\nAction: searchImages\nAction Input: {"color": "wild", '
+             '"size": "", "page": 1}\nAction: getDetails\nAction Input: {"id": "7"}')
+    assert s.official_reward(right, TOOL) == 1.0
+    swapped = ('Action: getDetails\nAction Input: {"id": "7"}\nAction: searchImages\n'
+               'Action Input: {"page": 1, "size": "", "color": "wild"}')
+    assert s.official_reward(swapped, TOOL) == 1.0           # a multiset; dicts merged
+    assert s.official_reward(right.replace('"size": "", ', ""), TOOL) == 0.0   # empty field
+    assert s.official_reward(right.replace('"page": 1', '"page": "1"'), TOOL) == 0.0  # types
+    assert s.official_reward(right + "\nAction: getDetails", TOOL) == 0.0   # one call too many
+    feedback = s.official_feedback(right.replace("getDetails", "getInfo"), TOOL)
+    assert feedback.startswith("Actions mismatch")
+
+
+def test_tooluse_skips_input_that_is_not_json():
+    names, inputs = s.tool_calls('Action: a\nAction Input: {not json}\nAction Input: {"x": 1}')
+    assert names == ["a"] and inputs == {"x": 1}
+
+
+@pytest.mark.parametrize("completion, reward", [
+    ("so the answer is \\boxed{\\frac{1}{2}}", 1.0),     # the same string
+    ("so the answer is \\boxed{0.5}", 1.0),              # equal by math-verify
+    ("\\boxed{2} first, then \\boxed{1/2}", 1.0),           # the last box
+    ("the answer is 1/2", 0.0),                          # no box
+    ("\\boxed{1/3}", 0.0),
+    ("\\boxed{\\frac{1}{2}}" + " and a long explanation" * 6, 0.0),   # outside the last 100 chars
+])
+def test_math_verifies_the_last_boxed_answer(completion, reward):
+    assert s.official_reward(completion, MATH) == reward
+
+
+def test_math_feedback_is_about_the_format_only():
+    assert "\\boxed{your_answer}" in s.official_feedback("it is one half", MATH)
+    assert s.official_feedback("\\boxed{7}", MATH) is None
+
+
+def test_a_row_without_kind_is_exact_match():
+    ex = {"kind": "", "answer": "New  York"}
+    assert s.official_reward("  new york ", ex) == 1.0
+    assert s.official_reward("I think <answer>new york</answer>", ex) == 1.0
+    assert s.official_reward("Boston", ex) == 0.0
