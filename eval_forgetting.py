@@ -98,7 +98,20 @@ def verdict(diff) -> str:
 # ================================================================================================
 
 def load_results(folder) -> dict:
-    return json.loads((Path(folder) / "results.json").read_text())
+    """A run folder's results.json; a missing, damaged or foreign file is one clear error."""
+    path = Path(folder) / "results.json"
+    try:
+        results = json.loads(path.read_text())
+    except OSError as e:
+        raise ValueError(f"run folder {str(folder)!r} has no readable results.json "
+                         f"({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is damaged or truncated ({e}); run the same run_sequence.py "
+                         f"command again to rewrite it from the finished stages") from None
+    if not isinstance(results, dict) or not {"tasks", "trained", "runs"} <= set(results):
+        raise ValueError(f"{path} is not a results file of run_sequence.py (it lacks tasks, "
+                         f"trained or runs)")
+    return results
 
 
 def method_values(results, run) -> dict:
@@ -258,7 +271,7 @@ def write_report(results, out: Path) -> str:
     plots = write_plots(results, out)
     parts += [f"![{p.stem}]({p.name})" for p in plots]
     text = "\n".join(parts) + "\n"
-    tmp = out / "report.md.tmp"
+    tmp = out / f"report.md.tmp{os.getpid()}"       # atomic, as every write of a run
     tmp.write_text(text)
     os.replace(tmp, out / "report.md")
     return text
@@ -336,10 +349,10 @@ def main(argv=None):
     ap.add_argument("runs", nargs="+", help="run folders (each with a results.json)")
     ap.add_argument("--out", help="where report.md and the plots go (default: the first run)")
     args = ap.parse_args(argv)
-    for folder in args.runs:
-        if not (Path(folder) / "results.json").is_file():
-            ap.error(f"run folder {folder!r} has no results.json")
-    results = merge([load_results(f) for f in args.runs])
+    try:
+        results = merge([load_results(f) for f in args.runs])
+    except ValueError as e:
+        ap.error(str(e))
     out = Path(args.out or args.runs[0])
     write_report(results, out)
     print(comparison_table(results))

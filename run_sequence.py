@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -73,8 +74,19 @@ def method_config(method, settings, overrides, make_config):
     return dataclasses.replace(run_cfg, **fixed)
 
 
-def parse_list(text, kind=str):
-    return [kind(x) for x in text.split(",") if x.strip()]
+def parse_list(flag, text, kind=str, allow_empty=False) -> list:
+    """A comma-separated flag value; a bad item or an empty list is one clear error."""
+    try:
+        items = [kind(x.strip()) for x in text.split(",") if x.strip()]
+    except ValueError:
+        what = {int: "integers", str: "names"}[kind]
+        raise ValueError(f"{flag} {text!r}: expected comma-separated {what}") from None
+    if not items and not allow_empty:
+        raise ValueError(f"{flag} {text!r}: give at least one")
+    return items
+
+
+RESERVED_SETTINGS = {"seed": "--seeds", "steps_per_task": "--steps", "model": "--model"}
 
 
 def parse_sets(pairs):
@@ -83,9 +95,11 @@ def parse_sets(pairs):
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
+        if key in RESERVED_SETTINGS:
+            raise ValueError(f"--set {pair!r}: {key} is set with {RESERVED_SETTINGS[key]}")
         if not sep or key not in fields:
             raise ValueError(f"--set {pair!r}: expected key=value with key one of the Config "
-                             f"fields ({', '.join(sorted(fields))})")
+                             f"fields ({', '.join(sorted(fields - set(RESERVED_SETTINGS)))})")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -118,6 +132,9 @@ def build_parser():
     ap.add_argument("--print-verl", action="store_true", help="print the equivalent command "
                     "lines for the official verl implementation (one per method and stage), "
                     "then exit")
+    ap.add_argument("--long-prompts", choices=("error", "drop", "truncate"), default="error",
+                    help="prompts that do not fit the model's context with the generation "
+                    "budget: an error before anything runs (default), dropped, or cut")
     ap.add_argument("--export-verl-data", metavar="DIR", help="write each task's train and test "
                     "split as the parquet files verl reads (DIR/<task>/{train,test}.parquet), "
                     "then exit; with --print-verl the commands point to them")
@@ -257,67 +274,174 @@ def export_verl_data(tasks, out_dir) -> list:
     return written
 
 
+def plan_run(args) -> dict | None:
+    """Every check that can fail, before any training and any write: flags, settings, tasks,
+    the model, prompt lengths. Returns what the run needs, or None after --print-verl or
+    --export-verl-data (which do their work here and stop)."""
+    methods = parse_list("--methods", args.methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"--methods {args.methods!r}: unknown {unknown}; allowed: "
+                         f"{', '.join(METHODS)}")
+    seeds = parse_list("--seeds", args.seeds, int)
+    names = parse_list("--tasks", args.tasks)
+    probe_names = parse_list("--probes", args.probes, allow_empty=True)
+    # the lab has its scaled-down settings; a real model starts from the official ones
+    make_config = sc.lab_config if args.model == "lab" else sc.Config
+    steps = parse_list("--steps", args.steps or str(make_config().steps_per_task), int)
+    if len(steps) not in (1, len(names)) or min(steps) < 1:
+        raise ValueError(f"--steps {args.steps!r}: give one positive number or one per task "
+                         f"({len(names)} tasks)")
+    steps = steps * len(names) if len(steps) == 1 else steps
+    sets = parse_sets(args.set)
+    configs = {(m, s): method_config(m, {"model": args.model, **sets, "seed": s,
+                                         "steps_per_task": steps[0]}, sets, make_config)
+               for m in methods for s in seeds}
+    tasks = [sc.load_task(n) for n in names]
+    probes = [sc.load_task(n) for n in probe_names if n not in names]
+    if args.export_verl_data:
+        for path in export_verl_data(tasks + probes, args.export_verl_data):
+            print(f"wrote {path}")
+    if args.print_verl:
+        print_verl(methods, configs, names, steps, args.model, args.export_verl_data)
+    if args.print_verl or args.export_verl_data:
+        return None
+    device = sc.device_of(next(iter(configs.values())))
+    base, tokenizer = sc.load_policy(args.model, device, sc.LabRecipe(steps=args.lab_steps))
+    any_sdpo = any(c.loss_mode == "sdpo" for c in configs.values())
+    for i, task in enumerate(tasks + probes):
+        note = sc.fit_prompts(task, tokenizer, base, next(iter(configs.values())),
+                              with_teacher=any_sdpo and i < len(tasks), policy=args.long_prompts)
+        if note:
+            print(note)
+    run_config = {"methods": methods, "seeds": seeds, "tasks": names,
+                  "probes": [p.name for p in probes], "steps": steps, "model": args.model,
+                  "lab_steps": args.lab_steps, "set": sets,
+                  "configs": {f"{m}/seed{s}": dataclasses.asdict(c)
+                              for (m, s), c in configs.items()}}
+    return dict(methods=methods, seeds=seeds, names=names, steps=steps, configs=configs,
+                tasks=tasks, probes=probes, base=base, tokenizer=tokenizer, device=device,
+                run_config=json.loads(json.dumps(run_config)))
+
+
+def settings_difference(old, new) -> str:
+    """The first few settings in which two run configs differ, for the refusal message."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        if key == "configs":
+            continue
+        if old.get(key) != new.get(key):
+            out.append(f"{key}: was {old.get(key)!r}, now {new.get(key)!r}")
+    for run in sorted(set(old.get("configs", {})) & set(new.get("configs", {}))):
+        a, b = old["configs"][run], new["configs"][run]
+        out += [f"{run} {k}: was {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(set(a) | set(b))
+                if a.get(k) != b.get(k)]
+    return "; ".join(out[:4]) + (" ..." if len(out) > 4 else "")
+
+
+class RunLock:
+    """One writer per run folder: a lock file holding the owner's pid. A second process is
+    refused; a lock left by a process that no longer runs is taken over, with a note."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / ".lock"
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                os.write(fd, str(os.getpid()).encode())
+                os.close(fd)
+                return self
+            except FileExistsError:
+                try:
+                    owner = int(self.path.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    owner = 0
+                if owner and process_alive(owner):
+                    raise ValueError(f"run folder {self.path.parent} is in use by process "
+                                     f"{owner}; wait for it to finish or stop it (a second "
+                                     f"writer would corrupt the run)") from None
+                print(f"note: taking over the lock of process {owner or '?'}, which no longer "
+                      f"runs")
+                self.path.unlink(missing_ok=True)
+        raise ValueError(f"could not lock run folder {self.path.parent}")
+
+    def __exit__(self, *exc):
+        self.path.unlink(missing_ok=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def main(argv=None):
     t_start = time.time()
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()              # no bars for every checkpoint save and load
     ap = build_parser()
     args = ap.parse_args(argv)
-    # --- validate everything before any training starts ---------------------------------------
     try:
-        methods, seeds = parse_list(args.methods), parse_list(args.seeds, int)
-        unknown = [m for m in methods if m not in METHODS]
-        if unknown or not methods:
-            raise ValueError(f"--methods {args.methods!r}: unknown {unknown}; allowed: "
-                             f"{', '.join(METHODS)}")
-        names, probe_names = parse_list(args.tasks), parse_list(args.probes)
-        make_config = sc.lab_config if args.model == "lab" else sc.Config
-        steps = parse_list(args.steps or str(make_config().steps_per_task), int)
-        if len(steps) not in (1, len(names)) or min(steps) < 1:
-            raise ValueError(f"--steps {args.steps!r}: give one positive number or one per task "
-                             f"({len(names)} tasks)")
-        steps = steps * len(names) if len(steps) == 1 else steps
-        sets = parse_sets(args.set)
-        # the lab has its scaled-down settings; a real model starts from the official ones
-        configs = {(m, s): method_config(m, {"model": args.model, **sets, "seed": s,
-                                             "steps_per_task": steps[0]}, sets, make_config)
-                   for m in methods for s in seeds}
-        tasks = [sc.load_task(n) for n in names]
-        probes = [sc.load_task(n) for n in probe_names if n not in names]
-        if args.export_verl_data:
-            for path in export_verl_data(tasks + probes, args.export_verl_data):
-                print(f"wrote {path}")
-        if args.print_verl:
-            print_verl(methods, configs, names, steps, args.model, args.export_verl_data)
-        if args.print_verl or args.export_verl_data:
-            return None
-        device = sc.device_of(next(iter(configs.values())))
-        base, tokenizer = sc.load_policy(args.model, device, sc.LabRecipe(steps=args.lab_steps))
-    except (ValueError, FileNotFoundError) as e:
+        plan = plan_run(args)
+    except (ValueError, FileNotFoundError, ImportError, OSError) as e:
         ap.error(str(e))
+    if plan is None:
+        return None
     folder = Path(args.out) / args.name
-    run_config = {"name": args.name, "methods": methods, "seeds": seeds, "tasks": names,
-                  "probes": [p.name for p in probes], "steps": steps, "model": args.model,
-                  "lab_steps": args.lab_steps,
-                  "set": sets, "configs": {f"{m}/seed{s}": dataclasses.asdict(c)
-                                           for (m, s), c in configs.items()}}
-    folder.mkdir(parents=True, exist_ok=True)
-    if (folder / "config.json").exists():
-        old = json.loads((folder / "config.json").read_text())
-        if old != json.loads(json.dumps(run_config)):
-            ap.error(f"run folder {folder} holds a run with other settings; choose another "
-                     f"--name or delete the folder to start over")
-    write_json(folder / "config.json", run_config)
+    try:
+        with RunLock(folder):
+            return run(plan, folder, t_start)
+    except ValueError as e:                        # the folder is in use or holds another run
+        ap.error(str(e))
+    except KeyboardInterrupt:
+        m, s, sub = plan.get("now", ("", "", None))
+        done = sc.last_finished_stage(sub)
+        print(f"\ninterrupted during {m} seed {s} after stage {done}; run the same command to "
+              f"resume", file=sys.stderr)
+        sys.exit(130)
+    except FloatingPointError as e:
+        print(f"\nstopped: {e}\nEvery finished stage is kept; change the settings (a smaller "
+              f"lr, say) and start a new run, or fix the cause and resume.", file=sys.stderr)
+        sys.exit(1)
 
-    print(f"model {args.model} on {device}; sequence {' -> '.join(names)}; probes "
-          f"{', '.join(p.name for p in probes) or 'none'}; steps {steps}; methods "
-          f"{', '.join(methods)}; seeds {seeds}")
+
+def run(plan, folder, t_start) -> dict:
+    """The run itself: config.json, row 0, methods x seeds (resuming finished stages), the
+    report."""
+    methods, seeds, tasks, probes = plan["methods"], plan["seeds"], plan["tasks"], plan["probes"]
+    base, tokenizer, configs, run_config = (plan["base"], plan["tokenizer"], plan["configs"],
+                                            plan["run_config"])
+    if (folder / "config.json").exists():
+        try:
+            old = json.loads((folder / "config.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"run folder {folder} has a damaged config.json ({e}); delete the "
+                             f"folder to start over, or choose another --name") from None
+        if old != run_config:
+            raise ValueError(f"run folder {folder} holds a run with other settings ("
+                             f"{settings_difference(old, run_config)}); choose another --name "
+                             f"or delete the folder to start over")
+    write_json(folder / "config.json", run_config)
+    print(f"model {run_config['model']} on {plan['device']}; sequence "
+          f"{' -> '.join(plan['names'])}; probes {', '.join(p.name for p in probes) or 'none'}; "
+          f"steps {plan['steps']}; methods {', '.join(methods)}; seeds {seeds}")
     print(f"base model: {sum(p.numel() for p in base.parameters()) / 1e6:.2f}M parameters "
-          f"(loaded in {time.time() - t_start:.0f}s)")
+          f"(ready in {time.time() - t_start:.0f}s)")
+
+    def done_stages(m, s):
+        return sc.last_finished_stage(folder / m / f"seed{s}", on_damage=lambda k, problem: print(
+            f"{m} seed {s}: stage {k} is damaged ({problem}); it is recomputed"))
 
     # --- row 0: the base model, once for every method and seed ------------------------------------
     base_eval = None
-    if any(sc.finished_stages(folder / m / f"seed{s}") < 0 for m in methods for s in seeds):
+    if any(done_stages(m, s) < 0 for m in methods for s in seeds):
         t0 = time.time()
         base_eval = sc.base_evaluation(base, tokenizer, tasks + probes,
                                        next(iter(configs.values())))
@@ -329,32 +453,15 @@ def main(argv=None):
 
     # --- methods x seeds --------------------------------------------------------------------------
     log_path = folder / "log.jsonl"
-    for m in methods:
-        for s in seeds:
-            cfg, sub = configs[(m, s)], folder / m / f"seed{s}"
-            done = sc.finished_stages(sub)
-            if done == len(tasks):
-                print(f"{m} seed {s}: finished earlier, kept")
-                continue
-            keep_log_lines(log_path, lambda r: not (r["method"] == m and r["seed"] == s
-                                                    and r["stage"] > done))
-            with open(log_path, "a") as log_file:
-                def log(metrics, m=m, s=s, f=log_file):
-                    f.write(json.dumps({"method": m, "seed": s, **metrics}) + "\n")
-                    f.flush()
-                policy = copy.deepcopy(base)
-                t0 = time.time()
-                records = sc.continual_sequence(cfg, policy, tokenizer, tasks, probes,
-                                                steps=steps, folder=sub, log=log,
-                                                desc=f"{m} seed {s}", base_eval=base_eval)
-            print(f"{m} seed {s}: {time.time() - t0:.0f}s; own-stage gain (points) " + ", ".join(
-                f"{t.name} {100 * (records[k + 1]['accuracy'][t.name] - records[k]['accuracy'][t.name]):+.0f}"
-                for k, t in enumerate(tasks)) + "; final accuracy " + ", ".join(
-                f"{k} {100 * v:.0f}" for k, v in records[-1]["accuracy"].items()))
-            write_results(folder, run_config, methods, seeds, tasks, probes)
+    try:
+        for m in methods:
+            for s in seeds:
+                plan["now"] = (m, s, folder / m / f"seed{s}")   # for the Ctrl-C message
+                run_one(plan, folder, m, s, done_stages(m, s), base_eval, log_path)
+    finally:    # also after a fault: results.json holds every finished stage, as strict JSON
+        results = write_results(folder, folder.name, run_config, methods, seeds, tasks, probes)
 
     # --- summary ----------------------------------------------------------------------------------
-    results = write_results(folder, run_config, methods, seeds, tasks, probes)
     ef.write_report(results, folder)
     print("\n" + ef.comparison_table(results))
     paired = ef.paired_table(results)
@@ -366,11 +473,35 @@ def main(argv=None):
     return results
 
 
+def run_one(plan, folder, m, s, done, base_eval, log_path):
+    """One method and seed through the whole sequence, resuming after stage `done`."""
+    tasks, probes, cfg = plan["tasks"], plan["probes"], plan["configs"][(m, s)]
+    if done == len(tasks):
+        print(f"{m} seed {s}: finished earlier, kept")
+        return
+    if done >= 0:
+        print(f"resuming {m}/seed{s} after stage {done}")
+    keep_log_lines(log_path, lambda r: not (r["method"] == m and r["seed"] == s
+                                            and r["stage"] > done))
+    with open(log_path, "a") as log_file:
+        def log(metrics, m=m, s=s, f=log_file):
+            f.write(json.dumps(sc.strict_json({"method": m, "seed": s, **metrics})) + "\n")
+            f.flush()
+        policy = copy.deepcopy(plan["base"])
+        t0 = time.time()
+        records = sc.continual_sequence(cfg, policy, plan["tokenizer"], tasks, probes,
+                                        steps=plan["steps"], folder=folder / m / f"seed{s}",
+                                        log=log, desc=f"{m} seed {s}", base_eval=base_eval)
+    gains = [records[k + 1]["accuracy"][t.name] - records[k]["accuracy"][t.name]
+             for k, t in enumerate(tasks)]
+    print(f"{m} seed {s}: {time.time() - t0:.0f}s; own-stage gain (points) " + ", ".join(
+        f"{t.name} {100 * g:+.0f}" for t, g in zip(tasks, gains)) + "; final accuracy "
+        + ", ".join(f"{k} {100 * v:.0f}" for k, v in records[-1]["accuracy"].items()))
+
+
 def write_json(path: Path, obj):
-    """Atomic: write a temporary file, then rename it over the old one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    """Strict JSON (no bare NaN), written atomically."""
+    sc.atomic_write(path, json.dumps(sc.strict_json(obj), indent=1, allow_nan=False))
 
 
 def keep_log_lines(path: Path, keep):
@@ -380,25 +511,24 @@ def keep_log_lines(path: Path, keep):
     lines = [line for line in path.read_text().splitlines() if line.strip()]
     kept = [line for line in lines if keep(json.loads(line))]
     if len(kept) != len(lines):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
+        sc.atomic_write(path, "".join(line + "\n" for line in kept))
 
 
-def write_results(folder, run_config, methods, seeds, tasks, probes) -> dict:
-    """results.json from the finished stages on disk: the accuracy matrix R and the stage records
-    of every method and seed (unfinished runs show the stages they have)."""
+def write_results(folder, name, run_config, methods, seeds, tasks, probes) -> dict:
+    """results.json from the finished stages on disk: the accuracy matrix R (and its standard
+    errors SE) and the stage records of every method and seed (unfinished runs show the stages
+    they have)."""
     names = [t.name for t in tasks] + [p.name for p in probes]
     runs = {}
     for m in methods:
         for s in seeds:
             sub = folder / m / f"seed{s}"
             records = [json.loads((sub / f"stage{k}" / "stage.json").read_text())
-                       for k in range(sc.finished_stages(sub) + 1)]
+                       for k in range(sc.last_finished_stage(sub) + 1)]
             runs.setdefault(m, {})[str(s)] = {
                 "R": [[r["accuracy"][n] for n in names] for r in records],
                 "SE": [[r["stderr"][n] for n in names] for r in records], "records": records}
-    results = {"name": run_config["name"], "config": {"model": run_config["model"],
+    results = {"name": name, "config": {"model": run_config["model"],
                "steps": run_config["steps"], "eval_mode": next(iter(
                    run_config["configs"].values()))["eval_mode"]}, "tasks": names,
                "trained": list(range(len(tasks))), "runs": runs}

@@ -62,6 +62,16 @@ FEEDBACK_TEMPLATE = ("\nThe following is feedback from your unsuccessful earlier
                      "{feedback_raw}")
 
 
+CONFIG_TYPES = {   # what a Config field of each declared type accepts (bool is not a number)
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "float": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+              and math.isfinite(v), "a finite number"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "tuple": (lambda v: isinstance(v, (tuple, list)), "a list of numbers"),
+}
+
+
 @dataclass
 class Config:
     """Every knob of one training run. Defaults are the official ones (ALGORITHMS.md) unless a
@@ -141,7 +151,7 @@ class Config:
     """epsilon_low of the PPO clip"""
     clip_ratio_high: float = 0.28
     """epsilon_high of the PPO clip"""
-    clip_ratio_c: float = 3.0
+    clip_ratio_c: float | None = 3.0
     """dual-clip bound c for negative advantages (must be > 1)"""
     kl_loss_coef: float = 0.0
     """beta of the k3 KL to the frozen initial model (the paper: 0, no reference model kept)"""
@@ -207,9 +217,16 @@ class Config:
 
         def in_range(name, lo, hi, lo_open=False):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or v > hi or v < lo or (lo_open and v == lo):
+            if not lo <= v <= hi or (lo_open and v == lo):
                 bad(name, f"a number in {'(' if lo_open else '['}{lo}, {hi}]")
 
+        for f in dataclasses.fields(self):      # types first: lr=true or lr=NaN never pass
+            value, kind = getattr(self, f.name), str(f.type).replace(" | None", "")
+            if value is None and str(f.type).endswith("| None"):
+                continue
+            if not CONFIG_TYPES[kind][0](value):
+                bad(f.name, CONFIG_TYPES[kind][1] + (", or None" if "None" in str(f.type)
+                                                     else ""))
         choice("loss_mode", LOSS_MODES)
         choice("loss_agg_mode", LOSS_AGG_MODES)
         choice("teacher_regularization", TEACHER_KINDS)
@@ -265,6 +282,10 @@ class Config:
                              ("feedback_template", ("{feedback_raw}",))):
             if not all(f in getattr(self, name) for f in fields):
                 bad(name, "a string containing " + " ".join(fields))
+        if len(self.adam_betas) != 2 or not all(isinstance(x, (int, float)) and not
+                                                 isinstance(x, bool) and 0 <= x < 1
+                                                 for x in self.adam_betas):
+            bad("adam_betas", "two numbers in [0, 1), e.g. [0.9, 0.999]")
         self.adam_betas = tuple(self.adam_betas)
 
 
@@ -740,12 +761,86 @@ def load_task(name: str) -> Task:
         return make_lab_task(name)
     if name == "gsm8k":
         from datasets import load_dataset
-        return gsm8k_task(load_dataset("openai/gsm8k", "main"))
+        offline_unless_reachable("the gsm8k data set")
+        try:
+            return gsm8k_task(load_dataset("openai/gsm8k", "main"))
+        except (OSError, ConnectionError, ValueError) as e:
+            raise ValueError(f"task 'gsm8k' could not be loaded from the hub or the local cache "
+                             f"({type(e).__name__}: {str(e)[:200]})") from None
     if Path(name).is_dir():
         return load_official_task(name)
     raise ValueError(f"unknown task {name!r}: allowed are the lab families "
                      f"{', '.join(LAB_FAMILIES)}, 'gsm8k', or a folder with train.json and "
                      f"test.json")
+
+
+def offline_unless_reachable(what: str, timeout: float = 3.0):
+    """Without a network, the hub libraries retry for most of a minute before they give up.
+    When the hub cannot be reached, switch them to offline mode (the local cache only) at once,
+    so a missing model or data set fails in seconds with a clear message."""
+    import socket
+    from urllib.parse import urlparse
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        import datasets.config
+        import huggingface_hub.constants
+        print(f"note: {host} cannot be reached; looking for {what} in the local cache only "
+              f"(as with HF_HUB_OFFLINE=1)")
+        os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
+        datasets.config.HF_HUB_OFFLINE = True
+
+
+def fit_prompts(task, tokenizer, model, cfg, with_teacher=False, policy="error") -> str | None:
+    """Check that every prompt fits the model's context with the generation budget (and, with
+    with_teacher, the SDPO teacher's prompt: the template and a demonstration as long as the
+    budget). policy: 'error' (refuse, naming how many rows and the longest), 'drop' or
+    'truncate' (cut the prompt's end). Returns a note on what was done, or None."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    budget = generation_budget(cfg, task)
+    if not limit:
+        return None
+
+    def need(ex):
+        plain = len(tokenizer(format_prompt(tokenizer, ex["prompt"], ex.get("system"),
+                                            cfg.enable_thinking), add_special_tokens=False
+                              ).input_ids) + budget
+        if not with_teacher:
+            return plain
+        teacher = format_prompt(tokenizer, teacher_prompt(ex["prompt"], cfg, ""), ex.get("system"),
+                                cfg.enable_thinking)
+        return max(plain, len(tokenizer(teacher, add_special_tokens=False).input_ids) + 2 * budget)
+
+    notes = []
+    for split in ("train", "test"):
+        data = getattr(task, split)
+        needs = [need(ex) for ex in data]
+        over = [i for i, n in enumerate(needs) if n > limit]
+        if not over:
+            continue
+        what = (f"task {task.name!r}: {len(over)} of {len(needs)} {split} prompts do not fit "
+                f"the model's context ({limit} positions with a generation budget of {budget}"
+                f"{' and the SDPO teacher prompt' if with_teacher else ''}); the longest needs "
+                f"{max(needs)}")
+        if policy == "error":
+            raise ValueError(what + "; drop them with --long-prompts drop, or cut them with "
+                                    "--long-prompts truncate")
+        if policy == "drop":
+            data = data.select([i for i in range(len(data)) if needs[i] <= limit])
+            if len(data) == 0:
+                raise ValueError(what + "; none would be left")
+        else:
+            excess = {i: needs[i] - limit for i in over}
+            data = data.map(lambda ex, i: {"prompt": tokenizer.decode(tokenizer(
+                ex["prompt"], add_special_tokens=False).input_ids[:-excess[i]])}
+                if i in excess else {}, with_indices=True)
+        setattr(task, split, data)
+        notes.append(what + f": {'dropped' if policy == 'drop' else 'cut to fit'}")
+    return "; ".join(notes) or None
 
 
 # --- Running model-written code: a separate process with limits ---------------------------------
@@ -1076,6 +1171,8 @@ def load_policy(name: str, device: str = "cpu", recipe: LabRecipe | None = None)
         if not path.is_file():
             raise FileNotFoundError(f"model {name!r}: no such GGUF file")
         name, kwargs = str(path.parent), {"gguf_file": path.name}
+    elif not path.exists():          # a hub id
+        offline_unless_reachable(f"the model {name!r}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, **kwargs)
@@ -1893,18 +1990,67 @@ def base_evaluation(base, tokenizer, tasks, cfg) -> dict:
             "sequences": sequences}
 
 
-def finished_stages(folder) -> int:
-    """Index of the last stage whose checkpoint is complete, or -1."""
+def strict_json(obj):
+    """obj with every non-finite float replaced by None, so that json.dumps writes strict JSON
+    (a bare NaN is not JSON, and other readers refuse it)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
+def atomic_write(path, text: str):
+    """Write a file so that a crash leaves the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def file_digests(folder: Path) -> dict:
+    """SHA-256 of every file under folder, by relative path."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "manifest.json"}
+
+
+def stage_problem(stage: Path) -> str | None:
+    """What is wrong with a finished stage's folder (a missing or changed file), or None."""
+    try:
+        manifest = json.loads((stage / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return "its manifest.json is missing or damaged"
+    found = file_digests(stage)
+    for name, digest in manifest.items():
+        if name not in found:
+            return f"{name} is missing"
+        if found[name] != digest:
+            return f"{name} was changed or damaged"
+    return None
+
+
+def last_finished_stage(folder, on_damage=None) -> int:
+    """The index k of the last stage such that stages 0..k are finished and intact, or -1. A
+    stage is finished when its folder exists (stages are renamed into place when complete), and
+    intact when every file matches its manifest; on_damage(k, problem) hears of the first one
+    that does not, which is then recomputed with everything after it."""
     k = -1
-    while folder is not None and (Path(folder) / f"stage{k + 1}" / "stage.json").exists():
+    while folder is not None and (Path(folder) / f"stage{k + 1}").is_dir():
+        problem = stage_problem(Path(folder) / f"stage{k + 1}")
+        if problem:
+            if on_damage:
+                on_damage(k + 1, problem)
+            break
         k += 1
     return k
 
 
 def save_stage(folder, k, record, policy, tokenizer, teacher, extra=None):
     """Write stage k atomically: a temporary folder renamed into place, so a crash leaves either
-    the whole stage or nothing. The teacher is saved with the policy: resuming needs it.
-    extra: more JSON files to keep with the stage, {name: object}."""
+    the whole stage or nothing, with a manifest of its files' digests that a resume checks. The
+    teacher is saved with the policy: resuming needs it. extra: more JSON files, {name: obj}."""
     final, tmp = Path(folder) / f"stage{k}", Path(folder) / f"stage{k}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     policy.save_pretrained(tmp / "policy")
@@ -1913,7 +2059,8 @@ def save_stage(folder, k, record, policy, tokenizer, teacher, extra=None):
         teacher.model.save_pretrained(tmp / "teacher")
     for name, obj in (extra or {}).items():
         (tmp / name).write_text(json.dumps(obj))
-    (tmp / "stage.json").write_text(json.dumps(record, indent=1))
+    (tmp / "stage.json").write_text(json.dumps(strict_json(record), indent=1, allow_nan=False))
+    (tmp / "manifest.json").write_text(json.dumps(file_digests(tmp), indent=1))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
 
@@ -1942,7 +2089,7 @@ def continual_sequence(cfg, policy, tokenizer, sequence, probes=(), *, steps=Non
     eval_tasks = list(sequence) + [p for p in probes if p.name not in {t.name for t in sequence}]
     base = copy.deepcopy(policy).eval().requires_grad_(False)
     teacher = Teacher(policy, cfg) if cfg.loss_mode == "sdpo" else None
-    done = finished_stages(folder)
+    done = last_finished_stage(folder)
     records = [json.loads((Path(folder) / f"stage{k}" / "stage.json").read_text())
                for k in range(done + 1)]
     if done >= 0:

@@ -1,0 +1,103 @@
+"""Bad input: every case is one clear message (what is wrong, the flag, file or value, what is
+allowed) with exit code 2, before any training and before anything is written."""
+import json
+
+import pytest
+
+import eval_forgetting
+import run_sequence
+
+TINY = ["--tasks", "math", "--probes", "", "--steps", "1", "--lab-steps", "30",
+        "--set", "prompts_per_step=4", "eval_examples=4"]
+
+
+def rows(path, items):
+    path.write_text("".join(json.dumps(r) + "\n" for r in items))
+
+
+def official_task(tmp_path, train=None, test=None, name="data"):
+    folder = tmp_path / name
+    folder.mkdir()
+    good = [{"prompt": "Which? A) x B) y", "answer": "A", "kind": "mcq"}] * 4
+    rows(folder / "train.json", train or good)
+    if isinstance(test, bytes):
+        (folder / "test.json").write_bytes(test)
+    else:
+        rows(folder / "test.json", test or good)
+    return str(folder)
+
+
+CASES = {
+    "seeds not integers": (["--seeds", "abc"], "--seeds 'abc': expected comma-separated integers"),
+    "steps not integers": (["--steps", "1.5"], "--steps '1.5': expected comma-separated integers"),
+    "no seeds": (["--seeds", ""], "--seeds '': give at least one"),
+    "no tasks": (["--tasks", ""], "--tasks '': give at least one"),
+    "unknown method": (["--methods", "grpo,ppo"], "unknown ['ppo']"),
+    "unknown task": (["--tasks", "math,chess"], "unknown task 'chess'"),
+    "steps per task": (["--steps", "1,2,3"], "--steps '1,2,3'"),
+    "value out of range": (["--set", "alpha=2"], "Config.alpha=2 is invalid"),
+    "unknown setting": (["--set", "colour=red"], "--set 'colour=red'"),
+    "a bool for a number": (["--set", "lr=true"], "Config.lr=True is invalid: allowed a finite"),
+    "NaN": (["--set", "lr=NaN"], "Config.lr=nan is invalid"),
+    "betas": (["--set", "adam_betas=abc"], "Config.adam_betas='abc' is invalid"),
+    "seed by --set": (["--set", "seed=3"], "seed is set with --seeds"),
+    "steps by --set": (["--set", "steps_per_task=3"], "steps_per_task is set with --steps"),
+    "an override the method fixes": (
+        ["--methods", "sdpo_frozen", "--set", "teacher_update_rate=0.3"],
+        "conflicts with the method 'sdpo_frozen', which fixes teacher_update_rate=0.0"),
+    "print-verl with a typo folder": (["--print-verl", "--tasks", "/typo_folder"],
+                                      "unknown task '/typo_folder'"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_flags_and_settings(tmp_path, capsys, case):
+    args, message = CASES[case]
+    with pytest.raises(SystemExit) as stop:
+        run_sequence.main(TINY + args + ["--out", str(tmp_path)])
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []                     # nothing written
+
+
+def test_a_file_that_is_not_utf8_is_named(tmp_path, capsys):
+    folder = official_task(tmp_path, test="café".encode("latin-1"))
+    with pytest.raises(SystemExit):
+        run_sequence.main(TINY[:-2] + ["--tasks", folder, "--out", str(tmp_path / "runs")])
+    assert "test.json: not UTF-8 text" in capsys.readouterr().err
+
+
+def test_a_mcq_answer_that_is_not_a_letter(tmp_path, capsys):
+    folder = official_task(tmp_path, train=[{"prompt": "6*7?", "answer": "42", "kind": "mcq"}])
+    with pytest.raises(SystemExit):
+        run_sequence.main(TINY[:-2] + ["--tasks", folder, "--out", str(tmp_path / "runs")])
+    assert "line 1: a mcq answer must be one capital letter" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_prompt_longer_than_the_context_is_reported_when_the_task_loads(tmp_path, capsys):
+    long = [{"prompt": "x" * 100_000, "answer": "A", "kind": "mcq"}]
+    folder = official_task(tmp_path, train=long + [{"prompt": "ok?", "answer": "B",
+                                                     "kind": "mcq"}] * 3)
+    argv = TINY[:-2] + ["--tasks", folder, "--out", str(tmp_path / "runs")]
+    with pytest.raises(SystemExit):
+        run_sequence.main(argv)
+    err = capsys.readouterr().err
+    assert "1 of 4 train prompts do not fit the model's context (512 positions" in err
+    assert "--long-prompts drop" in err and not (tmp_path / "runs").exists()
+
+
+def test_eval_forgetting_names_a_truncated_results_file(tmp_path, capsys):
+    (tmp_path / "results.json").write_text('{"tasks": ["a"], "trai')
+    with pytest.raises(SystemExit) as stop:
+        eval_forgetting.main([str(tmp_path)])
+    assert stop.value.code == 2 and "results.json is damaged or truncated" in \
+        capsys.readouterr().err
+
+
+def test_a_damaged_config_json_is_named(tmp_path, capsys):
+    (tmp_path / "quick").mkdir()
+    (tmp_path / "quick" / "config.json").write_text("garbage")
+    with pytest.raises(SystemExit) as stop:
+        run_sequence.main(TINY + ["--out", str(tmp_path)])
+    assert stop.value.code == 2 and "has a damaged config.json" in capsys.readouterr().err
