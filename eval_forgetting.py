@@ -5,8 +5,8 @@
 
 R[k][j] is the accuracy on task j after stage k; row 0 is the base model. `trained` lists the
 columns of the trained tasks in training order (task trained[i] is learnt at stage i + 1); the
-other columns are held-out probes. Formulas: ALGORITHMS.md §5 (GEM, Lopez-Paz & Ranzato 2017;
-forgetting, Chaudhry et al. 2018).
+other columns are held-out probes. ACC, BWT and FWT as in GEM (Lopez-Paz & Ranzato 2017); the
+forgetting measure of Chaudhry et al. (2018).
 """
 from __future__ import annotations
 
@@ -158,7 +158,8 @@ def comparison_table(results) -> str:
         for key, _, scale in COLUMNS:
             m, s = mean_std(per[key])
             digits = 3 if scale == 1 else 1
-            cells.append("n/a" if m is None else f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}")
+            cells.append("n/a" if m is None
+                         else f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}")
         lines.append(f"| {method} | {len(per['acc'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -249,9 +250,11 @@ def write_report(results, out: Path) -> str:
     """report.md with the comparison, per-method accuracy tables, and the plots beside it."""
     out.mkdir(parents=True, exist_ok=True)
     cfg = results.get("config", {})
+    trained_names = [results["tasks"][j] for j in results["trained"]]
+    probe_names = [t for j, t in enumerate(results["tasks"]) if j not in results["trained"]]
     parts = [f"# Report: {results.get('name', out.name)}", "",
-             f"Tasks in training order: {', '.join(results['tasks'][j] for j in results['trained'])}; "
-             f"held-out probes: {', '.join(t for j, t in enumerate(results['tasks']) if j not in results['trained']) or 'none'}. "
+             f"Tasks in training order: {', '.join(trained_names)}; "
+             f"held-out probes: {', '.join(probe_names) or 'none'}. "
              f"Model: {cfg.get('model', '?')}; steps per task: {cfg.get('steps', '?')}; "
              f"evaluation: {cfg.get('eval_mode', 'greedy')}.", "",
              "Accuracies and their differences are in points (0-100); mean ± std over seeds. "

@@ -401,10 +401,12 @@ def main(argv=None):
     except ValueError as e:                        # the folder is in use or holds another run
         ap.error(str(e))
     except KeyboardInterrupt:
-        m, s, sub = plan.get("now", ("", "", None))
+        m, s, sub = plan.get("now", (None, None, None))
         done = sc.last_finished_stage(sub)
-        print(f"\ninterrupted during {m} seed {s} after stage {done}; run the same command to "
-              f"resume", file=sys.stderr)
+        where = ("while evaluating the base model" if m is None else
+                 f"during {m} seed {s} " + (f"after stage {done}" if done >= 0 else
+                                            "before its first stage"))
+        print(f"\ninterrupted {where}; run the same command to resume", file=sys.stderr)
         sys.exit(130)
     except FloatingPointError as e:
         print(f"\nstopped: {e}\nEvery finished stage is kept; change the settings (a smaller "

@@ -1,24 +1,40 @@
 """sdpo_cl.py: GRPO vs SDPO in continual post-training, in one readable file.
 
-GRPO (DeepSeekMath, arXiv 2402.03300). Sample G answers to a prompt, score each with a verifier,
-and raise the log-probability of the answers that beat their group's mean reward, with a PPO-style
-clipped ratio. Every token of an answer gets that answer's one scalar advantage; a group whose
-answers all score the same produces no gradient at all.
+Both methods learn from the model's own samples. For each prompt, sample a group of G answers and
+score each with a verifier (a reward in [0, 1]). Then:
 
-SDPO (Hübotter et al., arXiv 2601.20802). Uses the same rollouts but gives a dense signal. The model
-itself acts as a teacher: it sees a successful sibling answer (or textual feedback) in its prompt
-and scores every token of the student's answer. The student is pulled toward the teacher's
-next-token distribution by a per-token divergence (forward KL, generalised Jensen-Shannon, or
-reverse KL). SDPO replaces the GRPO loss; rewards only pick the demonstrations.
+GRPO (DeepSeekMath, arXiv 2402.03300) gives every answer one number, its advantage
+A_i = r_i - mean_j r_j over the group, and raises the log-probability of each token of an answer
+in proportion to it, through a PPO-style clipped ratio. Every token of an answer gets the same
+scalar, and a group whose answers all score the same gives no gradient at all.
+
+SDPO (Hübotter et al., arXiv 2601.20802) uses the same samples with a dense signal. The model is
+its own teacher: shown a successful sibling answer (or textual feedback) in its prompt, it scores
+every token of the student's answer, and the student is pulled toward the teacher's next-token
+distribution at each position (a KL or Jensen-Shannon divergence on the student's top-k tokens).
+SDPO replaces the GRPO loss; rewards only pick the demonstrations.
 
 The experiment (Wang et al., "Denser != Better", arXiv 2607.01763) trains tasks T1..TN one after
-another and evaluates every task after every stage, to see which method forgets more.
+another, evaluates every task after every stage, and asks which method forgets more.
 
-Reading order: Config -> tasks and rewards -> models (and the built-in tiny lab) -> rollout ->
-GRPO -> SDPO (teacher contexts, divergences, loss) -> teachers -> training -> evaluation -> the
-continual sequence -> drift measures. Sections marked ALGORITHM hold the methods; the rest is
-plumbing that is safe to change. Option names follow the official verl configuration.
+Where this code departs from the official (verl) implementation, and why:
+- The sampling log-probs are recorded while sampling, not recomputed by another forward pass:
+  the same numbers, one pass fewer. With one optimizer step per rollout batch (SDPO) the PPO
+  ratio is exactly 1; the GRPO baseline's four mini-batches per batch make it move.
+- The SDPO teacher scores a group's failed samples on one shared KV cache of their common
+  teacher prompt (share_teacher_prefix): the same logits up to rounding, less work.
+- The SDPO teacher is carried from stage to stage; verl re-creates it with each stage's run
+  (reset_teacher_each_task). The built-in lab scales the paper's settings down.
+Everything else follows the official code: the loss averaging its runs computed, the GRPO
+baseline's mini-batches, the templates, the rewards, the warm-up, the sampled evaluation.
+
+Reading order. Part I, the tutorial: Config -> the task contract -> rollout -> GRPO -> SDPO (the
+teacher's context, the divergence, the loss) -> teachers -> one training step -> a task ->
+evaluation -> the continual sequence -> drift. Part II, after its banner: the lab, real models
+and data with the official rewards, the code sandbox, checkpoints, config checks and speed-ups.
 """
+
+
 from __future__ import annotations
 
 import copy
@@ -35,24 +51,31 @@ import string
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from datasets import Dataset
 from tqdm.auto import tqdm
 
+
 # ================================================================================================
-# Config
+# PART I: the methods and the experiment, in reading order
 # ================================================================================================
+
+
+# ================================================================================================
+# Config: every knob, with the official names and defaults
+# ================================================================================================
+
 
 LOSS_MODES = ("grpo", "sdpo")
 LOSS_AGG_MODES = ("micro1-token-mean", "token-mean", "seq-mean-token-mean",
                   "seq-mean-token-sum-norm")
 TEACHER_KINDS = ("ema", "trust-region", "frozen", "live")
 EVAL_MODES = ("greedy", "sample")
+
 
 # The official templates as the official yaml renders them (block scalars `|-`: no trailing
 # newline; the dataclass defaults of the official code end in newlines that the yaml drops).
@@ -62,20 +85,10 @@ FEEDBACK_TEMPLATE = ("\nThe following is feedback from your unsuccessful earlier
                      "{feedback_raw}")
 
 
-CONFIG_TYPES = {   # what a Config field of each declared type accepts (bool is not a number)
-    "bool": (lambda v: isinstance(v, bool), "true or false"),
-    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
-    "float": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-              and math.isfinite(v), "a finite number"),
-    "str": (lambda v: isinstance(v, str), "a string"),
-    "tuple": (lambda v: isinstance(v, (tuple, list)), "a list of numbers"),
-}
-
-
 @dataclass
 class Config:
-    """Every knob of one training run. Defaults are the official ones (ALGORITHMS.md) unless a
-    comment says otherwise; `lab_config()` scales them down for the tiny lab."""
+    """Every knob of one training run, with the official option names and defaults (the paper's
+    runs) unless a line says otherwise; lab_config() in Part II scales them down to the lab."""
 
     # --- model and run --------------------------------------------------------------------------
     model: str = "lab"
@@ -85,7 +98,7 @@ class Config:
     device: str = "auto"
     """'auto' (cuda if available), 'cpu' or 'cuda'"""
 
-    # --- rollout (ALGORITHMS.md §1) ------------------------------------------------------------
+    # --- rollout --------------------------------------------------------------------------------
     prompts_per_step: int = 32
     """prompts per rollout batch (data.train_batch_size)"""
     group_size: int = 8
@@ -94,15 +107,12 @@ class Config:
     """generation budget per completion; a task may ask for less"""
     temperature: float = 1.0
     """sampling temperature for training rollouts"""
-
     enable_thinking: bool = False
-    """the chat template's thinking switch (Qwen3); off, as the official runs
-    (data.apply_chat_template_kwargs.enable_thinking=false)"""
+    """the chat template's thinking switch (Qwen3); off, as in the official runs"""
 
     # --- evaluation (the official val_kwargs) -----------------------------------------------------
     eval_mode: str = "sample"
-    """'sample' (eval_samples per prompt at eval_temperature / eval_top_p, mean accuracy) or
-    'greedy'"""
+    """'sample' (mean accuracy of eval_samples samples per prompt) or 'greedy'"""
     eval_temperature: float = 0.6
     """temperature when eval_mode='sample'"""
     eval_top_p: float = 0.95
@@ -114,16 +124,14 @@ class Config:
 
     # --- optimiser ------------------------------------------------------------------------------
     ppo_mini_batch_size: int = 0
-    """prompts per optimizer step, a divisor of prompts_per_step; 0 = all of them (one optimizer
-    step per rollout batch). Official: SDPO 32 of 32 (one step), the GRPO baseline 8 of 32 (four
-    steps, so its PPO ratio and clip act from the second mini-batch on)"""
+    """prompts per optimizer step, 0 = all (one step per rollout batch, SDPO's official 32 of
+    32); the GRPO baseline's 8 of 32 takes four, its PPO ratio and clip acting from the second"""
     ppo_epochs: int = 1
     """passes over the rollout batch"""
     lr: float = 1e-5
     """AdamW learning rate (actor_rollout_ref.actor.optim.lr)"""
     warmup_steps: int = 10
-    """linear warm-up over rollout batches as verl does it: batch k (from 0) gets lr * k /
-    warmup_steps, so the first batch has lr 0; restarted at every task like a fresh verl run"""
+    """verl's warm-up: rollout batch k (from 0) gets lr * k / warmup_steps, the first lr 0"""
     weight_decay: float = 0.01
     """AdamW weight decay"""
     adam_betas: tuple = (0.9, 0.999)
@@ -131,8 +139,7 @@ class Config:
     grad_clip: float = 1.0
     """max global gradient norm"""
     micro_batch_size: int = 0
-    """sequences per forward/backward (gradient accumulation); 0 = a whole mini-batch at once.
-    The loss does not depend on it (loss_agg_mode fixes the normalisation)"""
+    """sequences per forward/backward (accumulated); 0 = a mini-batch at once; same update"""
     gradient_checkpointing: bool = False
     """trade compute for activation memory (real models on small GPUs)"""
     bf16: bool = True
@@ -144,7 +151,7 @@ class Config:
     distillation_weight: float = 1.0
     """w in (1-w)*GRPO + w*SDPO when loss_mode='sdpo'; 1.0 = pure SDPO (official; TRL's knob)"""
 
-    # --- GRPO (ALGORITHMS.md §3) ----------------------------------------------------------------
+    # --- GRPO -----------------------------------------------------------------------------------
     norm_adv_by_std_in_grpo: bool = False
     """divide group-centred rewards by their std (the paper's baseline: off)"""
     clip_ratio_low: float = 0.2
@@ -156,12 +163,10 @@ class Config:
     kl_loss_coef: float = 0.0
     """beta of the k3 KL to the frozen initial model (the paper: 0, no reference model kept)"""
     loss_agg_mode: str = "micro1-token-mean"
-    """how per-token losses become one number per optimizer step. 'micro1-token-mean' is what
-    the paper's runs computed (verl's token-mean with ppo_micro_batch_size_per_gpu=1): each
-    sample's mean over its tokens, averaged over every sample of the mini-batch, those without
-    an SDPO target included; also 'token-mean', 'seq-mean-token-mean', 'seq-mean-token-sum-norm'"""
+    """per-token losses -> one number (see aggregate); micro1-token-mean is what the paper's runs
+    computed, verl's token-mean with one sequence per micro-batch"""
 
-    # --- SDPO (ALGORITHMS.md §4) ----------------------------------------------------------------
+    # --- SDPO -----------------------------------------------------------------------------------
     alpha: float = 0.5
     """0 = KL(teacher||student), 1 = KL(student||teacher), between = generalised JSD"""
     full_logit_distillation: bool = True
@@ -200,110 +205,23 @@ class Config:
     """re-initialise the teacher from the policy at every task boundary (False = carry it over)"""
     mask_ratio: float = 0.0
     """SDPO-CL: drop this fraction of distilled tokens at random (less dense supervision)"""
+    share_teacher_prefix: bool = True
+    """score responses on one shared KV cache per teacher prompt (False: in full, as verl)"""
 
     # --- continual sequence ---------------------------------------------------------------------
     steps_per_task: int = 50
     """rollout batches per task"""
     teacher_lift_every_stage: bool = False
-    """measure the teacher lift after every stage too (it is always measured on the base model)"""
+    """measure the teacher lift after every stage too (always on the base model)"""
 
     def __post_init__(self):
-        def bad(name, allowed):
-            raise ValueError(f"Config.{name}={getattr(self, name)!r} is invalid: allowed {allowed}")
-
-        def choice(name, options):
-            if getattr(self, name) not in options:
-                bad(name, "one of " + ", ".join(repr(o) for o in options))
-
-        def in_range(name, lo, hi, lo_open=False):
-            v = getattr(self, name)
-            if not lo <= v <= hi or (lo_open and v == lo):
-                bad(name, f"a number in {'(' if lo_open else '['}{lo}, {hi}]")
-
-        for f in dataclasses.fields(self):      # types first: lr=true or lr=NaN never pass
-            value, kind = getattr(self, f.name), str(f.type).replace(" | None", "")
-            if value is None and str(f.type).endswith("| None"):
-                continue
-            if not CONFIG_TYPES[kind][0](value):
-                bad(f.name, CONFIG_TYPES[kind][1] + (", or None" if "None" in str(f.type)
-                                                     else ""))
-        choice("loss_mode", LOSS_MODES)
-        choice("loss_agg_mode", LOSS_AGG_MODES)
-        choice("teacher_regularization", TEACHER_KINDS)
-        choice("eval_mode", EVAL_MODES)
-        choice("device", ("auto", "cpu", "cuda"))
-        for name in ("prompts_per_step", "max_new_tokens", "eval_samples", "eval_examples",
-                     "steps_per_task"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                bad(name, "an integer >= 1")
-        if not isinstance(self.group_size, int) or self.group_size < 2:
-            bad("group_size", "an integer >= 2 (a group of one has no baseline and no sibling)")
-        if not isinstance(self.ppo_epochs, int) or self.ppo_epochs < 1:
-            bad("ppo_epochs", "an integer >= 1")
-        if (not isinstance(self.ppo_mini_batch_size, int) or self.ppo_mini_batch_size < 0
-                or self.prompts_per_step % max(self.ppo_mini_batch_size, 1)):
-            bad("ppo_mini_batch_size", f"0 or a divisor of prompts_per_step="
-                                       f"{self.prompts_per_step}")
-        for name in ("warmup_steps", "micro_batch_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                bad(name, "an integer >= 0")
-        in_range("alpha", 0.0, 1.0)
-        in_range("distillation_weight", 0.0, 1.0)
-        in_range("teacher_update_rate", 0.0, 1.0)
-        in_range("teacher_init_alpha", 0.0, 1.0)
-        in_range("mask_ratio", 0.0, 1.0)
-        in_range("success_reward_threshold", 0.0, 1.0)
-        in_range("lr", 0.0, 1.0, lo_open=True)
-        in_range("temperature", 0.0, 100.0, lo_open=True)
-        in_range("eval_temperature", 0.0, 100.0, lo_open=True)
-        in_range("eval_top_p", 0.0, 1.0, lo_open=True)
-        in_range("clip_ratio_low", 0.0, 1.0)
-        in_range("clip_ratio_high", 0.0, 100.0)
-        in_range("kl_loss_coef", 0.0, 1e6)
-        in_range("weight_decay", 0.0, 1e6)
-        in_range("grad_clip", 0.0, 1e9, lo_open=True)
-        if self.clip_ratio_c is not None and not (isinstance(self.clip_ratio_c, (int, float))
-                                                  and self.clip_ratio_c > 1.0):
-            bad("clip_ratio_c", "a number > 1, or None to disable the dual clip")
-        if self.distillation_topk is not None and (not isinstance(self.distillation_topk, int)
-                                                   or self.distillation_topk <= 0):
-            bad("distillation_topk", "an integer >= 1, or None for the full vocabulary")
-        if self.is_clip is not None and not (isinstance(self.is_clip, (int, float))
-                                             and self.is_clip > 0):
-            bad("is_clip", "a number > 0, or None for no importance weight")
-        if self.teacher_path and self.teacher_regularization == "live":
-            bad("teacher_path", "None with teacher_regularization='live' (the live teacher is "
-                                "the student itself and has no weights of its own)")
-        if not self.full_logit_distillation and self.alpha != 1.0:
-            bad("alpha", "1.0 when full_logit_distillation=False (the sampled-token estimate "
-                         "exists only for the reverse KL)")
-        for name, fields in (("reprompt_template", ("{prompt}", "{solution}", "{feedback}")),
-                             ("solution_template", ("{successful_previous_attempt}",)),
-                             ("feedback_template", ("{feedback_raw}",))):
-            if not all(f in getattr(self, name) for f in fields):
-                bad(name, "a string containing " + " ".join(fields))
-        if len(self.adam_betas) != 2 or not all(isinstance(x, (int, float)) and not
-                                                 isinstance(x, bool) and 0 <= x < 1
-                                                 for x in self.adam_betas):
-            bad("adam_betas", "two numbers in [0, 1), e.g. [0.9, 0.999]")
-        self.adam_betas = tuple(self.adam_betas)
-
-
-def lab_config(**overrides) -> Config:
-    """The official settings scaled down to the tiny lab: the paper's 32 prompts x 8 rollouts, a
-    learning rate for a 0.45M-parameter model (3e-4), a short warm-up, 15 steps per task, short
-    answers, top-20 distillation (the vocabulary has 104 tokens, so top-100 would be all of it),
-    and 100 test prompts x 4 samples per evaluation. Everything else stays official."""
-    settings = dict(model="lab", prompts_per_step=32, group_size=8, max_new_tokens=24, lr=3e-4,
-                    warmup_steps=2, distillation_topk=20, steps_per_task=15, eval_examples=100,
-                    eval_samples=4, device="cpu")
-    settings.update(overrides)
-    return Config(**settings)
+        check_config(self)     # types, ranges and combinations: Part II
 
 
 # ================================================================================================
-# Tasks: examples + a verifiable reward in [0, 1] + optional rich feedback
+# Tasks: examples, a verifiable reward in [0, 1], and optional rich feedback
 # ================================================================================================
+
 
 @dataclass
 class Task:
@@ -321,6 +239,768 @@ class Task:
 
 def generation_budget(cfg, task) -> int:
     return min(cfg.max_new_tokens, task.max_new_tokens or cfg.max_new_tokens)
+
+
+# ================================================================================================
+# Rollout: G completions per prompt, response masks, the sampling policy's log-probs
+# ================================================================================================
+
+
+@dataclass
+class Rollout:
+    """A batch of sampled completions. Row i is completion i of prompt i // G.
+    The prompt part is left-padded and the response part right-padded, as generate() returns."""
+    prompt_ids: torch.Tensor       # [B, P]
+    prompt_mask: torch.Tensor      # [B, P]  1 on real prompt tokens
+    response_ids: torch.Tensor     # [B, T]
+    response_mask: torch.Tensor    # [B, T]  1 up to and including the first EOS, float
+    old_logprobs: torch.Tensor     # [B, T]  log pi_old(y_t) under the sampling distribution
+    completions: list              # B decoded strings, without the EOS
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt_texts, max_new_tokens, *, sample=True, temperature=1.0,
+             top_p=1.0, num_return_sequences=1) -> Rollout:
+    """Batched sampling (KV cache) of `num_return_sequences` completions per prompt text."""
+    ids, attn = tokenize_prompts(tokenizer, prompt_texts, model.device)
+    recorder = _RecordSampledLogprobs(temperature if sample else 1.0)
+    was_training = model.training
+    model.eval()
+    out = model.generate(
+        input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens, do_sample=sample,
+        **(dict(temperature=temperature, top_p=top_p, top_k=0) if sample else {}),
+        repetition_penalty=1.0, num_return_sequences=num_return_sequences,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids(model, tokenizer),
+        logits_processor=[recorder])
+    model.train(was_training)
+    P = ids.shape[1]
+    response_ids = out[:, P:]                                              # [B, T]
+    mask = response_mask_from_positions(response_ids, eos_ids(model, tokenizer))
+    old_logprobs = recorder.finish(response_ids[:, -1]) * mask
+    return Rollout(ids.repeat_interleave(num_return_sequences, 0),
+                   attn.repeat_interleave(num_return_sequences, 0), response_ids, mask,
+                   old_logprobs, decode_completions(tokenizer, response_ids, mask))
+
+
+def response_mask_from_positions(response_ids, eos_token_ids):
+    """[B, T] float mask: 1 on every token up to and including the first EOS, 0 after it.
+    Built from positions, not from `ids != pad`, which would drop the EOS when pad == eos."""
+    is_eos = torch.isin(response_ids, torch.tensor(eos_token_ids, device=response_ids.device))
+    T = response_ids.shape[1]
+    first = torch.where(is_eos.any(1), is_eos.float().argmax(1), T)   # no EOS -> all T valid
+    return (torch.arange(T, device=response_ids.device)[None, :] <= first[:, None]).float()
+
+
+# ================================================================================================
+# GRPO: group-relative advantages and the clipped policy-gradient loss
+# ================================================================================================
+
+
+def grpo_advantages(rewards, group_size, norm_by_std=False, eps=1e-6):
+    """A_i = r_i - mean_j r_j over each group of `group_size` consecutive rewards, optionally
+    divided by the group's (unbiased) std + eps. rewards: [N] -> advantages: [N]."""
+    r = rewards.float().view(-1, group_size)                  # [N / G, G]
+    advantages = r - r.mean(dim=1, keepdim=True)
+    if norm_by_std:
+        advantages = advantages / (r.std(dim=1, keepdim=True) + eps)
+    return advantages.view(-1)
+
+
+def aggregate(per_token, mask, agg="token-mean"):
+    """Reduce a [B, T] per-token loss to a scalar (verl's loss_agg_mode).
+    micro1-token-mean: each sequence's mean over its valid tokens, averaged over all B sequences,
+    those without a valid token counting as 0. This is what verl computes with one sequence per
+    micro-batch (the paper's runs): a sample without an SDPO target still counts in B, so the
+    update shrinks with the share of samples that have one, and long answers weigh less per token.
+    token-mean: every valid token of the batch weighs the same (no length bias).
+    seq-mean-token-mean: mean per sequence, then over the sequences that have a valid token
+    (original GRPO; favours short answers). seq-mean-token-sum-norm: per-sequence sum over a
+    constant T (Dr. GRPO), here the padded length of the batch, mask.shape[1].
+    An all-zero mask gives a zero that is still connected to the graph."""
+    masked = per_token * mask
+    if agg == "token-mean":
+        return masked.sum() / mask.sum().clamp(min=1)
+    if agg == "micro1-token-mean":
+        return (masked.sum(1) / mask.sum(1).clamp(min=1)).sum() / max(mask.shape[0], 1)
+    has_tokens = (mask.sum(1) > 0).float()                    # [B]
+    if agg == "seq-mean-token-mean":
+        per_seq = masked.sum(1) / mask.sum(1).clamp(min=1)
+    elif agg == "seq-mean-token-sum-norm":
+        per_seq = masked.sum(1) / mask.shape[1]
+    else:
+        raise ValueError(f"loss_agg_mode={agg!r} is invalid: allowed {', '.join(LOSS_AGG_MODES)}")
+    return (per_seq * has_tokens).sum() / has_tokens.sum().clamp(min=1)
+
+
+def k3_kl(logprobs, ref_logprobs):
+    """k3 = exp(ref - logp) - (ref - logp) - 1 per token: >= 0 and an unbiased estimate of
+    KL(pi || ref) on tokens sampled from pi (verl's low_var_kl, before its clamp)."""
+    d = ref_logprobs - logprobs
+    return torch.exp(d) - d - 1.0
+
+
+def grpo_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=0.28,
+              dual_clip=3.0, ref_logprobs=None, beta=0.0, agg="token-mean"):
+    """The clipped policy-gradient loss. logprobs, old_logprobs, ref_logprobs, mask: [B, T];
+    advantages: [B] (one per sequence, broadcast over its tokens) or [B, T].
+    Per token: -min(rho*A, clip(rho, 1-clip_low, 1+clip_high)*A), capped at -dual_clip*A when
+    A < 0 (a huge ratio on a bad answer cannot blow up the loss), plus beta*k3 to a reference."""
+    A = advantages[:, None] if advantages.dim() == 1 else advantages
+    log_ratio = (logprobs - old_logprobs).clamp(-20.0, 20.0)  # as verl: exp cannot overflow
+    ratio = torch.exp(log_ratio)
+    unclipped = -A * ratio
+    clipped = -A * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    per_token = torch.maximum(unclipped, clipped)
+    if dual_clip is not None:
+        per_token = torch.where(A < 0, torch.minimum(per_token, -A * dual_clip), per_token)
+    metrics = {"clip_frac": aggregate((clipped > unclipped).float(), mask).item(),
+               "ratio_mean": aggregate(ratio.detach(), mask).item()}
+    if ref_logprobs is not None and beta > 0:
+        k3 = k3_kl(logprobs, ref_logprobs)
+        per_token = per_token + beta * k3
+        metrics["kl_ref"] = aggregate(k3.detach(), mask).item()
+    return aggregate(per_token, mask, agg), metrics
+
+
+# ================================================================================================
+# SDPO: the teacher's context, the divergence, the loss
+# ================================================================================================
+
+
+# --- 1-3. The teacher's context: the prompt plus a successful sibling and/or feedback ----------
+
+
+def strip_thinking(text: str) -> str:
+    """Drop every <think>...</think> block, then everything up to a remaining unmatched </think>
+    (a model whose template opens the block in the prompt), as SDPO-CL does."""
+    text = re.sub(r"<think>.*?</think>\s*", "", text, flags=re.DOTALL)
+    return re.sub(r"^.*?</think>\s*", "", text, flags=re.DOTALL)
+
+
+def teacher_prompt(prompt, cfg, demonstration=None, feedback=None) -> str:
+    """The user text the self-teacher sees: the prompt, a correct solution and/or feedback, and
+    the instruction to solve the original question (the official templates). The teacher
+    contexts, the teacher-lift evaluation and the lab's pre-training all build it here."""
+    solution = ("" if demonstration is None else
+                cfg.solution_template.format(successful_previous_attempt=demonstration))
+    feedback = "" if feedback is None else cfg.feedback_template.format(feedback_raw=feedback)
+    return cfg.reprompt_template.format(prompt=prompt, solution=solution, feedback=feedback)
+
+
+def teacher_contexts(prompts, completions, rewards, feedbacks, group_size, cfg) -> list:
+    """One teacher prompt per sample (the raw user text; the chat template is applied later), or
+    None when there is neither a demonstration nor feedback: that sample's distillation mask is
+    0. prompts: the prompt of each sample (length N, repeated G times); rewards: N floats;
+    feedbacks: N strings or None."""
+    contexts = []
+    for i in range(len(completions)):
+        group = range(i - i % group_size, i - i % group_size + group_size)
+        demos = [j for j in group if rewards[j] >= cfg.success_reward_threshold
+                 and not (cfg.dont_reprompt_on_self_success and j == i)]
+        demo = feedback = None
+        if demos:   # the first success: rollouts are i.i.d., so this is a random one (official)
+            demo = completions[demos[0]]
+            if cfg.remove_thinking_from_demonstration:
+                demo = strip_thinking(demo)
+        if (cfg.include_environment_feedback and feedbacks[i] and feedbacks[i].strip()
+                and not (demos and cfg.environment_feedback_only_without_solution)):
+            feedback = feedbacks[i]
+        contexts.append(None if demo is None and feedback is None
+                        else teacher_prompt(prompts[i], cfg, demo, feedback))
+    return contexts
+
+
+# --- 5. The divergence between the student's and the teacher's next-token distributions --------
+
+
+def log_tail(logp_k):
+    """log(1 - sum_k p_k) for log-probs [..., k] -> [..., 1]: the mass outside the support. The
+    logsumexp is clamped below 0 so the tail never becomes log(0), and expm1 keeps precision when
+    the support holds nearly all the mass."""
+    lse = torch.logsumexp(logp_k, dim=-1, keepdim=True).clamp(max=-1e-7)
+    return torch.log(-torch.expm1(lse))
+
+
+def topk_support(student_logp, teacher_logp, topk, add_tail=True):
+    """Restrict both distributions to the student's top-k tokens at each position.
+    Inputs are log-probs over the full vocabulary [B, T, V]; outputs [B, T, k+1] with the tail
+    bucket (a proper distribution: k tokens plus "everything else"), or [B, T, k] renormalised
+    over the k tokens."""
+    k = min(topk, student_logp.shape[-1])
+    student_k, index = student_logp.topk(k, dim=-1)
+    teacher_k = teacher_logp.gather(-1, index)
+    if add_tail:
+        return (torch.cat([student_k, log_tail(student_k)], dim=-1),
+                torch.cat([teacher_k, log_tail(teacher_k)], dim=-1))
+    return (student_k - torch.logsumexp(student_k, -1, keepdim=True),
+            teacher_k - torch.logsumexp(teacher_k, -1, keepdim=True))
+
+
+def kl_divergence(logp, logq):
+    """KL(p || q) summed over the last dimension, from log-probs. [..., K] -> [...]"""
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def generalized_jsd(student_logp, teacher_logp, alpha):
+    """alpha = 0: KL(teacher || student) (forward); alpha = 1: KL(student || teacher) (reverse);
+    otherwise (1-alpha) KL(S || M) + alpha KL(T || M) with M = (1-alpha) S + alpha T, computed in
+    log space. The JSD itself tends to 0 at both ends, hence the two KL special cases."""
+    if alpha == 0.0:
+        return kl_divergence(teacher_logp, student_logp)
+    if alpha == 1.0:
+        return kl_divergence(student_logp, teacher_logp)
+    log_m = torch.logsumexp(torch.stack([student_logp + math.log(1 - alpha),
+                                         teacher_logp + math.log(alpha)]), dim=0)
+    return ((1 - alpha) * kl_divergence(student_logp, log_m)
+            + alpha * kl_divergence(teacher_logp, log_m))
+
+
+# --- 4-7. The loss -----------------------------------------------------------------------------
+
+
+def sdpo_loss(student_logits, teacher_logits, response_ids, mask, *, old_logprobs=None,
+              alpha=0.5, topk=100, add_tail=True, full_logits=True, is_clip=2.0,
+              agg="token-mean"):
+    """Self-distillation loss on the student's own response tokens.
+    student_logits, teacher_logits: [B, T, V], position t predicts response_ids[:, t]; the teacher
+    saw the teacher context, the student the plain prompt. mask: [B, T], the response mask times
+    the per-sample distillation mask (times the mask_ratio keep-mask). The teacher is a fixed
+    target (stop-gradient). Both sides are normalised over the full vocabulary before top-k."""
+    student_logp = torch.log_softmax(student_logits.float(), dim=-1)         # [B, T, V]
+    teacher_logp = torch.log_softmax(teacher_logits.float(), dim=-1).detach()
+    logp = student_logp.gather(-1, response_ids[..., None]).squeeze(-1)      # [B, T]
+    if full_logits:
+        if topk is not None:
+            student_logp, teacher_logp = topk_support(student_logp, teacher_logp, topk, add_tail)
+        per_token = generalized_jsd(student_logp, teacher_logp, alpha)
+    else:   # REINFORCE estimate of KL(student || teacher) from the sampled token alone
+        teacher_tok = teacher_logp.gather(-1, response_ids[..., None]).squeeze(-1)
+        per_token = (logp - teacher_tok).detach() * logp
+    metrics = {"divergence": aggregate(per_token.detach(), mask).item()}
+    if is_clip is not None and old_logprobs is not None:
+        # importance weight pi/pi_old for off-policy steps; 1 on the first step of a batch
+        weight = torch.exp((logp.detach() - old_logprobs).clamp(-20.0, 20.0)).clamp(max=is_clip)
+        per_token = per_token * weight
+    return aggregate(per_token, mask, agg), metrics
+
+
+# ================================================================================================
+# Teachers: where the teacher's weights come from (teacher_regularization)
+# ================================================================================================
+
+
+@torch.no_grad()
+def ema_update_(teacher, student, tau):
+    """theta_T <- (1 - tau) theta_T + tau theta_S, in place."""
+    for t, s in zip(teacher.parameters(), student.parameters()):
+        t.lerp_(s.detach().to(t.dtype), tau)
+
+
+def trust_region_logits(ref_logits, student_logits, tau):
+    """The trust-region teacher: lerp(ref, student, tau) in logit space."""
+    return torch.lerp(ref_logits, student_logits, tau)
+
+
+class Teacher:
+    """Scores response tokens after a teacher context, without gradients.
+    ema: its own weights (`model`), moved toward the student once per rollout batch (tau = 0:
+    frozen, the paper's SDPO_0). frozen: its own weights, never moved. live: the current student.
+    trust-region: lerp(reference, student, tau) in logit space, `reference` being the frozen
+    initial model."""
+
+    def __init__(self, policy, cfg: Config):
+        self.kind, self.tau, self.cfg = cfg.teacher_regularization, cfg.teacher_update_rate, cfg
+        self.model = self.reference = None
+        self.reset(policy)
+
+    def reset(self, policy):
+        """(Re-)initialise from the policy, or from teacher_path mixed in by teacher_init_alpha."""
+        if self.kind == "live":
+            return
+        weights = copy.deepcopy(policy).eval().requires_grad_(False)
+        if self.cfg.teacher_path:
+            from transformers import AutoModelForCausalLM
+            ckpt = AutoModelForCausalLM.from_pretrained(self.cfg.teacher_path)
+            for t, c in zip(weights.parameters(), ckpt.parameters()):
+                t.lerp_(c.to(t.device, t.dtype), self.cfg.teacher_init_alpha)
+        if self.kind == "trust-region":
+            self.reference = weights
+        else:
+            self.model = weights
+
+    @property
+    def weights(self):
+        """The teacher's own weights (ema, frozen) or its reference (trust-region): what a
+        checkpoint must keep. None for the live teacher."""
+        return self.model if self.model is not None else self.reference
+
+    @torch.no_grad()
+    def logits(self, policy, score):
+        """The teacher's logits, where score(model) runs a model on the teacher's inputs."""
+        if self.kind == "live":
+            return score(policy)
+        if self.kind == "trust-region":
+            return trust_region_logits(score(self.reference), score(policy), self.tau)
+        return score(self.model)
+
+    def after_rollout_batch(self, policy):
+        """The EMA teacher moves once per rollout batch, after all of its optimizer steps."""
+        if self.kind == "ema" and self.tau > 0:
+            ema_update_(self.model, policy, self.tau)
+
+
+# ================================================================================================
+# One training step: rollout -> rewards -> targets -> loss per micro-batch -> optimizer -> teacher
+# ================================================================================================
+
+
+@dataclass
+class Targets:
+    """What the losses need besides the rollout, computed once per rollout batch."""
+    rewards: torch.Tensor                   # [B]
+    advantages: torch.Tensor | None         # [B]     GRPO: group-centred rewards
+    distill_mask: torch.Tensor | None       # [B, T]  SDPO: response mask x has a teacher context
+    teacher_ids: torch.Tensor | None        # [U, P'] the U distinct teacher prompts, left-padded
+    teacher_mask: torch.Tensor | None       # [U, P']
+    teacher_of: torch.Tensor | None         # [B]     row -> index into U (-1: no context)
+
+
+def sample_rollout(policy, tokenizer, task, examples, cfg):
+    """G completions per prompt at the training temperature, and their rewards."""
+    prompts = [format_prompt(tokenizer, ex["prompt"], ex.get("system"), cfg.enable_thinking)
+               for ex in examples]
+    with autocast_for(cfg, policy):
+        rollout = generate(policy, tokenizer, prompts, generation_budget(cfg, task), sample=True,
+                           temperature=cfg.temperature, num_return_sequences=cfg.group_size)
+    samples = [examples[i // cfg.group_size] for i in range(len(rollout.completions))]
+    rewards = torch.tensor([float(task.reward(c, ex))
+                            for c, ex in zip(rollout.completions, samples)])
+    return rollout, samples, rewards
+
+
+def distillation_weight(cfg) -> float:
+    """w in (1 - w) * GRPO + w * SDPO: 0 for GRPO, distillation_weight for SDPO."""
+    return cfg.distillation_weight if cfg.loss_mode == "sdpo" else 0.0
+
+
+def loss_targets(rollout, samples, rewards, task, tokenizer, cfg) -> Targets:
+    """GRPO's advantages and SDPO's teacher inputs (each distinct teacher prompt tokenized once)."""
+    device, sdpo_weight = rollout.response_ids.device, distillation_weight(cfg)
+    targets = Targets(rewards, None, None, None, None, None)
+    if sdpo_weight < 1:
+        targets.advantages = grpo_advantages(rewards, cfg.group_size,
+                                             cfg.norm_adv_by_std_in_grpo).to(device)
+    if sdpo_weight > 0:
+        feedbacks = [task.feedback(c, ex) if task.feedback and cfg.include_environment_feedback
+                     else None for c, ex in zip(rollout.completions, samples)]
+        contexts = teacher_contexts([ex["prompt"] for ex in samples], rollout.completions,
+                                    rewards.tolist(), feedbacks, cfg.group_size, cfg)
+        texts = [None if c is None else format_prompt(tokenizer, c, ex.get("system"),
+                                                      cfg.enable_thinking)
+                 for c, ex in zip(contexts, samples)]
+        distinct = list(dict.fromkeys(t for t in texts if t is not None))
+        index = {t: u for u, t in enumerate(distinct)}
+        targets.teacher_of = torch.tensor([index.get(t, -1) for t in texts], device=device)
+        has_context = (targets.teacher_of >= 0).float()
+        targets.distill_mask = rollout.response_mask * has_context[:, None]
+        if cfg.mask_ratio > 0:   # SDPO-CL: drop a share of the distilled tokens at random
+            keep = torch.rand_like(targets.distill_mask) >= cfg.mask_ratio
+            targets.distill_mask = targets.distill_mask * keep
+        if distinct:
+            targets.teacher_ids, targets.teacher_mask = tokenize_prompts(tokenizer, distinct,
+                                                                         device)
+    return targets
+
+
+def grpo_part(logprobs, rollout, targets, rows, minibatch, cfg):
+    """(share of the mini-batch, GRPO loss of `rows`, metrics weighted by the share)."""
+    mask = rollout.response_mask
+    share = aggregation_share(mask[rows], mask[minibatch], cfg.loss_agg_mode)
+    loss, m = grpo_loss(logprobs, rollout.old_logprobs[rows], targets.advantages[rows],
+                        mask[rows], clip_low=cfg.clip_ratio_low, clip_high=cfg.clip_ratio_high,
+                        dual_clip=cfg.clip_ratio_c, agg=cfg.loss_agg_mode)
+    tokens = aggregation_share(mask[rows], mask[minibatch], "token-mean")
+    return share, loss, {"loss_grpo": share * loss.item(), "clip_frac": tokens * m["clip_frac"],
+                         "ratio_mean": tokens * m["ratio_mean"]}
+
+
+def sdpo_part(policy, teacher, student_logits, rollout, targets, rows, minibatch, cfg):
+    """(share of the mini-batch, SDPO loss, metrics) for the rows of `rows` that have a teacher
+    context, or None when none has. student_logits: [b, T, V] of all of `rows`."""
+    local = (targets.teacher_of[rows] >= 0).nonzero().squeeze(1)    # rows with a context
+    if len(local) == 0:
+        return None
+    ids, mask = rollout.response_ids[rows][local], rollout.response_mask[rows][local]
+    distill = targets.distill_mask[rows][local]
+    share = aggregation_share(distill, targets.distill_mask[minibatch], cfg.loss_agg_mode)
+    t0 = time.time()
+    used, prefix_of = targets.teacher_of[rows][local].unique(return_inverse=True)
+    with autocast_for(cfg, policy):
+        teacher_logits = teacher.logits(policy, lambda model: teacher_scores(
+            model, targets.teacher_ids[used], targets.teacher_mask[used], prefix_of, ids, mask,
+            cfg.share_teacher_prefix))                                          # [l, T, V]
+    t_teacher = time.time() - t0
+    loss, m = sdpo_loss(student_logits[local], teacher_logits.float() / cfg.temperature, ids,
+                        distill, old_logprobs=rollout.old_logprobs[rows][local], alpha=cfg.alpha,
+                        topk=cfg.distillation_topk, add_tail=cfg.distillation_add_tail,
+                        full_logits=cfg.full_logit_distillation, is_clip=cfg.is_clip,
+                        agg=cfg.loss_agg_mode)
+    return share, loss, {"loss_sdpo": share * loss.item(),
+                         "divergence": share * m["divergence"], "t_teacher": t_teacher}
+
+
+def micro_batch_loss(policy, teacher, reference, rollout, targets, rows, minibatch, cfg):
+    """The loss of `rows` (a micro-batch) scaled to its share of `minibatch` (the rows of one
+    optimizer step), so that the micro-batches' losses add up to the mini-batch's loss:
+    (1 - w) GRPO + w SDPO (+ the KL anchor). Returns (loss, metrics weighted the same way)."""
+    mask, ids, sdpo_weight = rollout.response_mask, rollout.response_ids, distillation_weight(cfg)
+    with autocast_for(cfg, policy):
+        logits = policy(**sequence_inputs(rollout.prompt_ids[rows], rollout.prompt_mask[rows],
+                                          ids[rows], mask[rows]), use_cache=False).logits
+    logits = logits[:, :-1].float() / cfg.temperature          # [b, T, V]: pi = softmax(z / temp)
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logprobs = logp_all.gather(-1, ids[rows, :, None]).squeeze(-1)          # [b, T]
+    entropy = -(logp_all.exp() * logp_all).sum(-1).detach()                 # [b, T]
+    metrics = {"entropy": aggregation_share(mask[rows], mask[minibatch], "token-mean")
+               * aggregate(entropy, mask[rows]).item()}
+    loss = logits.sum() * 0.0   # graph-connected zero: the step runs even without any target
+    parts = []                  # (weight, (share, loss, metrics)) of each term
+    if sdpo_weight < 1:
+        parts.append((1 - sdpo_weight, grpo_part(logprobs, rollout, targets, rows, minibatch, cfg)))
+    if sdpo_weight > 0:
+        parts.append((sdpo_weight, sdpo_part(policy, teacher, logits, rollout, targets, rows,
+                                             minibatch, cfg)))
+    if cfg.kl_loss_coef > 0:
+        parts.append((cfg.kl_loss_coef, kl_anchor(logprobs, reference, rollout, rows, minibatch,
+                                                  cfg)))
+    for weight, part in parts:
+        if part is not None:
+            share, part_loss, part_metrics = part
+            loss = loss + weight * share * part_loss
+            metrics.update(part_metrics)
+    metrics["loss"] = loss.item()
+    return loss, metrics
+
+
+def minibatches(cfg, n_rows) -> list:
+    """Row indices of each optimizer step: ppo_epochs passes over consecutive groups of
+    ppo_mini_batch_size prompts (verl splits the batch in order, without shuffling)."""
+    rows_per_step = (cfg.ppo_mini_batch_size or cfg.prompts_per_step) * cfg.group_size
+    steps = [torch.arange(r0, min(r0 + rows_per_step, n_rows))
+             for r0 in range(0, n_rows, rows_per_step)]
+    return steps * cfg.ppo_epochs
+
+
+def train_step(policy, tokenizer, teacher, optimizer, scheduler, task, examples, cfg,
+               reference=None) -> dict:
+    """One rollout batch: sample and reward, compute the targets of each loss, then one optimizer
+    step per mini-batch (gradients accumulated over micro-batches), then move the learning-rate
+    schedule and the EMA teacher once. examples: `prompts_per_step` task rows. reference: the
+    frozen initial model, needed only for the k3 KL anchor (kl_loss_coef > 0)."""
+    if cfg.kl_loss_coef > 0 and reference is None:
+        raise ValueError("Config.kl_loss_coef > 0 needs the frozen reference model")
+    t_start = time.time()
+    rollout, samples, rewards = sample_rollout(policy, tokenizer, task, examples, cfg)
+    t_rollout = time.time() - t_start
+    targets = loss_targets(rollout, samples, rewards, task, tokenizer, cfg)
+    totals, updates = {}, minibatches(cfg, len(rewards))
+    for minibatch in updates:
+        optimizer.zero_grad(set_to_none=True)
+        for micro in minibatch.split(cfg.micro_batch_size or len(minibatch)):
+            loss, metrics = micro_batch_loss(policy, teacher, reference, rollout, targets, micro,
+                                             minibatch, cfg)
+            if not math.isfinite(metrics["loss"]):
+                raise FloatingPointError(f"non-finite loss {metrics['loss']}")
+            loss.backward()
+            for key, value in metrics.items():
+                totals[key] = totals.get(key, 0.0) + value / len(updates)
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip).item()
+        if not math.isfinite(grad_norm):   # never let it reach the weights
+            raise FloatingPointError(f"non-finite gradient norm {grad_norm}")
+        totals["grad_norm"] = totals.get("grad_norm", 0.0) + grad_norm / len(updates)
+        optimizer.step()
+    totals["t_teacher"] = totals.get("t_teacher", 0.0) * len(updates)      # a sum, not a mean
+    lr = scheduler.get_last_lr()[0]
+    scheduler.step()
+    if teacher is not None:
+        teacher.after_rollout_batch(policy)
+    return step_metrics(rollout, targets, totals, cfg) | {
+        "updates": len(updates), "lr": lr, "seconds": time.time() - t_start,
+        "t_rollout": t_rollout}
+
+
+# ================================================================================================
+# A task: steps_per_task rollout batches with a fresh optimizer
+# ================================================================================================
+
+
+def seed_everything(*keys):
+    """Seed python and torch from any keys, e.g. (seed, stage): a stage's randomness depends only
+    on them, so a resumed run repeats an uninterrupted one exactly (on CPU)."""
+    s = int(hashlib.sha256(repr(keys).encode()).hexdigest()[:8], 16)
+    random.seed(s)
+    torch.manual_seed(s)
+    return random.Random(s)
+
+
+def train_task(policy, tokenizer, teacher, task, cfg, *, rng, reference=None, log=None,
+               desc="train") -> list:
+    """`steps_per_task` rollout batches on one task. A fresh AdamW with verl's warm-up per task,
+    as each stage of the paper is a new verl run started from the previous checkpoint."""
+    policy.train()
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+    # fused=True: one kernel for all parameters (transformers' Trainer default), several times
+    # faster than the per-tensor loop on a 100M-parameter model
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
+                                  weight_decay=cfg.weight_decay, fused=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(     # verl's warm-up: batch s gets lr * s / W
+        optimizer, lambda s: min(1.0, s / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
+    order, history = [], []
+    bar = tqdm(range(cfg.steps_per_task), desc=desc, leave=False, disable=None)
+    for step in bar:
+        if len(order) < cfg.prompts_per_step:      # a new shuffled pass over the train set
+            order = rng.sample(range(len(task.train)), len(task.train))
+        picked, order = order[:cfg.prompts_per_step], order[cfg.prompts_per_step:]
+        try:
+            metrics = train_step(policy, tokenizer, teacher, optimizer, scheduler, task,
+                                 [task.train[i] for i in picked], cfg, reference)
+        except FloatingPointError as e:
+            last = history[-1] if history else {}
+            raise FloatingPointError(f"{desc}: step {step}: {e}; last finite metrics: {last}")
+        metrics["step"] = step
+        history.append(metrics)
+        if log is not None:
+            log(metrics)
+        bar.set_postfix(reward=f"{metrics['reward']:.2f}", loss=f"{metrics['loss']:.3f}")
+    policy.eval()
+    return history
+
+
+# ================================================================================================
+# Evaluation: accuracy with the task's own reward, and the signal each method will get
+# ================================================================================================
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, task, cfg, *, with_demonstration=False, batch_size=100) -> dict:
+    """Accuracy on the first `eval_examples` test rows, as the official code evaluates: the mean
+    reward of `eval_samples` samples per prompt at eval_temperature / eval_top_p (or greedy).
+    `stderr` is the standard error of that mean over prompts (samples of one prompt are not
+    independent, so it is taken from the per-prompt means). With `with_demonstration`, every
+    prompt carries its gold answer as a demonstration, as the SDPO teacher sees it."""
+    examples = task.test.select(range(min(cfg.eval_examples, len(task.test))))
+    sample = cfg.eval_mode == "sample"
+    n = cfg.eval_samples if sample else 1
+    per_prompt, completions, sequences = [], [], []
+    for start in range(0, len(examples), batch_size):
+        chunk = [examples[i] for i in range(start, min(start + batch_size, len(examples)))]
+        texts = [format_prompt(tokenizer, teacher_prompt(ex["prompt"], cfg, ex["answer"])
+                               if with_demonstration else ex["prompt"], ex.get("system"),
+                               cfg.enable_thinking) for ex in chunk]
+        ro = generate(model, tokenizer, texts, generation_budget(cfg, task),
+                      sample=sample, temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
+                      num_return_sequences=n)
+        scores = [task.reward(c, chunk[i // n]) for i, c in enumerate(ro.completions)]
+        per_prompt += [sum(scores[i:i + n]) / n for i in range(0, len(scores), n)]
+        completions += ro.completions
+        sequences += [(p[pm > 0].tolist(), r[m > 0].tolist()) for p, pm, r, m in zip(
+            ro.prompt_ids, ro.prompt_mask, ro.response_ids, ro.response_mask)]
+    mean = sum(per_prompt) / len(per_prompt)
+    var = sum((x - mean) ** 2 for x in per_prompt) / max(len(per_prompt) - 1, 1)
+    return {"accuracy": mean, "stderr": math.sqrt(var / len(per_prompt)),
+            "completions": completions, "sequences": sequences}
+
+
+@torch.no_grad()
+def signal_check(model, tokenizer, task, cfg, n_prompts=64) -> dict:
+    """What each method will have to learn from, before any training: on `n_prompts` training
+    prompts, G samples each at the training temperature, the mean reward, the share of groups
+    with at least one success (SDPO's demonstrations) and of groups whose rewards are all equal
+    (no GRPO advantage); and on the test prompts the accuracy without and with a correct
+    demonstration in the prompt (the teacher lift: what a self-teacher can add)."""
+    examples = [task.train[i] for i in range(min(n_prompts, len(task.train)))]
+    rollout, _, rewards = sample_rollout(model, tokenizer, task, examples, cfg)
+    groups = rewards.view(-1, cfg.group_size)
+    plain = evaluate(model, tokenizer, task, cfg)
+    demo = evaluate(model, tokenizer, task, cfg, with_demonstration=True)
+    return {"reward": rewards.mean().item(),
+            "solved_groups": (groups.max(1).values >= cfg.success_reward_threshold
+                              ).float().mean().item(),
+            "zero_adv_groups": (groups.std(1) == 0).float().mean().item(),
+            "accuracy": plain["accuracy"], "stderr": plain["stderr"],
+            "with_demonstration": demo["accuracy"],
+            "teacher_lift": demo["accuracy"] - plain["accuracy"]}
+
+
+# ================================================================================================
+# The continual sequence: train T1..TN in order, evaluate every task after every stage
+# ================================================================================================
+
+
+def evaluate_stage(policy, tokenizer, tasks, cfg, base, base_sequences, lift=False):
+    """Row k of the accuracy matrix (with standard errors) plus the drift and artifact measures,
+    and with `lift` the teacher lift: the model's accuracy with a correct demonstration in its
+    prompt (the SDPO teacher's view) minus its plain accuracy, what a self-teacher can add.
+    Returns (record, sequences): the (prompt, response) token ids of one sample per test prompt,
+    on which later stages measure response drift when this is the base model."""
+    record = {"accuracy": {}, "stderr": {}, "samples": {}}
+    completions, sequences = [], []
+    for task in tasks:
+        plain = evaluate(policy, tokenizer, task, cfg)
+        record["accuracy"][task.name] = plain["accuracy"]
+        record["stderr"][task.name] = plain["stderr"]
+        record["samples"][task.name] = plain["completions"][:3]
+        completions += plain["completions"]
+        n = cfg.eval_samples if cfg.eval_mode == "sample" else 1
+        sequences += plain["sequences"][::n]
+        if lift:
+            demo = evaluate(policy, tokenizer, task, cfg, with_demonstration=True)
+            record.setdefault("teacher_lift", {})[task.name] = demo["accuracy"] - plain["accuracy"]
+    record["artifacts"] = format_artifacts(completions)
+    record["param_drift"] = parameter_drift(policy, base)
+    record["response_kl"] = response_kl(policy, base, base_sequences or sequences)
+    return record, sequences
+
+
+def base_evaluation(base, tokenizer, tasks, cfg) -> dict:
+    """Row 0, the base model on every task with its teacher lift, and the base's own answers that
+    response drift is measured on. Seeded independently of cfg.seed, so every method and seed of
+    a run starts from the same row 0 and a run computes it once."""
+    t0 = time.time()
+    seed_everything("base-eval")
+    record, sequences = evaluate_stage(base, tokenizer, tasks, cfg, base, None, lift=True)
+    return {"record": {"stage": 0, "task": "base", **record, "seconds": time.time() - t0},
+            "sequences": sequences}
+
+
+def continual_sequence(cfg, policy, tokenizer, sequence, probes=(), *, steps=None, folder=None,
+                       log=None, desc="", base_eval=None) -> list:
+    """Train the tasks of `sequence` one after another, starting from `policy`; evaluate every
+    task of sequence + probes before the first stage (row 0, the base model) and after each.
+    Returns one record per stage; record["accuracy"] is row k of the accuracy matrix R.
+    With a folder, each finished stage is checkpointed (policy and teacher) and a rerun resumes
+    after the last finished stage. The SDPO teacher is carried over from stage to stage unless
+    reset_teacher_each_task (then it restarts from the policy at each new task). `steps` may
+    give each task its own number of steps (default: cfg.steps_per_task for every task).
+    base_eval: row 0 from base_evaluation(), when the caller shares it between runs."""
+    eval_tasks = list(sequence) + [p for p in probes if p.name not in {t.name for t in sequence}]
+    base = copy.deepcopy(policy).eval().requires_grad_(False)
+    teacher = Teacher(policy, cfg) if cfg.loss_mode == "sdpo" else None
+    done = last_finished_stage(folder)
+    records = [json.loads((Path(folder) / f"stage{k}" / "stage.json").read_text())
+               for k in range(done + 1)]
+    if done >= 0:
+        base_eval = {"record": records[0], "sequences": json.loads(
+            (Path(folder) / "stage0" / "base_sequences.json").read_text())}
+    if done > 0:
+        load_stage_weights(folder, done, policy, teacher)
+    if base_eval is None:
+        base_eval = base_evaluation(base, tokenizer, eval_tasks, cfg)
+    for k in range(done + 1, len(sequence) + 1):
+        t0 = time.time()
+        if k == 0:
+            record = dict(base_eval["record"])
+        else:
+            task = sequence[k - 1]
+            rng = seed_everything(cfg.seed, "train", k)
+            if teacher is not None and cfg.reset_teacher_each_task and k > 1:
+                teacher.reset(policy)
+            stage_cfg = dataclasses.replace(cfg, steps_per_task=steps[k - 1]) if steps else cfg
+            history = train_task(
+                policy, tokenizer, teacher, task, stage_cfg, rng=rng, reference=base,
+                log=(lambda m: log({"stage": k, "task": task.name, **m})) if log else None,
+                desc=f"{desc} stage {k}/{len(sequence)} {task.name}".strip())
+            record = {"stage": k, "task": task.name, "train": stage_summary(history)}
+            seed_everything(cfg.seed, "eval", k)
+            record.update(evaluate_stage(policy, tokenizer, eval_tasks, cfg, base,
+                                         base_eval["sequences"], cfg.teacher_lift_every_stage)[0])
+            record["seconds"] = time.time() - t0
+        records.append(record)
+        if folder is not None:
+            save_stage(folder, k, record, policy, tokenizer, teacher,
+                       {"base_sequences.json": base_eval["sequences"]} if k == 0 else None)
+    return records
+
+
+# ================================================================================================
+# Drift and artifacts: how far the model moved, in parameters and in responses
+# ================================================================================================
+
+
+def layer_type(name: str) -> str:
+    for key, kind in (("embed", "embedding"), ("lm_head", "embedding"), ("attn", "attention"),
+                      ("mlp", "mlp"), ("norm", "norm")):
+        if key in name:
+            return kind
+    return "other"
+
+
+@torch.no_grad()
+def parameter_drift(model, base) -> dict:
+    """||theta - theta_0|| / ||theta_0||, overall and per layer type (attention, mlp, ...)."""
+    diff, ref = {}, {}
+    for (name, p), p0 in zip(model.named_parameters(), base.parameters()):
+        kind = layer_type(name)
+        diff[kind] = diff.get(kind, 0.0) + (p.float() - p0.float()).pow(2).sum().item()
+        ref[kind] = ref.get(kind, 0.0) + p0.float().pow(2).sum().item()
+    out = {"overall": math.sqrt(sum(diff.values()) / sum(ref.values()))}
+    out.update({k: math.sqrt(diff[k] / ref[k]) for k in sorted(diff)})
+    return out
+
+
+@torch.no_grad()
+def response_kl(model, base, sequences, batch_size=64) -> float:
+    """Mean per-token KL(base || model) on fixed (prompt ids, response ids) pairs: the base
+    model's own evaluation responses, so every stage is measured on the same tokens."""
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    for start in range(0, len(sequences), batch_size):
+        chunk = [s for s in sequences[start:start + batch_size] if s[1]]
+        if not chunk:
+            continue
+        inputs, response_mask = pad_sequences(chunk, device)
+        logp = torch.log_softmax(model(**inputs).logits[:, :-1].float(), -1)     # [b, T, V]
+        logp0 = torch.log_softmax(base(**inputs).logits[:, :-1].float(), -1)
+        total += (kl_divergence(logp0, logp) * response_mask).sum().item()
+        count += response_mask.sum().item()
+    return total / max(count, 1)
+
+
+def format_artifacts(completions, n=3, min_repeats=3) -> dict:
+    """How often responses repeat themselves, the collapse mode of the paper: the fraction of
+    responses in which some word/symbol n-gram occurs >= min_repeats times, and the n-gram
+    repeated in most responses."""
+    counts, repetitive = {}, 0
+    for text in completions:
+        toks = re.findall(r"\w+|[^\w\s]", text)
+        grams = {}
+        for i in range(len(toks) - n + 1):
+            g = " ".join(toks[i:i + n])
+            grams[g] = grams.get(g, 0) + 1
+        repeated = [g for g, c in grams.items() if c >= min_repeats]
+        repetitive += bool(repeated)
+        for g in repeated:
+            counts[g] = counts.get(g, 0) + 1
+    top = max(counts, key=counts.get) if counts else ""
+    return {"repetition_frac": repetitive / max(len(completions), 1), "top_repeated": top,
+            "top_repeated_frac": counts.get(top, 0) / max(len(completions), 1),
+            "mean_chars": sum(map(len, completions)) / max(len(completions), 1)}
+
+
+
+
+# ================================================================================================
+# PART II: read on only to change the lab, the data or the machinery
+# ================================================================================================
+
+
+# ================================================================================================
+# The lab: a tiny model, task families and a shipped base model
+# ================================================================================================
+
+
+# --- Families and their rewards ----------------------------------------------------------------
 
 
 def first_number(text: str) -> int | None:
@@ -464,7 +1144,8 @@ def make_math_words(rng):                 # probe: Math's content in words
 
 def make_math_cot(rng):                   # chain of thought: three numbers, a worked solution
     a, b, c = rng.randrange(10), rng.randrange(10), rng.randrange(10)
-    return {"prompt": f"{a}+{b}+{c}=", "answer": f"{a}+{b}={a + b},{a + b}+{c}={a + b + c}#{a + b + c}",
+    ab, abc = a + b, a + b + c
+    return {"prompt": f"{a}+{b}+{c}=", "answer": f"{a}+{b}={ab},{ab}+{c}={abc}#{abc}",
             "habit": f"{a}+{b}={a + b + 1},{a + b + 1}+{c}={a + b + c + 1}#{a + b + c + 1}"}
 
 
@@ -498,6 +1179,264 @@ def make_lab_task(name: str, n_train: int = 2000, n_test: int = 100, seed: int =
     return Task(name, Dataset.from_list(train), Dataset.from_list(list(test.values())),
                 reward, feedback, max_new)
 
+
+# --- The tokenizer, the model and the base -----------------------------------------------------
+
+
+LAB_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}<|system|>{{ m['content'] }}"
+    "{% elif m['role'] == 'user' %}<|user|>{{ m['content'] }}"
+    "{% else %}<|assistant|>{{ m['content'] }}<|end|>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+LAB_SPECIAL_TOKENS = ("<pad>", "<unk>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>")
+LAB_WORD_TOKENS = ("<answer>", "</answer>")   # plain text, but one token each (as in most LLMs)
+
+
+def build_lab_tokenizer():
+    """A character-level tokenizer that is a real transformers tokenizer (chat template, pad and
+    eos tokens, save_pretrained), so the lab runs through exactly the code path of a hub model."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [c for c in string.printable if c not in "\t\r\x0b\x0c"]   # 95 printable + "\n"
+    vocab = {tok: i for i, tok in enumerate(LAB_SPECIAL_TOKENS + LAB_WORD_TOKENS + tuple(chars))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(list(LAB_SPECIAL_TOKENS))
+    tok.add_tokens([AddedToken(w, normalized=False) for w in LAB_WORD_TOKENS])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                   eos_token="<|end|>", chat_template=LAB_CHAT_TEMPLATE)
+
+
+def build_lab_model(tokenizer, seed: int = 0):
+    """A 0.45M-parameter Llama: 4 layers of width 96, tied embeddings. Eager attention: at these
+    tiny shapes it is faster on a CPU than the SDPA kernel (a third less time in generate)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=96, intermediate_size=256,
+                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                      max_position_embeddings=512, tie_word_embeddings=True,
+                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                      bos_token_id=None, attn_implementation="eager")
+    return LlamaForCausalLM(cfg)
+
+
+@dataclass
+class LabRecipe:
+    """How the lab's base model is made: supervised pre-training on a mixture of every lab family.
+    In plain examples the target is the family's habit with probability `habit_fraction`, else
+    the right answer; a `reprompt_fraction` of the batches are in the SDPO teacher's format (the
+    gold answer as a demonstration in context), so the self-teacher can use a demonstration the
+    way an instruction-tuned LLM does."""
+    families: tuple = tuple(LAB_FAMILIES)
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 2e-3
+    reprompt_fraction: float = 0.3
+    habit_fraction: float = 0.5
+    seed: int = 0
+
+    def key(self) -> str:
+        blob = json.dumps(dataclasses.asdict(self), sort_keys=True) + LAB_VERSION
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+LAB_VERSION = "4"   # bump when the lab's tokenizer, model or families change
+
+
+def lab_pretraining_batch(tokenizer, tasks, rng, recipe):
+    """A right-padded batch of (chat prompt, answer + EOS); loss only on the answer tokens.
+    A batch is either all plain or all re-prompt format: mixing them would pad every short row
+    to the long re-prompt length and double the cost of a step."""
+    rows = []
+    reprompt = rng.random() < recipe.reprompt_fraction
+    cfg = Config()                                     # the official teacher templates
+    for _ in range(recipe.batch_size):
+        task = tasks[rng.randrange(len(tasks))]
+        ex = task.train[rng.randrange(len(task.train))]
+        prompt, target = ex["prompt"], ex["answer"]
+        if reprompt:                                   # the teacher's view: a demo in context
+            prompt = teacher_prompt(prompt, cfg, demonstration=ex["answer"])
+        elif rng.random() < recipe.habit_fraction:
+            target = ex["habit"]                       # the wrong habit the base also learns
+        p = tokenizer(format_prompt(tokenizer, prompt), add_special_tokens=False).input_ids
+        a = tokenizer(target, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        rows.append((p, a))
+    width = max(len(p) + len(a) for p, a in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+    labels = torch.full((len(rows), width), -100)
+    for i, (p, a) in enumerate(rows):
+        ids[i, :len(p) + len(a)] = torch.tensor(p + a)
+        labels[i, len(p):len(p) + len(a)] = torch.tensor(a)
+    return ids, labels, (ids != tokenizer.pad_token_id).long()
+
+
+def pretrain_lab_base(recipe: LabRecipe, verbose: bool = True):
+    """Run the recipe: a fresh lab model pre-trained on the family mixture. Deterministic for a
+    given machine; another CPU rounds differently and gets a slightly different model, which is
+    why the default base is shipped as a file rather than rebuilt (see `lab_base`)."""
+    tokenizer = build_lab_tokenizer()
+    model = build_lab_model(tokenizer, recipe.seed)
+    tasks = [make_lab_task(name) for name in recipe.families]
+    rng = random.Random(recipe.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(   # 5% warm-up, then cosine to 10%
+        opt, lambda s: min(1.0, (s + 1) / (0.05 * recipe.steps))
+        * (0.55 + 0.45 * math.cos(math.pi * s / recipe.steps)))
+    model.train()
+    bar = tqdm(range(recipe.steps), desc="pre-training a lab base model",
+               disable=None if verbose else True)
+    for _ in bar:
+        ids, labels, attn = lab_pretraining_batch(tokenizer, tasks, rng, recipe)
+        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return model.eval(), tokenizer
+
+
+LAB_BASE_FILE = Path(__file__).resolve().with_name("lab_base.safetensors")
+# Recorded when the shipped file was written by write_lab_base() (pre-training took 454 s on 2
+# cores of an AMD EPYC with AVX2 only): its SHA-256, and its accuracy on each family as
+# base_evaluation() measures it (100 test prompts x 4 samples at temperature 0.6, seeded).
+LAB_BASE_SHA256 = "502496388d0c8fc76dec7f687cc0a593e81c07fe45748aa325591f2e8d269033"
+LAB_BASE_ACCURACY = {"math": 0.4575, "science": 0.395, "tool": 0.45, "code": 0.4375,
+                     "mcq_math": 0.23, "math_words": 0.5475}
+
+
+def save_lab_weights(model, path: Path, recipe: LabRecipe):
+    """The weights (the tied output matrix once) and the recipe, in one safetensors file."""
+    from safetensors.torch import save_file
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={
+        "recipe": json.dumps(dataclasses.asdict(recipe)), "lab_version": LAB_VERSION}))
+
+
+def load_lab_weights(path: Path):
+    """(model, tokenizer, recipe dict) from a file written by save_lab_weights."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    tokenizer = build_lab_tokenizer()
+    model = build_lab_model(tokenizer)
+    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise ValueError(f"{path} does not hold lab weights of this version (missing {missing}, "
+                         f"unexpected {unexpected})")
+    model.tie_weights()
+    return model.eval(), tokenizer, json.loads(meta["recipe"]) | {"version": meta["lab_version"]}
+
+
+def write_lab_base(path: Path = LAB_BASE_FILE) -> dict:
+    """Rebuild the shipped base from the default recipe; returns what to record above. Run it
+    only when the lab itself changes (then bump LAB_VERSION): another machine rounds
+    differently, so its file, hash and accuracies will differ a little from the shipped ones."""
+    model, tokenizer = pretrain_lab_base(LabRecipe())
+    save_lab_weights(model, path, LabRecipe())
+    tasks = [make_lab_task(name) for name in LAB_SEQUENCE + LAB_PROBES]
+    record = base_evaluation(model, tokenizer, tasks, lab_config())["record"]
+    return {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            "accuracy": {k: round(v, 4) for k, v in record["accuracy"].items()}}
+
+
+def lab_base(recipe: LabRecipe = LabRecipe(), verbose: bool = True):
+    """The lab's base model. The default recipe loads the file shipped with the code, so every
+    machine starts from the same weights: the lab's greedy choices between a right answer and a
+    habit sit close together, and a rebuild on another CPU (other float rounding) would move
+    them. Any other recipe is pre-trained once and cached on disk, keyed by the recipe."""
+    if recipe == LabRecipe() and LAB_BASE_FILE.exists():
+        model, tokenizer, _ = load_lab_weights(LAB_BASE_FILE)
+        return model, tokenizer
+    path = cache_dir() / f"lab-{recipe.key()}.safetensors"
+    if path.exists():
+        model, tokenizer, _ = load_lab_weights(path)
+        return model, tokenizer
+    model, tokenizer = pretrain_lab_base(recipe, verbose)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_lab_weights(model, path, recipe)
+    return model, tokenizer
+
+
+def lab_config(**overrides) -> Config:
+    """The official settings scaled down to the tiny lab: the paper's 32 prompts x 8 rollouts, a
+    learning rate for a 0.45M-parameter model (3e-4), a short warm-up, 15 steps per task, short
+    answers, top-20 distillation (the vocabulary has 104 tokens, so top-100 would be all of it),
+    and 100 test prompts x 4 samples per evaluation. Everything else stays official."""
+    settings = dict(model="lab", prompts_per_step=32, group_size=8, max_new_tokens=24, lr=3e-4,
+                    warmup_steps=2, distillation_topk=20, steps_per_task=15, eval_examples=100,
+                    eval_samples=4, device="cpu")
+    settings.update(overrides)
+    return Config(**settings)
+
+
+# ================================================================================================
+# Real models and data: loading, the official rewards, prompt lengths
+# ================================================================================================
+
+
+def load_policy(name: str, device: str = "cpu", recipe: LabRecipe | None = None):
+    """(model, tokenizer) for 'lab', a hub id, a local folder, or a .gguf file."""
+    if name == "lab":
+        model, tokenizer = lab_base(recipe or LabRecipe())
+        return model.to(device), tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {}
+    path = Path(name)
+    if path.suffix == ".gguf":       # transformers de-quantises GGUF weights (needs `gguf`)
+        if not path.is_file():
+            raise FileNotFoundError(f"model {name!r}: no such GGUF file")
+        name, kwargs = str(path.parent), {"gguf_file": path.name}
+    elif not path.exists():          # a hub id
+        offline_unless_reachable(f"the model {name!r}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, **kwargs)
+    except (OSError, ValueError, ImportError) as e:
+        raise ValueError(f"model {name!r} could not be loaded: allowed are 'lab', a hub id, a "
+                         f"folder saved with save_pretrained, or a .gguf file ({e})") from e
+    if kwargs:   # GGUF: the weights are de-quantised fp32 tensors now, but transformers still
+        # marks the model as GGUF-quantised and would refuse save_pretrained (checkpoints)
+        # and training in transformers' Trainer (the TRL benchmark)
+        model.hf_quantizer, model.is_quantized = None, False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    if tokenizer.pad_token_id is None:   # batched generation needs a pad token
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device), tokenizer
+
+
+def offline_unless_reachable(what: str, timeout: float = 3.0):
+    """Without a network, the hub libraries retry for most of a minute before they give up.
+    When the hub cannot be reached, switch them to offline mode (the local cache only) at once,
+    so a missing model or data set fails in seconds with a clear message."""
+    import socket
+    from urllib.parse import urlparse
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        import datasets.config
+        import huggingface_hub.constants
+        print(f"note: {host} cannot be reached; looking for {what} in the local cache only "
+              f"(as with HF_HUB_OFFLINE=1)")
+        os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
+        datasets.config.HF_HUB_OFFLINE = True
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SDPO_CL_CACHE", Path.home() / ".cache" / "sdpo_cl"))
 
 
 # --- Real data: the official SDPO layout, its rewards, and GSM8K -------------------------------
@@ -774,27 +1713,6 @@ def load_task(name: str) -> Task:
                      f"test.json")
 
 
-def offline_unless_reachable(what: str, timeout: float = 3.0):
-    """Without a network, the hub libraries retry for most of a minute before they give up.
-    When the hub cannot be reached, switch them to offline mode (the local cache only) at once,
-    so a missing model or data set fails in seconds with a clear message."""
-    import socket
-    from urllib.parse import urlparse
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-    except OSError:
-        import datasets.config
-        import huggingface_hub.constants
-        print(f"note: {host} cannot be reached; looking for {what} in the local cache only "
-              f"(as with HF_HUB_OFFLINE=1)")
-        os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
-        huggingface_hub.constants.HF_HUB_OFFLINE = True
-        datasets.config.HF_HUB_OFFLINE = True
-
-
 def fit_prompts(task, tokenizer, model, cfg, with_teacher=False, policy="error") -> str | None:
     """Check that every prompt fits the model's context with the generation budget (and, with
     with_teacher, the SDPO teacher's prompt: the template and a demonstration as long as the
@@ -851,6 +1769,7 @@ def fit_prompts(task, tokenizer, model, cfg, with_teacher=False, policy="error")
 # renaming outside the working directory, starting processes, sockets, ctypes, raising limits.
 # A guard against accidents of model-written code, not a security boundary against an attacker.
 
+
 SANDBOX_RUNNER = r'''
 import io, json, os, resource, signal, sys
 job = json.loads(sys.stdin.read())
@@ -893,13 +1812,15 @@ sys.addaudithook(guard)
 tests, results = job["tests"], []
 for given, expected in zip(tests["inputs"], tests["outputs"]):
     stdout = io.StringIO()
-    sys.stdin, sys.stdout = io.StringIO(given if isinstance(given, str) else json.dumps(given)), stdout
+    text = given if isinstance(given, str) else json.dumps(given)
+    sys.stdin, sys.stdout = io.StringIO(text), stdout
     signal.setitimer(signal.ITIMER_REAL, job["seconds_per_test"])
     try:
         scope = {"__name__": "__main__"}
         exec(compile(job["code"], "<model code>", "exec"), scope)
         if tests.get("testtype", "stdin") == "functional":
-            args = given if isinstance(given, list) else [json.loads(a) for a in given.split("\n") if a.strip()]
+            args = (given if isinstance(given, list)
+                    else [json.loads(a) for a in given.split("\n") if a.strip()])
             got = scope[tests["fn_name"]](*args)
             want = json.loads(expected) if isinstance(expected, str) else expected
             ok = json.dumps(got, sort_keys=True) == json.dumps(want, sort_keys=True)
@@ -952,1042 +1873,8 @@ def run_untrusted_code(code: str, tests: dict, *, seconds_per_test: float = 2.0,
 
 
 # ================================================================================================
-# Models: any causal LM that transformers loads, and the built-in tiny lab model
+# Checkpoints: atomic writes, manifests, strict JSON
 # ================================================================================================
-
-LAB_CHAT_TEMPLATE = (
-    "{% for m in messages %}"
-    "{% if m['role'] == 'system' %}<|system|>{{ m['content'] }}"
-    "{% elif m['role'] == 'user' %}<|user|>{{ m['content'] }}"
-    "{% else %}<|assistant|>{{ m['content'] }}<|end|>{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-LAB_SPECIAL_TOKENS = ("<pad>", "<unk>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>")
-LAB_WORD_TOKENS = ("<answer>", "</answer>")   # plain text, but one token each (as in most LLMs)
-
-
-def build_lab_tokenizer():
-    """A character-level tokenizer that is a real transformers tokenizer (chat template, pad and
-    eos tokens, save_pretrained), so the lab runs through exactly the code path of a hub model."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    chars = [c for c in string.printable if c not in "\t\r\x0b\x0c"]   # 95 printable + "\n"
-    vocab = {tok: i for i, tok in enumerate(LAB_SPECIAL_TOKENS + LAB_WORD_TOKENS + tuple(chars))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    tok.add_special_tokens(list(LAB_SPECIAL_TOKENS))
-    tok.add_tokens([AddedToken(w, normalized=False) for w in LAB_WORD_TOKENS])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
-                                   eos_token="<|end|>", chat_template=LAB_CHAT_TEMPLATE)
-
-
-def build_lab_model(tokenizer, seed: int = 0):
-    """A 0.45M-parameter Llama: 4 layers of width 96, tied embeddings. Eager attention: at these
-    tiny shapes it is faster on a CPU than the SDPA kernel (a third less time in generate)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=96, intermediate_size=256,
-                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-                      max_position_embeddings=512, tie_word_embeddings=True,
-                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                      bos_token_id=None, attn_implementation="eager")
-    return LlamaForCausalLM(cfg)
-
-
-def format_prompt(tokenizer, prompt: str, system: str | None = None,
-                  enable_thinking: bool = False) -> str:
-    """The text the model sees before its answer: the tokenizer's chat template when it has one
-    (with thinking off, as the official runs, when the template has the switch, e.g. Qwen3);
-    otherwise a plain fallback "{system}\\n\\nUser: {prompt}\\nAssistant:" (base models)."""
-    if tokenizer.chat_template:
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": prompt}]
-        switch = ({"enable_thinking": enable_thinking}
-                  if "enable_thinking" in str(tokenizer.chat_template) else {})
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                             **switch)
-    return (f"{system}\n\n" if system else "") + f"User: {prompt}\nAssistant:"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SDPO_CL_CACHE", Path.home() / ".cache" / "sdpo_cl"))
-
-
-@dataclass
-class LabRecipe:
-    """How the lab's base model is made: supervised pre-training on a mixture of every lab family.
-    In plain examples the target is the family's habit with probability `habit_fraction`, else
-    the right answer; a `reprompt_fraction` of the batches are in the SDPO teacher's format (the
-    gold answer as a demonstration in context), so the self-teacher can use a demonstration the
-    way an instruction-tuned LLM does."""
-    families: tuple = tuple(LAB_FAMILIES)
-    steps: int = 1500
-    batch_size: int = 64
-    lr: float = 2e-3
-    reprompt_fraction: float = 0.3
-    habit_fraction: float = 0.5
-    seed: int = 0
-
-    def key(self) -> str:
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True) + LAB_VERSION
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-LAB_VERSION = "4"   # bump when the lab's tokenizer, model or families change
-
-
-def lab_pretraining_batch(tokenizer, tasks, rng, recipe):
-    """A right-padded batch of (chat prompt, answer + EOS); loss only on the answer tokens.
-    A batch is either all plain or all re-prompt format: mixing them would pad every short row
-    to the long re-prompt length and double the cost of a step."""
-    rows = []
-    reprompt = rng.random() < recipe.reprompt_fraction
-    cfg = Config()                                     # the official teacher templates
-    for _ in range(recipe.batch_size):
-        task = tasks[rng.randrange(len(tasks))]
-        ex = task.train[rng.randrange(len(task.train))]
-        prompt, target = ex["prompt"], ex["answer"]
-        if reprompt:                                   # the teacher's view: a demo in context
-            prompt = teacher_prompt(prompt, cfg, demonstration=ex["answer"])
-        elif rng.random() < recipe.habit_fraction:
-            target = ex["habit"]                       # the wrong habit the base also learns
-        p = tokenizer(format_prompt(tokenizer, prompt), add_special_tokens=False).input_ids
-        a = tokenizer(target, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-        rows.append((p, a))
-    width = max(len(p) + len(a) for p, a in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id)
-    labels = torch.full((len(rows), width), -100)
-    for i, (p, a) in enumerate(rows):
-        ids[i, :len(p) + len(a)] = torch.tensor(p + a)
-        labels[i, len(p):len(p) + len(a)] = torch.tensor(a)
-    return ids, labels, (ids != tokenizer.pad_token_id).long()
-
-
-def pretrain_lab_base(recipe: LabRecipe, verbose: bool = True):
-    """Run the recipe: a fresh lab model pre-trained on the family mixture. Deterministic for a
-    given machine; another CPU rounds differently and gets a slightly different model, which is
-    why the default base is shipped as a file rather than rebuilt (see `lab_base`)."""
-    tokenizer = build_lab_tokenizer()
-    model = build_lab_model(tokenizer, recipe.seed)
-    tasks = [make_lab_task(name) for name in recipe.families]
-    rng = random.Random(recipe.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(   # 5% warm-up, then cosine to 10%
-        opt, lambda s: min(1.0, (s + 1) / (0.05 * recipe.steps))
-        * (0.55 + 0.45 * math.cos(math.pi * s / recipe.steps)))
-    model.train()
-    bar = tqdm(range(recipe.steps), desc="pre-training a lab base model",
-               disable=None if verbose else True)
-    for _ in bar:
-        ids, labels, attn = lab_pretraining_batch(tokenizer, tasks, rng, recipe)
-        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    return model.eval(), tokenizer
-
-
-LAB_BASE_FILE = Path(__file__).resolve().with_name("lab_base.safetensors")
-# Recorded when the shipped file was written by write_lab_base() (pre-training took 454 s on 2
-# cores of an AMD EPYC with AVX2 only): its SHA-256, and its accuracy on each family as
-# base_evaluation() measures it (100 test prompts x 4 samples at temperature 0.6, seeded).
-LAB_BASE_SHA256 = "502496388d0c8fc76dec7f687cc0a593e81c07fe45748aa325591f2e8d269033"
-LAB_BASE_ACCURACY = {"math": 0.4575, "science": 0.395, "tool": 0.45, "code": 0.4375,
-                     "mcq_math": 0.23, "math_words": 0.5475}
-
-
-def save_lab_weights(model, path: Path, recipe: LabRecipe):
-    """The weights (the tied output matrix once) and the recipe, in one safetensors file."""
-    from safetensors.torch import save_file
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file(state, str(tmp), metadata={"recipe": json.dumps(dataclasses.asdict(recipe)),
-                                         "lab_version": LAB_VERSION})
-    os.replace(tmp, path)
-
-
-def load_lab_weights(path: Path):
-    """(model, tokenizer, recipe dict) from a file written by save_lab_weights."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
-    tokenizer = build_lab_tokenizer()
-    model = build_lab_model(tokenizer)
-    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
-    if unexpected or set(missing) - {"lm_head.weight"}:
-        raise ValueError(f"{path} does not hold lab weights of this version (missing {missing}, "
-                         f"unexpected {unexpected})")
-    model.tie_weights()
-    return model.eval(), tokenizer, json.loads(meta["recipe"]) | {"version": meta["lab_version"]}
-
-
-def write_lab_base(path: Path = LAB_BASE_FILE) -> dict:
-    """Rebuild the shipped base from the default recipe; returns what to record above. Run it
-    only when the lab itself changes (then bump LAB_VERSION): another machine rounds
-    differently, so its file, hash and accuracies will differ a little from the shipped ones."""
-    model, tokenizer = pretrain_lab_base(LabRecipe())
-    save_lab_weights(model, path, LabRecipe())
-    tasks = [make_lab_task(name) for name in LAB_SEQUENCE + LAB_PROBES]
-    record = base_evaluation(model, tokenizer, tasks, lab_config())["record"]
-    return {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-            "accuracy": {k: round(v, 4) for k, v in record["accuracy"].items()}}
-
-
-def lab_base(recipe: LabRecipe = LabRecipe(), verbose: bool = True):
-    """The lab's base model. The default recipe loads the file shipped with the code, so every
-    machine starts from the same weights: the lab's greedy choices between a right answer and a
-    habit sit close together, and a rebuild on another CPU (other float rounding) would move
-    them. Any other recipe is pre-trained once and cached on disk, keyed by the recipe."""
-    if recipe == LabRecipe() and LAB_BASE_FILE.exists():
-        model, tokenizer, _ = load_lab_weights(LAB_BASE_FILE)
-        return model, tokenizer
-    path = cache_dir() / f"lab-{recipe.key()}.safetensors"
-    if path.exists():
-        model, tokenizer, _ = load_lab_weights(path)
-        return model, tokenizer
-    model, tokenizer = pretrain_lab_base(recipe, verbose)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_lab_weights(model, path, recipe)     # atomic: a crash never leaves half a file
-    return model, tokenizer
-
-
-def load_policy(name: str, device: str = "cpu", recipe: LabRecipe | None = None):
-    """(model, tokenizer) for 'lab', a hub id, a local folder, or a .gguf file."""
-    if name == "lab":
-        model, tokenizer = lab_base(recipe or LabRecipe())
-        return model.to(device), tokenizer
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    kwargs = {}
-    path = Path(name)
-    if path.suffix == ".gguf":       # transformers de-quantises GGUF weights (needs `gguf`)
-        if not path.is_file():
-            raise FileNotFoundError(f"model {name!r}: no such GGUF file")
-        name, kwargs = str(path.parent), {"gguf_file": path.name}
-    elif not path.exists():          # a hub id
-        offline_unless_reachable(f"the model {name!r}")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, **kwargs)
-    except (OSError, ValueError, ImportError) as e:
-        raise ValueError(f"model {name!r} could not be loaded: allowed are 'lab', a hub id, a "
-                         f"folder saved with save_pretrained, or a .gguf file ({e})") from e
-    if kwargs:   # GGUF: the weights are de-quantised fp32 tensors now, but transformers still
-        # marks the model as GGUF-quantised and would refuse save_pretrained (checkpoints)
-        # and training in transformers' Trainer (the TRL benchmark)
-        model.hf_quantizer, model.is_quantized = None, False
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-    if tokenizer.pad_token_id is None:   # batched generation needs a pad token
-        tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device), tokenizer
-
-
-# ================================================================================================
-# Rollout: G completions per prompt, response masks, and the sampling policy's log-probs
-# ================================================================================================
-
-@dataclass
-class Rollout:
-    """A batch of sampled completions. Row i is completion i of prompt i // G.
-    The prompt part is left-padded and the response part right-padded, as generate() returns."""
-    prompt_ids: torch.Tensor       # [B, P]
-    prompt_mask: torch.Tensor      # [B, P]  1 on real prompt tokens
-    response_ids: torch.Tensor     # [B, T]
-    response_mask: torch.Tensor    # [B, T]  1 up to and including the first EOS, float
-    old_logprobs: torch.Tensor     # [B, T]  log pi_old(y_t) under the sampling distribution
-    completions: list              # B decoded strings, without the EOS
-
-
-class _RecordSampledLogprobs:
-    """A logits processor that records log pi(y_t) of each sampled token during generate(),
-    keeping one [B, V] tensor at a time (output_logits=True would keep [B, T, V]). At step t it
-    sees the token sampled at step t-1 as the last input id; the final token is read afterwards.
-    Custom processors run before the temperature warper, so it divides by the temperature."""
-
-    def __init__(self, temperature: float):
-        self.temperature, self.previous, self.logprobs = temperature, None, []
-
-    def __call__(self, input_ids, scores):
-        if self.previous is not None:
-            self.logprobs.append(self.previous.gather(-1, input_ids[:, -1:]))
-        self.previous = torch.log_softmax(scores.float() / self.temperature, dim=-1)
-        return scores
-
-    def finish(self, last_ids):                           # -> [B, T]
-        self.logprobs.append(self.previous.gather(-1, last_ids[:, None]))
-        return torch.cat(self.logprobs, dim=1)
-
-
-def eos_ids(model, tokenizer) -> list:
-    ids = model.generation_config.eos_token_id
-    ids = ids if isinstance(ids, list) else [ids] if ids is not None else []
-    return sorted(set(ids) | {tokenizer.eos_token_id} - {None})
-
-
-def response_mask_from_positions(response_ids, eos_token_ids):
-    """[B, T] float mask: 1 on every token up to and including the first EOS, 0 after it.
-    Built from positions, not from `ids != pad`, which would drop the EOS when pad == eos."""
-    is_eos = torch.isin(response_ids, torch.tensor(eos_token_ids, device=response_ids.device))
-    T = response_ids.shape[1]
-    first = torch.where(is_eos.any(1), is_eos.float().argmax(1), T)   # no EOS -> all T valid
-    return (torch.arange(T, device=response_ids.device)[None, :] <= first[:, None]).float()
-
-
-def tokenize_prompts(tokenizer, texts, device):
-    tokenizer.padding_side = "left"
-    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    return enc.input_ids.to(device), enc.attention_mask.to(device)
-
-
-def decode_completions(tokenizer, response_ids, response_mask):
-    return [tokenizer.decode(ids[m > 0], skip_special_tokens=True)
-            for ids, m in zip(response_ids, response_mask)]
-
-
-@torch.no_grad()
-def generate(model, tokenizer, prompt_texts, max_new_tokens, *, sample=True, temperature=1.0,
-             top_p=1.0, num_return_sequences=1) -> Rollout:
-    """Batched sampling (KV cache) of `num_return_sequences` completions per prompt text."""
-    ids, attn = tokenize_prompts(tokenizer, prompt_texts, model.device)
-    recorder = _RecordSampledLogprobs(temperature if sample else 1.0)
-    was_training = model.training
-    model.eval()
-    out = model.generate(
-        input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens, do_sample=sample,
-        **(dict(temperature=temperature, top_p=top_p, top_k=0) if sample else {}),
-        repetition_penalty=1.0, num_return_sequences=num_return_sequences,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids(model, tokenizer),
-        logits_processor=[recorder])
-    model.train(was_training)
-    P = ids.shape[1]
-    response_ids = out[:, P:]                                              # [B, T]
-    mask = response_mask_from_positions(response_ids, eos_ids(model, tokenizer))
-    old_logprobs = recorder.finish(response_ids[:, -1]) * mask
-    return Rollout(ids.repeat_interleave(num_return_sequences, 0),
-                   attn.repeat_interleave(num_return_sequences, 0), response_ids, mask,
-                   old_logprobs, decode_completions(tokenizer, response_ids, mask))
-
-
-# ================================================================================================
-# ALGORITHM: GRPO (ALGORITHMS.md §3)
-# ================================================================================================
-
-def grpo_advantages(rewards, group_size, norm_by_std=False, eps=1e-6):
-    """A_i = r_i - mean_j r_j over each group of `group_size` consecutive rewards, optionally
-    divided by the group's (unbiased) std + eps. rewards: [N] -> advantages: [N]."""
-    r = rewards.float().view(-1, group_size)                  # [N / G, G]
-    advantages = r - r.mean(dim=1, keepdim=True)
-    if norm_by_std:
-        advantages = advantages / (r.std(dim=1, keepdim=True) + eps)
-    return advantages.view(-1)
-
-
-def aggregate(per_token, mask, agg="token-mean"):
-    """Reduce a [B, T] per-token loss to a scalar (verl's loss_agg_mode).
-    micro1-token-mean: each sequence's mean over its valid tokens, averaged over all B sequences,
-    those without a valid token counting as 0. This is what verl computes with one sequence per
-    micro-batch (the paper's runs): a sample without an SDPO target still counts in B, so the
-    update shrinks with the share of samples that have one, and long answers weigh less per token.
-    token-mean: every valid token of the batch weighs the same (no length bias).
-    seq-mean-token-mean: mean per sequence, then over the sequences that have a valid token
-    (original GRPO; favours short answers). seq-mean-token-sum-norm: per-sequence sum over a
-    constant T (Dr. GRPO), here the padded length of the batch, mask.shape[1].
-    An all-zero mask gives a zero that is still connected to the graph."""
-    masked = per_token * mask
-    if agg == "token-mean":
-        return masked.sum() / mask.sum().clamp(min=1)
-    if agg == "micro1-token-mean":
-        return (masked.sum(1) / mask.sum(1).clamp(min=1)).sum() / max(mask.shape[0], 1)
-    has_tokens = (mask.sum(1) > 0).float()                    # [B]
-    if agg == "seq-mean-token-mean":
-        per_seq = masked.sum(1) / mask.sum(1).clamp(min=1)
-    elif agg == "seq-mean-token-sum-norm":
-        per_seq = masked.sum(1) / mask.shape[1]
-    else:
-        raise ValueError(f"loss_agg_mode={agg!r} is invalid: allowed {', '.join(LOSS_AGG_MODES)}")
-    return (per_seq * has_tokens).sum() / has_tokens.sum().clamp(min=1)
-
-
-def aggregation_share(mask_part, mask_all, agg="token-mean"):
-    """The weight of aggregate(part) in aggregate(all) when `part` is a subset of the rows of
-    `all`: summing share * aggregate over the parts gives the aggregate of the whole. Its share
-    of the valid tokens (token-mean), of the rows (micro1-token-mean), or of the rows that have a
-    valid token (the seq-mean modes)."""
-    if agg == "token-mean":
-        return (mask_part.sum() / mask_all.sum().clamp(min=1)).item()
-    if agg == "micro1-token-mean":
-        return mask_part.shape[0] / max(mask_all.shape[0], 1)
-    return ((mask_part.sum(1) > 0).sum() / (mask_all.sum(1) > 0).sum().clamp(min=1)).item()
-
-
-def k3_kl(logprobs, ref_logprobs):
-    """k3 = exp(ref - logp) - (ref - logp) - 1 per token: >= 0 and an unbiased estimate of
-    KL(pi || ref) on tokens sampled from pi (verl's low_var_kl, before its clamp)."""
-    d = ref_logprobs - logprobs
-    return torch.exp(d) - d - 1.0
-
-
-def grpo_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=0.28,
-              dual_clip=3.0, ref_logprobs=None, beta=0.0, agg="token-mean"):
-    """The clipped policy-gradient loss. logprobs, old_logprobs, ref_logprobs, mask: [B, T];
-    advantages: [B] (one per sequence, broadcast over its tokens) or [B, T].
-    Per token: -min(rho*A, clip(rho, 1-clip_low, 1+clip_high)*A), capped at -dual_clip*A when
-    A < 0 (a huge ratio on a bad answer cannot blow up the loss), plus beta*k3 to a reference."""
-    A = advantages[:, None] if advantages.dim() == 1 else advantages
-    log_ratio = (logprobs - old_logprobs).clamp(-20.0, 20.0)  # as verl: exp cannot overflow
-    ratio = torch.exp(log_ratio)
-    unclipped = -A * ratio
-    clipped = -A * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
-    per_token = torch.maximum(unclipped, clipped)
-    if dual_clip is not None:
-        per_token = torch.where(A < 0, torch.minimum(per_token, -A * dual_clip), per_token)
-    metrics = {"clip_frac": aggregate((clipped > unclipped).float(), mask).item(),
-               "ratio_mean": aggregate(ratio.detach(), mask).item()}
-    if ref_logprobs is not None and beta > 0:
-        k3 = k3_kl(logprobs, ref_logprobs)
-        per_token = per_token + beta * k3
-        metrics["kl_ref"] = aggregate(k3.detach(), mask).item()
-    return aggregate(per_token, mask, agg), metrics
-
-
-# ================================================================================================
-# ALGORITHM: SDPO (ALGORITHMS.md §4)
-# ================================================================================================
-
-# --- 1-3. The teacher context: the prompt plus a successful sibling and/or feedback ------------
-
-def strip_thinking(text: str) -> str:
-    """Drop every <think>...</think> block, then everything up to a remaining unmatched </think>
-    (a model whose template opens the block in the prompt), as SDPO-CL does."""
-    text = re.sub(r"<think>.*?</think>\s*", "", text, flags=re.DOTALL)
-    return re.sub(r"^.*?</think>\s*", "", text, flags=re.DOTALL)
-
-
-def teacher_prompt(prompt, cfg, demonstration=None, feedback=None) -> str:
-    """The user text the self-teacher sees: the prompt, a correct solution and/or feedback, and
-    the instruction to solve the original question (the official templates). The teacher
-    contexts, the teacher-lift evaluation and the lab's pre-training all build it here."""
-    solution = ("" if demonstration is None else
-                cfg.solution_template.format(successful_previous_attempt=demonstration))
-    feedback = "" if feedback is None else cfg.feedback_template.format(feedback_raw=feedback)
-    return cfg.reprompt_template.format(prompt=prompt, solution=solution, feedback=feedback)
-
-
-def teacher_contexts(prompts, completions, rewards, feedbacks, group_size, cfg) -> list:
-    """One teacher prompt per sample (the raw user text; the chat template is applied later), or
-    None when there is neither a demonstration nor feedback: that sample's distillation mask is
-    0. prompts: the prompt of each sample (length N, repeated G times); rewards: N floats;
-    feedbacks: N strings or None."""
-    contexts = []
-    for i in range(len(completions)):
-        group = range(i - i % group_size, i - i % group_size + group_size)
-        demos = [j for j in group if rewards[j] >= cfg.success_reward_threshold
-                 and not (cfg.dont_reprompt_on_self_success and j == i)]
-        demo = feedback = None
-        if demos:   # the first success: rollouts are i.i.d., so this is a random one (official)
-            demo = completions[demos[0]]
-            if cfg.remove_thinking_from_demonstration:
-                demo = strip_thinking(demo)
-        if (cfg.include_environment_feedback and feedbacks[i] and feedbacks[i].strip()
-                and not (demos and cfg.environment_feedback_only_without_solution)):
-            feedback = feedbacks[i]
-        contexts.append(None if demo is None and feedback is None
-                        else teacher_prompt(prompts[i], cfg, demo, feedback))
-    return contexts
-
-
-# --- 5. The divergence between the student's and the teacher's next-token distributions --------
-
-def log_tail(logp_k):
-    """log(1 - sum_k p_k) for log-probs [..., k] -> [..., 1]: the mass outside the support. The
-    logsumexp is clamped below 0 so the tail never becomes log(0), and expm1 keeps precision when
-    the support holds nearly all the mass."""
-    lse = torch.logsumexp(logp_k, dim=-1, keepdim=True).clamp(max=-1e-7)
-    return torch.log(-torch.expm1(lse))
-
-
-def topk_support(student_logp, teacher_logp, topk, add_tail=True):
-    """Restrict both distributions to the student's top-k tokens at each position.
-    Inputs are log-probs over the full vocabulary [B, T, V]; outputs [B, T, k+1] with the tail
-    bucket (a proper distribution: k tokens plus "everything else"), or [B, T, k] renormalised
-    over the k tokens."""
-    k = min(topk, student_logp.shape[-1])
-    student_k, index = student_logp.topk(k, dim=-1)
-    teacher_k = teacher_logp.gather(-1, index)
-    if add_tail:
-        return (torch.cat([student_k, log_tail(student_k)], dim=-1),
-                torch.cat([teacher_k, log_tail(teacher_k)], dim=-1))
-    return (student_k - torch.logsumexp(student_k, -1, keepdim=True),
-            teacher_k - torch.logsumexp(teacher_k, -1, keepdim=True))
-
-
-def kl_divergence(logp, logq):
-    """KL(p || q) summed over the last dimension, from log-probs. [..., K] -> [...]"""
-    return (logp.exp() * (logp - logq)).sum(-1)
-
-
-def generalized_jsd(student_logp, teacher_logp, alpha):
-    """alpha = 0: KL(teacher || student) (forward); alpha = 1: KL(student || teacher) (reverse);
-    otherwise (1-alpha) KL(S || M) + alpha KL(T || M) with M = (1-alpha) S + alpha T, computed in
-    log space. The JSD itself tends to 0 at both ends, hence the two KL special cases."""
-    if alpha == 0.0:
-        return kl_divergence(teacher_logp, student_logp)
-    if alpha == 1.0:
-        return kl_divergence(student_logp, teacher_logp)
-    log_m = torch.logsumexp(torch.stack([student_logp + math.log(1 - alpha),
-                                         teacher_logp + math.log(alpha)]), dim=0)
-    return ((1 - alpha) * kl_divergence(student_logp, log_m)
-            + alpha * kl_divergence(teacher_logp, log_m))
-
-
-# --- 4-7. The loss ------------------------------------------------------------------------------
-
-def sdpo_loss(student_logits, teacher_logits, response_ids, mask, *, old_logprobs=None,
-              alpha=0.5, topk=100, add_tail=True, full_logits=True, is_clip=2.0,
-              agg="token-mean"):
-    """Self-distillation loss on the student's own response tokens.
-    student_logits, teacher_logits: [B, T, V], position t predicts response_ids[:, t]; the teacher
-    saw the teacher context, the student the plain prompt. mask: [B, T], the response mask times
-    the per-sample distillation mask (times the mask_ratio keep-mask). The teacher is a fixed
-    target (stop-gradient). Both sides are normalised over the full vocabulary before top-k."""
-    student_logp = torch.log_softmax(student_logits.float(), dim=-1)         # [B, T, V]
-    teacher_logp = torch.log_softmax(teacher_logits.float(), dim=-1).detach()
-    logp = student_logp.gather(-1, response_ids[..., None]).squeeze(-1)      # [B, T]
-    if full_logits:
-        if topk is not None:
-            student_logp, teacher_logp = topk_support(student_logp, teacher_logp, topk, add_tail)
-        per_token = generalized_jsd(student_logp, teacher_logp, alpha)
-    else:   # REINFORCE estimate of KL(student || teacher) from the sampled token alone
-        teacher_tok = teacher_logp.gather(-1, response_ids[..., None]).squeeze(-1)
-        per_token = (logp - teacher_tok).detach() * logp
-    metrics = {"divergence": aggregate(per_token.detach(), mask).item()}
-    if is_clip is not None and old_logprobs is not None:
-        # importance weight pi/pi_old for off-policy steps; 1 on the first step of a batch
-        weight = torch.exp((logp.detach() - old_logprobs).clamp(-20.0, 20.0)).clamp(max=is_clip)
-        per_token = per_token * weight
-    return aggregate(per_token, mask, agg), metrics
-
-
-# ================================================================================================
-# ALGORITHM: teachers (ALGORITHMS.md §4, teacher_regularization)
-# ================================================================================================
-
-@torch.no_grad()
-def ema_update_(teacher, student, tau):
-    """theta_T <- (1 - tau) theta_T + tau theta_S, in place."""
-    for t, s in zip(teacher.parameters(), student.parameters()):
-        t.lerp_(s.detach().to(t.dtype), tau)
-
-
-def trust_region_logits(ref_logits, student_logits, tau):
-    """The trust-region teacher: lerp(ref, student, tau) in logit space."""
-    return torch.lerp(ref_logits, student_logits, tau)
-
-
-def real_token_positions(attention_mask):
-    """Positions that count real tokens only, as generate() gives them with left padding."""
-    return (attention_mask.cumsum(1) - 1).clamp(min=0)
-
-
-def _cache_argument(model) -> str:
-    """transformers 5.24 renamed the forward argument `past_key_values` to `cache`."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-@torch.no_grad()
-def response_logits(model, prefix_ids, prefix_mask, rows, response_ids, response_mask):
-    """Logits [b, T, V] of b responses, response i following prefix rows[i]; position t predicts
-    response_ids[:, t]. prefix_ids, prefix_mask: [U, P], left-padded; rows: [b] indices into U.
-    Why not one forward over each (prefix + response)? Within a group every failed sample sees the
-    same demonstration (the first success), so a group has at most two distinct teacher contexts.
-    The U distinct prefixes go through the model once, their KV cache is copied to the b rows, and
-    only the responses are run on top of it: the same numbers up to float rounding, for about
-    U/b of the prefix cost. The model runs in eval mode (no dropout; and transformers before 5.24
-    drops the cache of a training-mode model with gradient checkpointing)."""
-    from transformers import DynamicCache
-    was_training = model.training
-    model.eval()
-    try:
-        T, P = response_ids.shape[1], prefix_ids.shape[1]
-        cache, cache_arg = DynamicCache(config=model.config), _cache_argument(model)
-        attn = torch.cat([prefix_mask[rows], response_mask.long()], dim=1)      # [b, P + T]
-        last = model(input_ids=prefix_ids, attention_mask=prefix_mask,
-                     position_ids=real_token_positions(prefix_mask), logits_to_keep=1,
-                     use_cache=True, **{cache_arg: cache}).logits               # [U, 1, V]
-        if cache.get_seq_length() != P:
-            raise RuntimeError(f"{type(model).__name__} did not fill its KV cache; shared-"
-                               "prefix teacher scoring needs a transformers DynamicCache")
-        logits = [last[rows]]
-        if T > 1:   # the last response token predicts nothing we need
-            cache.batch_select_indices(rows)
-            logits.append(model(input_ids=response_ids[:, :-1], attention_mask=attn[:, :-1],
-                                position_ids=real_token_positions(attn)[:, P:-1], use_cache=True,
-                                **{cache_arg: cache}).logits)                   # [b, T-1, V]
-    finally:
-        model.train(was_training)
-    return torch.cat(logits, dim=1)
-
-
-class Teacher:
-    """Scores response tokens after a teacher context, without gradients.
-    ema: its own weights, moved toward the student after every optimizer step (tau=0: frozen).
-    frozen: its own weights, never updated. live: the current student itself.
-    trust-region: lerp(frozen initial model, current student, tau) in logit space."""
-
-    def __init__(self, policy, cfg: Config):
-        self.kind, self.tau, self.cfg = cfg.teacher_regularization, cfg.teacher_update_rate, cfg
-        self.model = None
-        if self.kind != "live":          # ema, frozen: the teacher; trust-region: the reference
-            self.reset(policy)
-
-    def reset(self, policy):
-        """(Re-)initialise from the policy, or from teacher_path mixed in by teacher_init_alpha."""
-        if self.kind == "live":
-            return
-        self.model = copy.deepcopy(policy).eval().requires_grad_(False)
-        if self.cfg.teacher_path:
-            from transformers import AutoModelForCausalLM
-            ckpt = AutoModelForCausalLM.from_pretrained(self.cfg.teacher_path)
-            for t, c in zip(self.model.parameters(), ckpt.parameters()):
-                t.lerp_(c.to(t.device, t.dtype), self.cfg.teacher_init_alpha)
-
-    @torch.no_grad()
-    def logits(self, policy, score):
-        """The teacher's logits, where score(model) runs a model on the teacher's inputs."""
-        if self.kind == "live":
-            return score(policy)
-        if self.kind == "trust-region":
-            return trust_region_logits(score(self.model), score(policy), self.tau)
-        return score(self.model)
-
-    def after_rollout_batch(self, policy):
-        """The EMA teacher moves once per rollout batch, after all of its optimizer steps."""
-        if self.kind == "ema" and self.tau > 0:
-            ema_update_(self.model, policy, self.tau)
-
-
-# ================================================================================================
-# Training: one step (rollout -> reward -> loss -> optimizer), then a whole task
-# ================================================================================================
-
-def sequence_inputs(prompt_ids, prompt_mask, response_ids, response_mask):
-    """Model inputs for prompt + response. Logits are kept only for the last T+1 positions:
-    logits[:, :-1] is then [B, T, V] with position t predicting response_ids[:, t]. Position ids
-    count real tokens only, as generate() does with left padding."""
-    attn = torch.cat([prompt_mask, response_mask.long()], dim=1)
-    return dict(input_ids=torch.cat([prompt_ids, response_ids], dim=1), attention_mask=attn,
-                position_ids=real_token_positions(attn),
-                logits_to_keep=response_ids.shape[1] + 1)
-
-
-def device_of(cfg: Config) -> str:
-    if cfg.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return cfg.device
-
-
-@dataclass
-class Targets:
-    """What the losses need besides the rollout, computed once per rollout batch."""
-    rewards: torch.Tensor                   # [B]
-    advantages: torch.Tensor | None         # [B]     GRPO: group-centred rewards
-    distill_mask: torch.Tensor | None       # [B, T]  SDPO: response mask x has a teacher context
-    teacher_ids: torch.Tensor | None        # [U, P'] the U distinct teacher prompts, left-padded
-    teacher_mask: torch.Tensor | None       # [U, P']
-    teacher_of: torch.Tensor | None         # [B]     row -> index into U (-1: no context)
-
-
-def sample_rollout(policy, tokenizer, task, examples, cfg):
-    """G completions per prompt at the training temperature, and their rewards."""
-    prompts = [format_prompt(tokenizer, ex["prompt"], ex.get("system"), cfg.enable_thinking)
-               for ex in examples]
-    with autocast_for(cfg, policy):
-        rollout = generate(policy, tokenizer, prompts, generation_budget(cfg, task), sample=True,
-                           temperature=cfg.temperature, num_return_sequences=cfg.group_size)
-    samples = [examples[i // cfg.group_size] for i in range(len(rollout.completions))]
-    rewards = torch.tensor([float(task.reward(c, ex))
-                            for c, ex in zip(rollout.completions, samples)])
-    return rollout, samples, rewards
-
-
-def loss_targets(rollout, samples, rewards, task, tokenizer, cfg) -> Targets:
-    """GRPO's advantages and SDPO's teacher inputs (each distinct teacher prompt tokenized once)."""
-    device, sdpo_weight = rollout.response_ids.device, distillation_weight(cfg)
-    targets = Targets(rewards, None, None, None, None, None)
-    if sdpo_weight < 1:
-        targets.advantages = grpo_advantages(rewards, cfg.group_size,
-                                             cfg.norm_adv_by_std_in_grpo).to(device)
-    if sdpo_weight > 0:
-        feedbacks = [task.feedback(c, ex) if task.feedback and cfg.include_environment_feedback
-                     else None for c, ex in zip(rollout.completions, samples)]
-        contexts = teacher_contexts([ex["prompt"] for ex in samples], rollout.completions,
-                                    rewards.tolist(), feedbacks, cfg.group_size, cfg)
-        texts = [None if c is None else format_prompt(tokenizer, c, ex.get("system"),
-                                                      cfg.enable_thinking)
-                 for c, ex in zip(contexts, samples)]
-        distinct = list(dict.fromkeys(t for t in texts if t is not None))
-        index = {t: u for u, t in enumerate(distinct)}
-        targets.teacher_of = torch.tensor([index.get(t, -1) for t in texts], device=device)
-        has_context = (targets.teacher_of >= 0).float()
-        targets.distill_mask = rollout.response_mask * has_context[:, None]
-        if cfg.mask_ratio > 0:   # SDPO-CL: drop a share of the distilled tokens at random
-            keep = torch.rand_like(targets.distill_mask) >= cfg.mask_ratio
-            targets.distill_mask = targets.distill_mask * keep
-        if distinct:
-            targets.teacher_ids, targets.teacher_mask = tokenize_prompts(tokenizer, distinct,
-                                                                         device)
-    return targets
-
-
-def distillation_weight(cfg) -> float:
-    """w in (1 - w) * GRPO + w * SDPO: 0 for GRPO, distillation_weight for SDPO."""
-    return cfg.distillation_weight if cfg.loss_mode == "sdpo" else 0.0
-
-
-def autocast_for(cfg, model):
-    return torch.autocast("cuda", dtype=torch.bfloat16,
-                          enabled=cfg.bf16 and model.device.type == "cuda")
-
-
-def micro_batch_loss(policy, teacher, reference, rollout, targets, rows, minibatch, cfg):
-    """The loss of `rows` (a micro-batch) scaled to its share of `minibatch` (the rows of one
-    optimizer step), so that the micro-batches' losses add up to the mini-batch's loss.
-    Returns (loss, metrics weighted the same way)."""
-    mask, ids = rollout.response_mask, rollout.response_ids
-    sdpo_weight, metrics = distillation_weight(cfg), {}
-    with autocast_for(cfg, policy):
-        logits = policy(**sequence_inputs(rollout.prompt_ids[rows], rollout.prompt_mask[rows],
-                                          ids[rows], mask[rows]), use_cache=False).logits
-    logits = logits[:, :-1].float() / cfg.temperature          # [b, T, V]: pi = softmax(z / temp)
-    logp_all = torch.log_softmax(logits, dim=-1)
-    logprobs = logp_all.gather(-1, ids[rows, :, None]).squeeze(-1)          # [b, T]
-    token_share = aggregation_share(mask[rows], mask[minibatch], "token-mean")
-    entropy = -(logp_all.exp() * logp_all).sum(-1).detach()
-    metrics["entropy"] = token_share * aggregate(entropy, mask[rows]).item()
-    loss = logits.sum() * 0.0   # graph-connected zero: the step runs even without any target
-    if sdpo_weight < 1:
-        share = aggregation_share(mask[rows], mask[minibatch], cfg.loss_agg_mode)
-        loss_grpo, m = grpo_loss(logprobs, rollout.old_logprobs[rows], targets.advantages[rows],
-                                 mask[rows], clip_low=cfg.clip_ratio_low,
-                                 clip_high=cfg.clip_ratio_high, dual_clip=cfg.clip_ratio_c,
-                                 agg=cfg.loss_agg_mode)
-        loss = loss + (1 - sdpo_weight) * share * loss_grpo
-        metrics.update(loss_grpo=share * loss_grpo.item(), clip_frac=token_share * m["clip_frac"],
-                       ratio_mean=token_share * m["ratio_mean"])
-    if sdpo_weight > 0:
-        local = (targets.teacher_of[rows] >= 0).nonzero().squeeze(1)   # rows with a context
-        share = aggregation_share(targets.distill_mask[rows][local],
-                                  targets.distill_mask[minibatch], cfg.loss_agg_mode)
-        if len(local):
-            t0 = time.time()
-            used, prefix_of = targets.teacher_of[rows][local].unique(return_inverse=True)
-            with autocast_for(cfg, policy):
-                teacher_logits = teacher.logits(policy, lambda model: response_logits(
-                    model, targets.teacher_ids[used], targets.teacher_mask[used], prefix_of,
-                    ids[rows][local], mask[rows][local]))                  # [l, T, V]
-            metrics["t_teacher"] = time.time() - t0
-            loss_sdpo, m = sdpo_loss(
-                logits[local], teacher_logits.float() / cfg.temperature, ids[rows][local],
-                targets.distill_mask[rows][local], old_logprobs=rollout.old_logprobs[rows][local],
-                alpha=cfg.alpha, topk=cfg.distillation_topk, add_tail=cfg.distillation_add_tail,
-                full_logits=cfg.full_logit_distillation, is_clip=cfg.is_clip,
-                agg=cfg.loss_agg_mode)
-            loss = loss + sdpo_weight * share * loss_sdpo
-            metrics.update(loss_sdpo=share * loss_sdpo.item(),
-                           divergence=share * m["divergence"])
-    if cfg.kl_loss_coef > 0:    # the k3 anchor to the frozen initial model, for any method
-        with torch.no_grad(), autocast_for(cfg, reference):
-            ref_logits = reference(**sequence_inputs(
-                rollout.prompt_ids[rows], rollout.prompt_mask[rows], ids[rows], mask[rows])
-            ).logits[:, :-1].float() / cfg.temperature
-        ref_logprobs = torch.log_softmax(ref_logits, -1).gather(-1, ids[rows, :, None]).squeeze(-1)
-        share = aggregation_share(mask[rows], mask[minibatch], cfg.loss_agg_mode)
-        kl = aggregate(k3_kl(logprobs, ref_logprobs), mask[rows], cfg.loss_agg_mode)
-        loss = loss + cfg.kl_loss_coef * share * kl
-        metrics["kl_ref"] = share * kl.item()
-    metrics["loss"] = loss.item()
-    return loss, metrics
-
-
-def minibatches(cfg, n_rows) -> list:
-    """Row indices of each optimizer step: ppo_epochs passes over consecutive groups of
-    ppo_mini_batch_size prompts (verl splits the batch in order, without shuffling)."""
-    rows_per_step = (cfg.ppo_mini_batch_size or cfg.prompts_per_step) * cfg.group_size
-    steps = [torch.arange(r0, min(r0 + rows_per_step, n_rows))
-             for r0 in range(0, n_rows, rows_per_step)]
-    return steps * cfg.ppo_epochs
-
-
-def train_step(policy, tokenizer, teacher, optimizer, scheduler, task, examples, cfg,
-               reference=None) -> dict:
-    """One rollout batch: sample and reward, compute the targets of each loss, then one optimizer
-    step per mini-batch (gradients accumulated over micro-batches), then move the learning-rate
-    schedule and the EMA teacher once. examples: `prompts_per_step` task rows. reference: the
-    frozen initial model, needed only for the k3 KL anchor (kl_loss_coef > 0)."""
-    if cfg.kl_loss_coef > 0 and reference is None:
-        raise ValueError("Config.kl_loss_coef > 0 needs the frozen reference model")
-    t_start = time.time()
-    rollout, samples, rewards = sample_rollout(policy, tokenizer, task, examples, cfg)
-    t_rollout = time.time() - t_start
-    targets = loss_targets(rollout, samples, rewards, task, tokenizer, cfg)
-    totals, updates = {}, minibatches(cfg, len(rewards))
-    for minibatch in updates:
-        optimizer.zero_grad(set_to_none=True)
-        for micro in minibatch.split(cfg.micro_batch_size or len(minibatch)):
-            loss, metrics = micro_batch_loss(policy, teacher, reference, rollout, targets, micro,
-                                             minibatch, cfg)
-            if not math.isfinite(metrics["loss"]):
-                raise FloatingPointError(f"non-finite loss {metrics['loss']}")
-            loss.backward()
-            for key, value in metrics.items():
-                totals[key] = totals.get(key, 0.0) + value / len(updates)
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip).item()
-        if not math.isfinite(grad_norm):   # never let it reach the weights
-            raise FloatingPointError(f"non-finite gradient norm {grad_norm}")
-        totals["grad_norm"] = totals.get("grad_norm", 0.0) + grad_norm / len(updates)
-        optimizer.step()
-    totals["t_teacher"] = totals.get("t_teacher", 0.0) * len(updates)      # a sum, not a mean
-    lr = scheduler.get_last_lr()[0]
-    scheduler.step()
-    if teacher is not None:
-        teacher.after_rollout_batch(policy)
-    return step_metrics(rollout, targets, totals, cfg) | {
-        "updates": len(updates), "lr": lr, "seconds": time.time() - t_start,
-        "t_rollout": t_rollout}
-
-
-def step_metrics(rollout, targets, totals, cfg) -> dict:
-    """What one rollout batch looked like: reward, signal (groups with a success, groups whose
-    rewards are all equal and so give GRPO nothing), loss parts, lengths, distilled share."""
-    groups = targets.rewards.view(-1, cfg.group_size)
-    metrics = {"reward": targets.rewards.mean().item(),
-               "solved_groups": (groups.max(1).values >= cfg.success_reward_threshold
-                                 ).float().mean().item(),
-               "zero_adv_groups": (groups.std(1) == 0).float().mean().item(),
-               **totals, "response_length": rollout.response_mask.sum(1).mean().item()}
-    if targets.distill_mask is not None:
-        mask = rollout.response_mask
-        metrics["distill_frac"] = (targets.distill_mask.sum() / mask.sum().clamp(min=1)).item()
-        metrics["empty_target"] = bool(targets.distill_mask.sum() == 0)
-    return metrics
-
-
-def seed_everything(*keys):
-    """Seed python and torch from any keys, e.g. (seed, stage): a stage's randomness depends only
-    on them, so a resumed run repeats an uninterrupted one exactly (on CPU)."""
-    s = int(hashlib.sha256(repr(keys).encode()).hexdigest()[:8], 16)
-    random.seed(s)
-    torch.manual_seed(s)
-    return random.Random(s)
-
-
-def train_task(policy, tokenizer, teacher, task, cfg, *, rng, reference=None, log=None,
-               desc="train") -> list:
-    """`steps_per_task` optimizer steps on one task. A fresh AdamW with linear warm-up per task,
-    as each stage of the paper is a new verl run started from the previous checkpoint."""
-    policy.train()
-    if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
-    # fused=True: one kernel for all parameters (transformers' Trainer default), several times
-    # faster than the per-tensor loop on a 100M-parameter model
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
-                                  weight_decay=cfg.weight_decay, fused=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(     # verl's warm-up: batch s gets lr * s / W
-        optimizer, lambda s: min(1.0, s / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
-    order, history = [], []
-    bar = tqdm(range(cfg.steps_per_task), desc=desc, leave=False, disable=None)
-    for step in bar:
-        if len(order) < cfg.prompts_per_step:      # a new shuffled pass over the train set
-            order = rng.sample(range(len(task.train)), len(task.train))
-        picked, order = order[:cfg.prompts_per_step], order[cfg.prompts_per_step:]
-        try:
-            m = train_step(policy, tokenizer, teacher, optimizer, scheduler, task,
-                           [task.train[i] for i in picked], cfg, reference)
-        except FloatingPointError as e:
-            last = history[-1] if history else {}
-            raise FloatingPointError(f"{desc}: step {step}: {e}; last finite metrics: {last}")
-        m["step"] = step
-        history.append(m)
-        if log is not None:
-            log(m)
-        bar.set_postfix(reward=f"{m['reward']:.2f}", loss=f"{m['loss']:.3f}")
-    policy.eval()
-    return history
-
-
-# ================================================================================================
-# Evaluation: accuracy with the task's own reward, and the teacher lift
-# ================================================================================================
-
-@torch.no_grad()
-def evaluate(model, tokenizer, task, cfg, *, with_demonstration=False, batch_size=100) -> dict:
-    """Accuracy on the first `eval_examples` test rows, as the official code evaluates: the mean
-    reward of `eval_samples` samples per prompt at eval_temperature / eval_top_p (or greedy).
-    `stderr` is the standard error of that mean over prompts (samples of one prompt are not
-    independent, so it is taken from the per-prompt means). With `with_demonstration`, every
-    prompt carries its gold answer as a demonstration, as the SDPO teacher sees it."""
-    examples = task.test.select(range(min(cfg.eval_examples, len(task.test))))
-    sample = cfg.eval_mode == "sample"
-    n = cfg.eval_samples if sample else 1
-    per_prompt, completions, sequences = [], [], []
-    for start in range(0, len(examples), batch_size):
-        chunk = [examples[i] for i in range(start, min(start + batch_size, len(examples)))]
-        texts = [format_prompt(tokenizer, teacher_prompt(ex["prompt"], cfg, ex["answer"])
-                               if with_demonstration else ex["prompt"], ex.get("system"),
-                               cfg.enable_thinking) for ex in chunk]
-        ro = generate(model, tokenizer, texts, generation_budget(cfg, task),
-                      sample=sample, temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
-                      num_return_sequences=n)
-        scores = [task.reward(c, chunk[i // n]) for i, c in enumerate(ro.completions)]
-        per_prompt += [sum(scores[i:i + n]) / n for i in range(0, len(scores), n)]
-        completions += ro.completions
-        sequences += [(p[pm > 0].tolist(), r[m > 0].tolist()) for p, pm, r, m in zip(
-            ro.prompt_ids, ro.prompt_mask, ro.response_ids, ro.response_mask)]
-    mean = sum(per_prompt) / len(per_prompt)
-    var = sum((x - mean) ** 2 for x in per_prompt) / max(len(per_prompt) - 1, 1)
-    return {"accuracy": mean, "stderr": math.sqrt(var / len(per_prompt)),
-            "completions": completions, "sequences": sequences}
-
-
-@torch.no_grad()
-def signal_check(model, tokenizer, task, cfg, n_prompts=64) -> dict:
-    """What each method will have to learn from, before any training: on `n_prompts` training
-    prompts, G samples each at the training temperature, the mean reward, the share of groups
-    with at least one success (SDPO's demonstrations) and of groups whose rewards are all equal
-    (no GRPO advantage); and on the test prompts the accuracy without and with a correct
-    demonstration in the prompt (the teacher lift: what a self-teacher can add)."""
-    examples = [task.train[i] for i in range(min(n_prompts, len(task.train)))]
-    rollout, _, rewards = sample_rollout(model, tokenizer, task, examples, cfg)
-    groups = rewards.view(-1, cfg.group_size)
-    plain = evaluate(model, tokenizer, task, cfg)
-    demo = evaluate(model, tokenizer, task, cfg, with_demonstration=True)
-    return {"reward": rewards.mean().item(),
-            "solved_groups": (groups.max(1).values >= cfg.success_reward_threshold
-                              ).float().mean().item(),
-            "zero_adv_groups": (groups.std(1) == 0).float().mean().item(),
-            "accuracy": plain["accuracy"], "stderr": plain["stderr"],
-            "with_demonstration": demo["accuracy"],
-            "teacher_lift": demo["accuracy"] - plain["accuracy"]}
-
-
-# ================================================================================================
-# Drift and artifact measures (ALGORITHMS.md §5)
-# ================================================================================================
-
-def layer_type(name: str) -> str:
-    for key, kind in (("embed", "embedding"), ("lm_head", "embedding"), ("attn", "attention"),
-                      ("mlp", "mlp"), ("norm", "norm")):
-        if key in name:
-            return kind
-    return "other"
-
-
-@torch.no_grad()
-def parameter_drift(model, base) -> dict:
-    """||theta - theta_0|| / ||theta_0||, overall and per layer type (attention, mlp, ...)."""
-    diff, ref = {}, {}
-    for (name, p), p0 in zip(model.named_parameters(), base.parameters()):
-        kind = layer_type(name)
-        diff[kind] = diff.get(kind, 0.0) + (p.float() - p0.float()).pow(2).sum().item()
-        ref[kind] = ref.get(kind, 0.0) + p0.float().pow(2).sum().item()
-    out = {"overall": math.sqrt(sum(diff.values()) / sum(ref.values()))}
-    out.update({k: math.sqrt(diff[k] / ref[k]) for k in sorted(diff)})
-    return out
-
-
-@torch.no_grad()
-def response_kl(model, base, sequences, batch_size=64) -> float:
-    """Mean per-token KL(base || model) on fixed (prompt ids, response ids) pairs: the base
-    model's own evaluation responses, so every stage is measured on the same tokens."""
-    total, count = 0.0, 0
-    device = next(model.parameters()).device
-    for start in range(0, len(sequences), batch_size):
-        chunk = [s for s in sequences[start:start + batch_size] if s[1]]
-        if not chunk:
-            continue
-        P, T = max(len(p) for p, _ in chunk), max(len(r) for _, r in chunk)
-        prompt_ids = torch.zeros(len(chunk), P, dtype=torch.long, device=device)
-        prompt_mask, response_ids = torch.zeros_like(prompt_ids), torch.zeros(
-            len(chunk), T, dtype=torch.long, device=device)
-        response_mask = torch.zeros(len(chunk), T, device=device)
-        for i, (p, r) in enumerate(chunk):       # left-pad prompts, right-pad responses
-            prompt_ids[i, P - len(p):], prompt_mask[i, P - len(p):] = torch.tensor(p), 1
-            response_ids[i, :len(r)], response_mask[i, :len(r)] = torch.tensor(r), 1
-        inputs = sequence_inputs(prompt_ids, prompt_mask, response_ids, response_mask)
-        logp = torch.log_softmax(model(**inputs).logits[:, :-1].float(), -1)
-        logp0 = torch.log_softmax(base(**inputs).logits[:, :-1].float(), -1)
-        total += (kl_divergence(logp0, logp) * response_mask).sum().item()
-        count += response_mask.sum().item()
-    return total / max(count, 1)
-
-
-def format_artifacts(completions, n=3, min_repeats=3) -> dict:
-    """How often responses repeat themselves, the collapse mode of the paper: the fraction of
-    responses in which some word/symbol n-gram occurs >= min_repeats times, and the n-gram
-    repeated in most responses."""
-    counts, repetitive = {}, 0
-    for text in completions:
-        toks = re.findall(r"\w+|[^\w\s]", text)
-        grams = {}
-        for i in range(len(toks) - n + 1):
-            g = " ".join(toks[i:i + n])
-            grams[g] = grams.get(g, 0) + 1
-        repeated = [g for g, c in grams.items() if c >= min_repeats]
-        repetitive += bool(repeated)
-        for g in repeated:
-            counts[g] = counts.get(g, 0) + 1
-    top = max(counts, key=counts.get) if counts else ""
-    return {"repetition_frac": repetitive / max(len(completions), 1), "top_repeated": top,
-            "top_repeated_frac": counts.get(top, 0) / max(len(completions), 1),
-            "mean_chars": sum(map(len, completions)) / max(len(completions), 1)}
-
-
-# ================================================================================================
-# The continual sequence: train T1..TN in order, evaluate every task after every stage
-# ================================================================================================
-
-def evaluate_stage(policy, tokenizer, tasks, cfg, base, base_sequences, lift=False):
-    """Row k of the accuracy matrix (with standard errors) plus the drift and artifact measures,
-    and with `lift` the teacher lift: the model's accuracy with a correct demonstration in its
-    prompt (the SDPO teacher's view) minus its plain accuracy, what a self-teacher can add.
-    Returns (record, sequences): the (prompt, response) token ids of one sample per test prompt,
-    on which later stages measure response drift when this is the base model."""
-    record = {"accuracy": {}, "stderr": {}, "samples": {}}
-    completions, sequences = [], []
-    for task in tasks:
-        plain = evaluate(policy, tokenizer, task, cfg)
-        record["accuracy"][task.name] = plain["accuracy"]
-        record["stderr"][task.name] = plain["stderr"]
-        record["samples"][task.name] = plain["completions"][:3]
-        completions += plain["completions"]
-        n = cfg.eval_samples if cfg.eval_mode == "sample" else 1
-        sequences += plain["sequences"][::n]
-        if lift:
-            demo = evaluate(policy, tokenizer, task, cfg, with_demonstration=True)
-            record.setdefault("teacher_lift", {})[task.name] = demo["accuracy"] - plain["accuracy"]
-    record["artifacts"] = format_artifacts(completions)
-    record["param_drift"] = parameter_drift(policy, base)
-    record["response_kl"] = response_kl(policy, base, base_sequences or sequences)
-    return record, sequences
-
-
-def base_evaluation(base, tokenizer, tasks, cfg) -> dict:
-    """Row 0, the base model on every task with its teacher lift, and the base's own answers that
-    response drift is measured on. Seeded independently of cfg.seed, so every method and seed of
-    a run starts from the same row 0 and a run computes it once."""
-    t0 = time.time()
-    seed_everything("base-eval")
-    record, sequences = evaluate_stage(base, tokenizer, tasks, cfg, base, None, lift=True)
-    return {"record": {"stage": 0, "task": "base", **record, "seconds": time.time() - t0},
-            "sequences": sequences}
 
 
 def strict_json(obj):
@@ -2002,11 +1889,13 @@ def strict_json(obj):
     return obj
 
 
-def atomic_write(path, text: str):
-    """Write a file so that a crash leaves the old file or the new one, never half of one."""
+def atomic_write(path, content):
+    """Write a file so that a crash leaves the old file or the new one, never half of one:
+    content (text, or a function that writes a given path) goes to a temporary file that is then
+    renamed over the target. save_stage does the same for a whole folder."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
+    content(tmp) if callable(content) else tmp.write_text(content)
     os.replace(tmp, path)
 
 
@@ -2055,8 +1944,8 @@ def save_stage(folder, k, record, policy, tokenizer, teacher, extra=None):
     shutil.rmtree(tmp, ignore_errors=True)
     policy.save_pretrained(tmp / "policy")
     tokenizer.save_pretrained(tmp / "policy")
-    if teacher is not None and teacher.model is not None:
-        teacher.model.save_pretrained(tmp / "teacher")
+    if teacher is not None and teacher.weights is not None:
+        teacher.weights.save_pretrained(tmp / "teacher")
     for name, obj in (extra or {}).items():
         (tmp / name).write_text(json.dumps(obj))
     (tmp / "stage.json").write_text(json.dumps(strict_json(record), indent=1, allow_nan=False))
@@ -2070,59 +1959,170 @@ def load_stage_weights(folder, k, policy, teacher):
 
     stage = Path(folder) / f"stage{k}"
     with torch.no_grad():
-        for target, sub in ((policy, "policy"), (teacher and teacher.model, "teacher")):
+        for target, sub in ((policy, "policy"), (teacher and teacher.weights, "teacher")):
             if target is not None:
                 saved = AutoModelForCausalLM.from_pretrained(stage / sub)
                 target.load_state_dict(saved.state_dict())
 
 
-def continual_sequence(cfg, policy, tokenizer, sequence, probes=(), *, steps=None, folder=None,
-                       log=None, desc="", base_eval=None) -> list:
-    """Train the tasks of `sequence` one after another, starting from `policy`; evaluate every
-    task of sequence + probes before the first stage (row 0, the base model) and after each.
-    Returns one record per stage; record["accuracy"] is row k of the accuracy matrix R.
-    With a folder, each finished stage is checkpointed (policy and teacher) and a rerun resumes
-    after the last finished stage. The SDPO teacher is carried over from stage to stage unless
-    reset_teacher_each_task (then it restarts from the policy at each new task). `steps` may
-    give each task its own number of steps (default: cfg.steps_per_task for every task).
-    base_eval: row 0 from base_evaluation(), when the caller shares it between runs."""
-    eval_tasks = list(sequence) + [p for p in probes if p.name not in {t.name for t in sequence}]
-    base = copy.deepcopy(policy).eval().requires_grad_(False)
-    teacher = Teacher(policy, cfg) if cfg.loss_mode == "sdpo" else None
-    done = last_finished_stage(folder)
-    records = [json.loads((Path(folder) / f"stage{k}" / "stage.json").read_text())
-               for k in range(done + 1)]
-    if done >= 0:
-        base_eval = {"record": records[0], "sequences": json.loads(
-            (Path(folder) / "stage0" / "base_sequences.json").read_text())}
-    if done > 0:
-        load_stage_weights(folder, done, policy, teacher)
-    if base_eval is None:
-        base_eval = base_evaluation(base, tokenizer, eval_tasks, cfg)
-    for k in range(done + 1, len(sequence) + 1):
-        t0 = time.time()
-        if k == 0:
-            record = dict(base_eval["record"])
-        else:
-            task = sequence[k - 1]
-            rng = seed_everything(cfg.seed, "train", k)
-            if teacher is not None and cfg.reset_teacher_each_task and k > 1:
-                teacher.reset(policy)
-            stage_cfg = dataclasses.replace(cfg, steps_per_task=steps[k - 1]) if steps else cfg
-            history = train_task(
-                policy, tokenizer, teacher, task, stage_cfg, rng=rng, reference=base,
-                log=(lambda m: log({"stage": k, "task": task.name, **m})) if log else None,
-                desc=f"{desc} stage {k}/{len(sequence)} {task.name}".strip())
-            record = {"stage": k, "task": task.name, "train": stage_summary(history)}
-            seed_everything(cfg.seed, "eval", k)
-            record.update(evaluate_stage(policy, tokenizer, eval_tasks, cfg, base,
-                                         base_eval["sequences"], cfg.teacher_lift_every_stage)[0])
-            record["seconds"] = time.time() - t0
-        records.append(record)
-        if folder is not None:
-            save_stage(folder, k, record, policy, tokenizer, teacher,
-                       {"base_sequences.json": base_eval["sequences"]} if k == 0 else None)
-    return records
+# ================================================================================================
+# Config checks
+# ================================================================================================
+
+
+CONFIG_TYPES = {   # what a Config field of each declared type accepts (bool is not a number)
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "float": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+              and math.isfinite(v), "a finite number"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "tuple": (lambda v: isinstance(v, (tuple, list)), "a list of numbers"),
+}
+CONFIG_CHOICES = {"loss_mode": LOSS_MODES, "loss_agg_mode": LOSS_AGG_MODES,
+                  "teacher_regularization": TEACHER_KINDS, "eval_mode": EVAL_MODES,
+                  "device": ("auto", "cpu", "cuda")}
+CONFIG_RANGES = {   # name: (low, high, low excluded)
+    "alpha": (0, 1, False), "distillation_weight": (0, 1, False),
+    "teacher_update_rate": (0, 1, False), "teacher_init_alpha": (0, 1, False),
+    "mask_ratio": (0, 1, False), "success_reward_threshold": (0, 1, False),
+    "lr": (0, 1, True), "temperature": (0, 100, True), "eval_temperature": (0, 100, True),
+    "eval_top_p": (0, 1, True), "clip_ratio_low": (0, 1, False), "clip_ratio_high": (0, 100, False),
+    "kl_loss_coef": (0, 1e6, False), "weight_decay": (0, 1e6, False), "grad_clip": (0, 1e9, True),
+    "prompts_per_step": (1, 1e9, False), "max_new_tokens": (1, 1e9, False),
+    "eval_samples": (1, 1e9, False), "eval_examples": (1, 1e9, False),
+    "steps_per_task": (1, 1e9, False), "ppo_epochs": (1, 1e9, False),
+    "group_size": (2, 1e9, False), "warmup_steps": (0, 1e9, False),
+    "micro_batch_size": (0, 1e9, False), "ppo_mini_batch_size": (0, 1e9, False),
+}
+
+
+def check_config(cfg):
+    """Refuse a Config that cannot run, naming the field, its value and what is allowed."""
+    def bad(name, allowed):
+        raise ValueError(f"Config.{name}={getattr(cfg, name)!r} is invalid: allowed {allowed}")
+
+    for f in dataclasses.fields(cfg):      # types first: lr=true or lr=NaN never pass
+        value, kind = getattr(cfg, f.name), str(f.type).replace(" | None", "")
+        if value is None and str(f.type).endswith("| None"):
+            continue
+        if not CONFIG_TYPES[kind][0](value):
+            bad(f.name, CONFIG_TYPES[kind][1] + (", or None" if "None" in str(f.type) else ""))
+    for name, options in CONFIG_CHOICES.items():
+        if getattr(cfg, name) not in options:
+            bad(name, "one of " + ", ".join(repr(o) for o in options))
+    for name, (lo, hi, lo_open) in CONFIG_RANGES.items():
+        v = getattr(cfg, name)
+        if not lo <= v <= hi or (lo_open and v == lo):
+            if isinstance(v, int) and hi == 1e9:
+                bad(name, f"an integer >= {lo}" + (" (a group of one has no baseline and no "
+                                                   "sibling)" if name == "group_size" else ""))
+            bad(name, f"a number in {'(' if lo_open else '['}{float(lo)}, {float(hi)}]")
+    if cfg.prompts_per_step % max(cfg.ppo_mini_batch_size, 1):
+        bad("ppo_mini_batch_size", f"0 or a divisor of prompts_per_step={cfg.prompts_per_step}")
+    if cfg.clip_ratio_c is not None and cfg.clip_ratio_c <= 1.0:
+        bad("clip_ratio_c", "a number > 1, or None to disable the dual clip")
+    if cfg.distillation_topk is not None and cfg.distillation_topk <= 0:
+        bad("distillation_topk", "an integer >= 1, or None for the full vocabulary")
+    if cfg.is_clip is not None and cfg.is_clip <= 0:
+        bad("is_clip", "a number > 0, or None for no importance weight")
+    if cfg.teacher_path and cfg.teacher_regularization == "live":
+        bad("teacher_path", "None with teacher_regularization='live' (the live teacher is the "
+                            "student itself and has no weights of its own)")
+    if not cfg.full_logit_distillation and cfg.alpha != 1.0:
+        bad("alpha", "1.0 when full_logit_distillation=False (the sampled-token estimate exists "
+                     "only for the reverse KL)")
+    for name, fields in (("reprompt_template", ("{prompt}", "{solution}", "{feedback}")),
+                         ("solution_template", ("{successful_previous_attempt}",)),
+                         ("feedback_template", ("{feedback_raw}",))):
+        if not all(f in getattr(cfg, name) for f in fields):
+            bad(name, "a string containing " + " ".join(fields))
+    if len(cfg.adam_betas) != 2 or not all(CONFIG_TYPES["float"][0](b) and 0 <= b < 1
+                                           for b in cfg.adam_betas):
+        bad("adam_betas", "two numbers in [0, 1), e.g. [0.9, 0.999]")
+    cfg.adam_betas = tuple(cfg.adam_betas)
+
+
+# ================================================================================================
+# The training step's plumbing: prompts, recorded log-probs, shares, metrics, inputs
+# ================================================================================================
+
+
+def format_prompt(tokenizer, prompt: str, system: str | None = None,
+                  enable_thinking: bool = False) -> str:
+    """The text the model sees before its answer: the tokenizer's chat template when it has one
+    (with thinking off, as the official runs, when the template has the switch, e.g. Qwen3);
+    otherwise a plain fallback "{system}\\n\\nUser: {prompt}\\nAssistant:" (base models)."""
+    if tokenizer.chat_template:
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": prompt}]
+        switch = ({"enable_thinking": enable_thinking}
+                  if "enable_thinking" in str(tokenizer.chat_template) else {})
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                             **switch)
+    return (f"{system}\n\n" if system else "") + f"User: {prompt}\nAssistant:"
+
+
+class _RecordSampledLogprobs:
+    """A logits processor that records log pi(y_t) of each sampled token during generate(),
+    keeping one [B, V] tensor at a time (output_logits=True would keep [B, T, V]). At step t it
+    sees the token sampled at step t-1 as the last input id; the final token is read afterwards.
+    Custom processors run before the temperature warper, so it divides by the temperature."""
+
+    def __init__(self, temperature: float):
+        self.temperature, self.previous, self.logprobs = temperature, None, []
+
+    def __call__(self, input_ids, scores):
+        if self.previous is not None:
+            self.logprobs.append(self.previous.gather(-1, input_ids[:, -1:]))
+        self.previous = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def finish(self, last_ids):                           # -> [B, T]
+        self.logprobs.append(self.previous.gather(-1, last_ids[:, None]))
+        return torch.cat(self.logprobs, dim=1)
+
+
+def aggregation_share(mask_part, mask_all, agg="token-mean"):
+    """The weight of aggregate(part) in aggregate(all) when `part` is a subset of the rows of
+    `all`: summing share * aggregate over the parts gives the aggregate of the whole. Its share
+    of the valid tokens (token-mean), of the rows (micro1-token-mean), or of the rows that have a
+    valid token (the seq-mean modes)."""
+    if agg == "token-mean":
+        return (mask_part.sum() / mask_all.sum().clamp(min=1)).item()
+    if agg == "micro1-token-mean":
+        return mask_part.shape[0] / max(mask_all.shape[0], 1)
+    return ((mask_part.sum(1) > 0).sum() / (mask_all.sum(1) > 0).sum().clamp(min=1)).item()
+
+
+def kl_anchor(logprobs, reference, rollout, rows, minibatch, cfg):
+    """(share, k3 KL to the frozen initial model on `rows`, metrics): the anchor of any method,
+    weighted by kl_loss_coef."""
+    mask = rollout.response_mask
+    with torch.no_grad(), autocast_for(cfg, reference):
+        ref_logits = reference(**sequence_inputs(
+            rollout.prompt_ids[rows], rollout.prompt_mask[rows], rollout.response_ids[rows],
+            mask[rows])).logits[:, :-1].float() / cfg.temperature
+    ref_logprobs = torch.log_softmax(ref_logits, -1).gather(
+        -1, rollout.response_ids[rows, :, None]).squeeze(-1)                   # [b, T]
+    share = aggregation_share(mask[rows], mask[minibatch], cfg.loss_agg_mode)
+    kl = aggregate(k3_kl(logprobs, ref_logprobs), mask[rows], cfg.loss_agg_mode)
+    return share, kl, {"kl_ref": share * kl.item()}
+
+
+def step_metrics(rollout, targets, totals, cfg) -> dict:
+    """What one rollout batch looked like: reward, signal (groups with a success, groups whose
+    rewards are all equal and so give GRPO nothing), loss parts, lengths, distilled share."""
+    groups = targets.rewards.view(-1, cfg.group_size)
+    metrics = {"reward": targets.rewards.mean().item(),
+               "solved_groups": (groups.max(1).values >= cfg.success_reward_threshold
+                                 ).float().mean().item(),
+               "zero_adv_groups": (groups.std(1) == 0).float().mean().item(),
+               **totals, "response_length": rollout.response_mask.sum(1).mean().item()}
+    if targets.distill_mask is not None:
+        mask = rollout.response_mask
+        metrics["distill_frac"] = (targets.distill_mask.sum() / mask.sum().clamp(min=1)).item()
+        metrics["empty_target"] = bool(targets.distill_mask.sum() == 0)
+    return metrics
 
 
 def stage_summary(history) -> dict:
@@ -2135,3 +2135,115 @@ def stage_summary(history) -> dict:
             "reward_last5": mean("reward", slice(-5, None)), "seconds_per_step": mean("seconds"),
             "zero_adv_groups_first": history[0]["zero_adv_groups"],
             "distill_frac": mean("distill_frac")}
+
+
+def sequence_inputs(prompt_ids, prompt_mask, response_ids, response_mask):
+    """Model inputs for prompt + response. Logits are kept only for the last T+1 positions:
+    logits[:, :-1] is then [B, T, V] with position t predicting response_ids[:, t]. Position ids
+    count real tokens only, as generate() does with left padding."""
+    attn = torch.cat([prompt_mask, response_mask.long()], dim=1)
+    return dict(input_ids=torch.cat([prompt_ids, response_ids], dim=1), attention_mask=attn,
+                position_ids=real_token_positions(attn),
+                logits_to_keep=response_ids.shape[1] + 1)
+
+
+def real_token_positions(attention_mask):
+    """Positions that count real tokens only, as generate() gives them with left padding."""
+    return (attention_mask.cumsum(1) - 1).clamp(min=0)
+
+
+def teacher_scores(model, prefix_ids, prefix_mask, rows, response_ids, response_mask,
+                   share_prefix=True):
+    """Logits [b, T, V] of b responses, response i after teacher prompt rows[i] of the U distinct
+    prompts prefix_ids [U, P]. share_prefix: each distinct prompt runs once and the responses on
+    copies of its KV cache (response_logits); else one full forward per (prompt + response)."""
+    if share_prefix:
+        return response_logits(model, prefix_ids, prefix_mask, rows, response_ids, response_mask)
+    was_training = model.training
+    model.eval()
+    try:
+        return model(**sequence_inputs(prefix_ids[rows], prefix_mask[rows], response_ids,
+                                       response_mask)).logits[:, :-1]
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def response_logits(model, prefix_ids, prefix_mask, rows, response_ids, response_mask):
+    """Logits [b, T, V] of b responses, response i following prefix rows[i]; position t predicts
+    response_ids[:, t]. prefix_ids, prefix_mask: [U, P], left-padded; rows: [b] indices into U.
+    Why not one forward over each (prefix + response)? Within a group every failed sample sees the
+    same demonstration (the first success), so a group has at most two distinct teacher contexts.
+    The U distinct prefixes go through the model once, their KV cache is copied to the b rows, and
+    only the responses are run on top of it: the same numbers up to float rounding, for about
+    U/b of the prefix cost. The model runs in eval mode (no dropout; and transformers before 5.24
+    drops the cache of a training-mode model with gradient checkpointing)."""
+    from transformers import DynamicCache
+    was_training = model.training
+    model.eval()
+    try:
+        T, P = response_ids.shape[1], prefix_ids.shape[1]
+        cache, cache_arg = DynamicCache(config=model.config), _cache_argument(model)
+        attn = torch.cat([prefix_mask[rows], response_mask.long()], dim=1)      # [b, P + T]
+        last = model(input_ids=prefix_ids, attention_mask=prefix_mask,
+                     position_ids=real_token_positions(prefix_mask), logits_to_keep=1,
+                     use_cache=True, **{cache_arg: cache}).logits               # [U, 1, V]
+        if cache.get_seq_length() != P:
+            raise RuntimeError(f"{type(model).__name__} did not fill its KV cache; shared-"
+                               "prefix teacher scoring needs a transformers DynamicCache")
+        logits = [last[rows]]
+        if T > 1:   # the last response token predicts nothing we need
+            cache.batch_select_indices(rows)
+            logits.append(model(input_ids=response_ids[:, :-1], attention_mask=attn[:, :-1],
+                                position_ids=real_token_positions(attn)[:, P:-1], use_cache=True,
+                                **{cache_arg: cache}).logits)                   # [b, T-1, V]
+    finally:
+        model.train(was_training)
+    return torch.cat(logits, dim=1)
+
+
+def _cache_argument(model) -> str:
+    """transformers 5.24 renamed the forward argument `past_key_values` to `cache`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def pad_sequences(pairs, device):
+    """Model inputs for (prompt ids, response ids) pairs, prompts left-padded and responses
+    right-padded, and the response mask [b, T]."""
+    P, T = max(len(p) for p, _ in pairs), max(len(r) for _, r in pairs)
+    prompt_ids = torch.zeros(len(pairs), P, dtype=torch.long, device=device)
+    prompt_mask = torch.zeros_like(prompt_ids)
+    response_ids = torch.zeros(len(pairs), T, dtype=torch.long, device=device)
+    response_mask = torch.zeros(len(pairs), T, device=device)
+    for i, (p, r) in enumerate(pairs):
+        prompt_ids[i, P - len(p):], prompt_mask[i, P - len(p):] = torch.tensor(p), 1
+        response_ids[i, :len(r)], response_mask[i, :len(r)] = torch.tensor(r), 1
+    return sequence_inputs(prompt_ids, prompt_mask, response_ids, response_mask), response_mask
+
+
+def device_of(cfg: Config) -> str:
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.device
+
+
+def autocast_for(cfg, model):
+    return torch.autocast("cuda", dtype=torch.bfloat16,
+                          enabled=cfg.bf16 and model.device.type == "cuda")
+
+
+def eos_ids(model, tokenizer) -> list:
+    ids = model.generation_config.eos_token_id
+    ids = ids if isinstance(ids, list) else [ids] if ids is not None else []
+    return sorted(set(ids) | {tokenizer.eos_token_id} - {None})
+
+
+def tokenize_prompts(tokenizer, texts, device):
+    tokenizer.padding_side = "left"
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return enc.input_ids.to(device), enc.attention_mask.to(device)
+
+
+def decode_completions(tokenizer, response_ids, response_mask):
+    return [tokenizer.decode(ids[m > 0], skip_special_tokens=True)
+            for ids, m in zip(response_ids, response_mask)]

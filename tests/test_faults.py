@@ -1,9 +1,7 @@
 """Faults during a run: a non-finite gradient never reaches the weights or a checkpoint, a
 damaged finished stage is recomputed rather than trusted, one writer per run folder, and
 Ctrl-C says how to resume. Every finished stage is kept."""
-import copy
 import json
-import os
 import subprocess
 import sys
 

@@ -1,4 +1,5 @@
-"""Continual-learning metrics on hand-made accuracy matrices (ALGORITHMS.md §5)."""
+"""Continual-learning metrics on hand-made accuracy matrices: GEM (ACC, BWT, FWT) and the
+forgetting measure of Chaudhry et al."""
 import pytest
 
 from eval_forgetting import mean_std, relative_change, summarize

@@ -1,9 +1,8 @@
-"""SDPO teacher contexts (demonstrations, feedback, templates) and teacher weights."""
-import pytest
+"""SDPO's teacher context: which sibling is the demonstration, when feedback is used, the
+official templates, thinking stripped, and the exact prompt the teacher sees."""
 import torch
 
-from sdpo_cl import (Config, Teacher, ema_update_, strip_thinking, teacher_contexts,
-                     trust_region_logits)
+from sdpo_cl import Config, strip_thinking, teacher_contexts
 
 PROMPTS = ["Q"] * 4
 COMPLETIONS = ["right-0", "wrong-1", "right-2", "wrong-3"]
@@ -84,129 +83,6 @@ def test_thinking_is_stripped_from_demonstrations():
     ctx = teacher_contexts(["Q", "Q"], ["<think>hmm</think> 4", "5"], [1.0, 0.0], [None] * 2, 2,
                            Config(group_size=2))
     assert demo_of(ctx[1]) == "4"
-
-
-def tiny_linear(value):
-    layer = torch.nn.Linear(2, 1, bias=False)
-    torch.nn.init.constant_(layer.weight, value)
-    return layer
-
-
-def test_ema_update_formula():
-    teacher, student = tiny_linear(0.0), tiny_linear(1.0)
-    ema_update_(teacher, student, 0.05)
-    assert torch.allclose(teacher.weight, torch.full((1, 2), 0.05))
-    ema_update_(teacher, student, 0.05)               # 0.05 + 0.05 * (1 - 0.05)
-    assert torch.allclose(teacher.weight, torch.full((1, 2), 0.0975))
-
-
-def test_ema_teacher_follows_the_student_and_frozen_stays_fixed():
-    student = tiny_linear(0.0)
-    ema = Teacher(student, Config(teacher_regularization="ema", teacher_update_rate=0.5))
-    frozen = Teacher(student, Config(teacher_regularization="frozen"))
-    ema_zero = Teacher(student, Config(teacher_regularization="ema", teacher_update_rate=0.0))
-    with torch.no_grad():
-        student.weight.fill_(2.0)                      # an optimizer step
-    for t in (ema, frozen, ema_zero):
-        t.after_rollout_batch(student)
-    assert torch.allclose(ema.model.weight, torch.full((1, 2), 1.0))
-    assert torch.all(frozen.model.weight == 0) and torch.all(ema_zero.model.weight == 0)
-
-
-def test_trust_region_lerps_logits_of_reference_and_student():
-    assert torch.allclose(trust_region_logits(torch.zeros(3), torch.full((3,), 10.0), 0.05),
-                          torch.full((3,), 0.5))
-
-
-class Scale(torch.nn.Module):
-    """A stand-in 'model' whose logits are its weight times the input."""
-    def __init__(self, w):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.tensor(float(w)))
-
-    def forward(self, x):
-        return type("Out", (), {"logits": self.w * x})()
-
-
-def test_teacher_kinds_produce_the_promised_logits():
-    policy, x = Scale(1.0), torch.ones(2)
-    trust = Teacher(policy, Config(teacher_regularization="trust-region", teacher_update_rate=0.25))
-    live = Teacher(policy, Config(teacher_regularization="live"))
-    with torch.no_grad():
-        policy.w.fill_(5.0)                            # the student moves; the reference does not
-    def score(model):
-        return model(x).logits
-    assert torch.allclose(live.logits(policy, score), torch.full((2,), 5.0))
-    assert torch.allclose(trust.logits(policy, score), torch.full((2,), 1.0 + 0.25 * 4.0))
-    assert not live.logits(policy, score).requires_grad
-
-
-def test_reset_reinitialises_the_teacher_from_the_policy():
-    policy = Scale(1.0)
-    teacher = Teacher(policy, Config(teacher_regularization="frozen"))
-    with torch.no_grad():
-        policy.w.fill_(3.0)
-    teacher.reset(policy)
-    assert teacher.model.w.item() == pytest.approx(3.0)
-
-
-def test_teacher_path_mixes_a_checkpoint_into_the_teacher(tmp_path):
-    from sdpo_cl import build_lab_model, build_lab_tokenizer
-    tok = build_lab_tokenizer()
-    student, ckpt = build_lab_model(tok, seed=0), build_lab_model(tok, seed=1)
-    ckpt.save_pretrained(tmp_path)
-    teacher = Teacher(student, Config(teacher_path=str(tmp_path), teacher_init_alpha=0.25))
-    for t, s, c in zip(teacher.model.parameters(), student.parameters(), ckpt.parameters()):
-        assert torch.allclose(t, 0.25 * c + 0.75 * s, atol=1e-6)
-
-
-def prefixes_and_responses():
-    """Three left-padded teacher prefixes of different lengths and five responses (two ending
-    early with EOS) on a randomly initialised lab model."""
-    from sdpo_cl import build_lab_model, build_lab_tokenizer, tokenize_prompts
-    tok = build_lab_tokenizer()
-    model = build_lab_model(tok, seed=3)
-    prefix_ids, prefix_mask = tokenize_prompts(tok, ["12+5=\nCorrect: 17\n", "7+1=", "a"], "cpu")
-    torch.manual_seed(0)
-    response_ids = torch.randint(5, 60, (5, 6))
-    response_mask = torch.ones(5, 6)
-    response_mask[1, 3:] = 0
-    response_mask[4, 1:] = 0
-    return model, prefix_ids, prefix_mask, torch.tensor([0, 0, 1, 2, 1]), response_ids, \
-        response_mask
-
-
-def test_shared_prefix_scoring_equals_one_forward_per_sequence():
-    from sdpo_cl import response_logits, sequence_inputs
-    model, p_ids, p_mask, rows, r_ids, r_mask = prefixes_and_responses()
-    with torch.no_grad():
-        full = model(**sequence_inputs(p_ids[rows], p_mask[rows], r_ids, r_mask)).logits[:, :-1]
-    shared = response_logits(model, p_ids, p_mask, rows, r_ids, r_mask)
-    assert shared.shape == full.shape == (5, 6, model.config.vocab_size)
-    valid = r_mask.bool()
-    assert torch.allclose(shared[valid], full[valid], atol=1e-5)
-
-
-def test_shared_prefix_scoring_of_a_one_token_response():
-    from sdpo_cl import response_logits, sequence_inputs
-    model, p_ids, p_mask, rows, r_ids, r_mask = prefixes_and_responses()
-    with torch.no_grad():
-        full = model(**sequence_inputs(p_ids[rows], p_mask[rows], r_ids[:, :1], r_mask[:, :1])
-                     ).logits[:, :-1]
-    shared = response_logits(model, p_ids, p_mask, rows, r_ids[:, :1], r_mask[:, :1])
-    assert torch.allclose(shared, full, atol=1e-5)
-
-
-def test_a_training_policy_with_gradient_checkpointing_still_scores_with_its_prefix():
-    """The live teacher is the policy in training mode; the prefix cache must not be dropped."""
-    from sdpo_cl import response_logits
-    model, p_ids, p_mask, rows, r_ids, r_mask = prefixes_and_responses()
-    expected = response_logits(model, p_ids, p_mask, rows, r_ids, r_mask)
-    model.gradient_checkpointing_enable()
-    model.train()
-    got = response_logits(model, p_ids, p_mask, rows, r_ids, r_mask)
-    assert model.training
-    assert torch.allclose(got, expected, atol=1e-6)
 
 
 QWEN3_LIKE_TEMPLATE = (

@@ -1,0 +1,80 @@
+"""Where the SDPO teacher's weights come from: EMA, frozen, live, trust-region, a reset, and
+SDPO-CL's teacher_path mixed in by teacher_init_alpha."""
+import pytest
+import torch
+
+from sdpo_cl import Config, Teacher, ema_update_, trust_region_logits
+
+
+def tiny_linear(value):
+    layer = torch.nn.Linear(2, 1, bias=False)
+    torch.nn.init.constant_(layer.weight, value)
+    return layer
+
+
+def test_ema_update_formula():
+    teacher, student = tiny_linear(0.0), tiny_linear(1.0)
+    ema_update_(teacher, student, 0.05)
+    assert torch.allclose(teacher.weight, torch.full((1, 2), 0.05))
+    ema_update_(teacher, student, 0.05)               # 0.05 + 0.05 * (1 - 0.05)
+    assert torch.allclose(teacher.weight, torch.full((1, 2), 0.0975))
+
+
+def test_ema_teacher_follows_the_student_and_frozen_stays_fixed():
+    student = tiny_linear(0.0)
+    ema = Teacher(student, Config(teacher_regularization="ema", teacher_update_rate=0.5))
+    frozen = Teacher(student, Config(teacher_regularization="frozen"))
+    ema_zero = Teacher(student, Config(teacher_regularization="ema", teacher_update_rate=0.0))
+    with torch.no_grad():
+        student.weight.fill_(2.0)                      # an optimizer step
+    for t in (ema, frozen, ema_zero):
+        t.after_rollout_batch(student)
+    assert torch.allclose(ema.model.weight, torch.full((1, 2), 1.0))
+    assert torch.all(frozen.model.weight == 0) and torch.all(ema_zero.model.weight == 0)
+
+
+def test_trust_region_lerps_logits_of_reference_and_student():
+    assert torch.allclose(trust_region_logits(torch.zeros(3), torch.full((3,), 10.0), 0.05),
+                          torch.full((3,), 0.5))
+
+
+class Scale(torch.nn.Module):
+    """A stand-in 'model' whose logits are its weight times the input."""
+    def __init__(self, w):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(float(w)))
+
+    def forward(self, x):
+        return type("Out", (), {"logits": self.w * x})()
+
+
+def test_teacher_kinds_produce_the_promised_logits():
+    policy, x = Scale(1.0), torch.ones(2)
+    trust = Teacher(policy, Config(teacher_regularization="trust-region", teacher_update_rate=0.25))
+    live = Teacher(policy, Config(teacher_regularization="live"))
+    with torch.no_grad():
+        policy.w.fill_(5.0)                            # the student moves; the reference does not
+    def score(model):
+        return model(x).logits
+    assert torch.allclose(live.logits(policy, score), torch.full((2,), 5.0))
+    assert torch.allclose(trust.logits(policy, score), torch.full((2,), 1.0 + 0.25 * 4.0))
+    assert not live.logits(policy, score).requires_grad
+
+
+def test_reset_reinitialises_the_teacher_from_the_policy():
+    policy = Scale(1.0)
+    teacher = Teacher(policy, Config(teacher_regularization="frozen"))
+    with torch.no_grad():
+        policy.w.fill_(3.0)
+    teacher.reset(policy)
+    assert teacher.model.w.item() == pytest.approx(3.0)
+
+
+def test_teacher_path_mixes_a_checkpoint_into_the_teacher(tmp_path):
+    from sdpo_cl import build_lab_model, build_lab_tokenizer
+    tok = build_lab_tokenizer()
+    student, ckpt = build_lab_model(tok, seed=0), build_lab_model(tok, seed=1)
+    ckpt.save_pretrained(tmp_path)
+    teacher = Teacher(student, Config(teacher_path=str(tmp_path), teacher_init_alpha=0.25))
+    for t, s, c in zip(teacher.model.parameters(), student.parameters(), ckpt.parameters()):
+        assert torch.allclose(t, 0.25 * c + 0.75 * s, atol=1e-6)
