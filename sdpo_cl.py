@@ -53,10 +53,10 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
-from datasets import Dataset
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 
@@ -107,6 +107,8 @@ class Config:
     """generation budget per completion; a task may ask for less"""
     temperature: float = 1.0
     """sampling temperature for training rollouts"""
+    rollout_chunk_size: int = 0
+    """prompts per generate() call; 0 = all at once (smaller: less KV-cache memory)"""
     enable_thinking: bool = False
     """the chat template's thinking switch (Qwen3); off, as in the official runs"""
 
@@ -229,8 +231,8 @@ class Task:
     verifier. `reward(completion, example)` returns a float in [0, 1]; `feedback(completion,
     example)` returns a short text saying what was wrong (without the answer), or None."""
     name: str
-    train: Dataset
-    test: Dataset
+    train: Sequence[dict]         # a datasets.Dataset, or any list of dicts
+    test: Sequence[dict]
     reward: Callable[[str, dict], float]
     feedback: Callable[[str, dict], str | None] | None = None
     max_new_tokens: int | None = None
@@ -569,9 +571,12 @@ def sample_rollout(policy, tokenizer, task, examples, cfg):
     """G completions per prompt at the training temperature, and their rewards."""
     prompts = [format_prompt(tokenizer, ex["prompt"], ex.get("system"), cfg.enable_thinking)
                for ex in examples]
+    chunk = cfg.rollout_chunk_size or len(prompts)
     with autocast_for(cfg, policy):
-        rollout = generate(policy, tokenizer, prompts, generation_budget(cfg, task), sample=True,
-                           temperature=cfg.temperature, num_return_sequences=cfg.group_size)
+        rollout = concat_rollouts([
+            generate(policy, tokenizer, prompts[i:i + chunk], generation_budget(cfg, task),
+                     sample=True, temperature=cfg.temperature, num_return_sequences=cfg.group_size)
+            for i in range(0, len(prompts), chunk)], tokenizer.pad_token_id)
     samples = [examples[i // cfg.group_size] for i in range(len(rollout.completions))]
     rewards = torch.tensor([float(task.reward(c, ex))
                             for c, ex in zip(rollout.completions, samples)])
@@ -660,7 +665,8 @@ def micro_batch_loss(policy, teacher, reference, rollout, targets, rows, minibat
     logits = logits[:, :-1].float() / cfg.temperature          # [b, T, V]: pi = softmax(z / temp)
     logp_all = torch.log_softmax(logits, dim=-1)
     logprobs = logp_all.gather(-1, ids[rows, :, None]).squeeze(-1)          # [b, T]
-    entropy = -(logp_all.exp() * logp_all).sum(-1).detach()                 # [b, T]
+    with torch.no_grad():                                                   # a metric only
+        entropy = -(logp_all.exp() * logp_all).sum(-1)                      # [b, T]
     metrics = {"entropy": aggregation_share(mask[rows], mask[minibatch], "token-mean")
                * aggregate(entropy, mask[rows]).item()}
     loss = logits.sum() * 0.0   # graph-connected zero: the step runs even without any target
@@ -1176,6 +1182,7 @@ def make_lab_task(name: str, n_train: int = 2000, n_test: int = 100, seed: int =
         ex = make(rng)
         test.setdefault(ex["prompt"], ex)
     train = [make(rng) for _ in range(n_train)]
+    from datasets import Dataset
     return Task(name, Dataset.from_list(train), Dataset.from_list(list(test.values())),
                 reward, feedback, max_new)
 
@@ -1673,6 +1680,7 @@ def load_official_task(folder) -> Task:
         rows[split] = read_official_rows(path)
         if not rows[split]:
             raise ValueError(f"{path}: no examples")
+    from datasets import Dataset
     return Task(folder.name, Dataset.from_list(rows["train"]), Dataset.from_list(rows["test"]),
                 official_reward, official_feedback)
 
@@ -1993,6 +2001,7 @@ CONFIG_RANGES = {   # name: (low, high, low excluded)
     "steps_per_task": (1, 1e9, False), "ppo_epochs": (1, 1e9, False),
     "group_size": (2, 1e9, False), "warmup_steps": (0, 1e9, False),
     "micro_batch_size": (0, 1e9, False), "ppo_mini_batch_size": (0, 1e9, False),
+    "rollout_chunk_size": (0, 1e9, False),
 }
 
 
@@ -2135,6 +2144,26 @@ def stage_summary(history) -> dict:
             "reward_last5": mean("reward", slice(-5, None)), "seconds_per_step": mean("seconds"),
             "zero_adv_groups_first": history[0]["zero_adv_groups"],
             "distill_frac": mean("distill_frac")}
+
+
+def concat_rollouts(rollouts, pad_id) -> Rollout:
+    """One Rollout from several (rollout_chunk_size): prompts left-padded and responses
+    right-padded to the widest."""
+    if len(rollouts) == 1:
+        return rollouts[0]
+    P = max(r.prompt_ids.shape[1] for r in rollouts)
+    T = max(r.response_ids.shape[1] for r in rollouts)
+
+    def pad(x, width, value, left):
+        extra = width - x.shape[1]
+        return F.pad(x, (extra, 0) if left else (0, extra), value=value)
+
+    return Rollout(torch.cat([pad(r.prompt_ids, P, pad_id, True) for r in rollouts]),
+                   torch.cat([pad(r.prompt_mask, P, 0, True) for r in rollouts]),
+                   torch.cat([pad(r.response_ids, T, pad_id, False) for r in rollouts]),
+                   torch.cat([pad(r.response_mask, T, 0, False) for r in rollouts]),
+                   torch.cat([pad(r.old_logprobs, T, 0, False) for r in rollouts]),
+                   [c for r in rollouts for c in r.completions])
 
 
 def sequence_inputs(prompt_ids, prompt_mask, response_ids, response_mask):

@@ -17,6 +17,7 @@ Prints one table and exits non-zero if any loss differs from TRL's by more than 
 from __future__ import annotations
 
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -150,7 +151,8 @@ def time_floor(model, tok, task, cfg, teacher_too, n_warmup=2, n=8) -> float:
         loss.backward()
         opt.step()
         if teacher_too:
-            demo = [sc.format_prompt(tok, sc.demonstration_prompt(e, cfg)) for e in ex]
+            demo = [sc.format_prompt(tok, sc.teacher_prompt(e["prompt"], cfg, e["answer"]))
+                    for e in ex]
             t_ids, _ = sc.tokenize_prompts(tok, demo, policy.device)
             t_ids = t_ids.repeat_interleave(cfg.group_size, 0)
             with torch.no_grad():
@@ -281,7 +283,245 @@ def sums_task(n_train=400, n_test=40, seed=0) -> sc.Task:
         pairs = [(rng.randint(1, 9), rng.randint(1, 9)) for _ in range(n)]
         return Dataset.from_list([{"prompt": f"What is {a} plus {b}? Answer with a number.",
                                    "answer": str(a + b)} for a, b in pairs])
-    return sc.Task("sums", rows(n_train), rows(n_test), sc.gsm8k_reward, sc.gsm8k_feedback)
+    return sc.Task("sums", rows(n_train), rows(n_test), last_number_reward)
+
+
+def last_number_reward(completion, example) -> float:
+    """The last number in the completion equals the answer (a sentence answer scores)."""
+    found = re.findall(r"-?\d+", completion)
+    return float(bool(found) and found[-1] == example["answer"])
+
+
+# --- 4. real sizes: Qwen-shaped models with random weights ---------------------------------------
+# Speed and memory do not depend on the weights, so a model built from a published architecture
+# with random weights costs what the real one costs per step. The shapes below are the published
+# configurations (layers, widths, heads, key-value heads, vocabulary; tied embeddings).
+
+SHAPES = {
+    "qwen2.5-0.5b": dict(model_type="qwen2", hidden_size=896, intermediate_size=4864,
+                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2),
+    "qwen3-0.6b": dict(model_type="qwen3", hidden_size=1024, intermediate_size=3072,
+                       num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                       head_dim=128),
+    "qwen3-1.7b": dict(model_type="qwen3", hidden_size=2048, intermediate_size=6144,
+                       num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                       head_dim=128),
+}
+QWEN_VOCAB = 151936
+
+
+def shape_tokenizer(vocab=QWEN_VOCAB):
+    """A word-level tokenizer whose every id is a word "t<id>", so random answers decode and
+    re-encode to exactly the same ids (and lengths) when the teacher prompt is built from them."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    words = {"<pad>": 0, "<eos>": 1, "<unk>": 2} | {f"t{i}": i for i in range(3, vocab)}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")      # joins words with spaces
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
+        chat_template="{% for m in messages %}{{ m['content'] }} {% endfor %}")
+
+
+def shape_model(name, device):
+    """A randomly initialised model of the named architecture, fp32, on `device`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    spec = dict(SHAPES[name])
+    config = AutoConfig.for_model(spec.pop("model_type"), vocab_size=QWEN_VOCAB,
+                                  tie_word_embeddings=True, max_position_embeddings=8192,
+                                  rope_theta=1e6, pad_token_id=0, eos_token_id=1, **spec)
+    torch.manual_seed(0)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def forced_length_task(prompt_len, answer_len, group, success_per_group=2, n=512):
+    """Random prompts of prompt_len tokens; every answer is forced to answer_len tokens (the
+    model's min_new_tokens is set to it); the first success_per_group answers of every group
+    are marked successful, so SDPO has demonstrations and GRPO mixed groups."""
+    import random
+    rng = random.Random(0)
+    rows = [{"prompt": " ".join(f"t{rng.randrange(3, QWEN_VOCAB)}" for _ in range(prompt_len)),
+             "answer": "-"} for _ in range(n)]
+    calls = [0]
+
+    def reward(completion, example):
+        calls[0] += 1
+        return float((calls[0] - 1) % group < success_per_group)
+    return sc.Task("forced", rows, rows[:8], reward, max_new_tokens=answer_len)
+
+
+def hwm_gib() -> float:
+    """The process's peak resident memory (VmHWM), GiB."""
+    line = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
+    return int(line.split()[1]) / 2**20
+
+
+def time_shape(name, mode, *, device, prompts, group, prompt_len, answer_len, micro_batch,
+               checkpointing, topk, chunk, steps=1) -> dict:
+    """One warm-up step on a tiny batch, then `steps` timed steps of this project's train_step at
+    the requested batch. The split is measured with the device synchronised around the teacher
+    forward and the optimizer step; the student forward+backward is the rest of the update."""
+    model = shape_model(name, device)
+    tok = shape_tokenizer()
+    model.generation_config.min_new_tokens = answer_len        # every answer exactly answer_len
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    task = forced_length_task(prompt_len, answer_len, group)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    split = {"teacher": 0.0, "optimizer": 0.0}
+
+    def timed(fn, key):
+        def wrapper(*a, **k):
+            sync()
+            t0 = time.time()
+            out = fn(*a, **k)
+            sync()
+            split[key] += time.time() - t0
+            return out
+        return wrapper
+
+    scores, sample = sc.teacher_scores, sc.sample_rollout
+    sc.teacher_scores = timed(scores, "teacher")
+
+    def sample_and_measure(*a, **k):     # the peak of the rollout, then of the update apart
+        out = sample(*a, **k)
+        if device == "cuda":
+            split["peak_rollout"] = torch.cuda.max_memory_allocated() / 2**30
+            torch.cuda.reset_peak_memory_stats()
+        return out
+    sc.sample_rollout = sample_and_measure
+    try:
+        out = []
+        # warm-up: the full batch with 16-token answers (kernels, allocator), then timed steps
+        for i, (p, g, budget) in enumerate([(prompts, group, 16)] + [(prompts, group, answer_len)]
+                                           * steps):
+            cfg = sc.Config(model=name, loss_mode="sdpo" if mode == "sdpo" else "grpo",
+                            prompts_per_step=p, group_size=g, max_new_tokens=budget,
+                            ppo_mini_batch_size=p // 4 if mode == "grpo" and p % 4 == 0 else 0,
+                            micro_batch_size=micro_batch, distillation_topk=topk,
+                            rollout_chunk_size=chunk, warmup_steps=0, device=device)
+            model.generation_config.min_new_tokens = budget
+            teacher = sc.Teacher(model, cfg) if mode == "sdpo" else None
+            opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=True)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+            opt.step = timed(opt.step, "optimizer")
+            split.update(teacher=0.0, optimizer=0.0)
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            sync()
+            metrics = sc.train_step(model, tok, teacher, opt, sched, task,
+                                    [task.train[(i * p + j) % len(task.train)] for j in range(p)],
+                                    cfg)
+            sync()
+            if i > 0:
+                cuda = device == "cuda"
+                out.append({**metrics, "peak_rollout": float("nan"), **split, "peak_update": (
+                    torch.cuda.max_memory_allocated() / 2**30 if cuda else hwm_gib())})
+            del teacher, opt
+    finally:
+        sc.teacher_scores, sc.sample_rollout = scores, sample
+    m = {k: statistics.median(o[k] for o in out) for k in (
+        "seconds", "t_rollout", "teacher", "optimizer", "peak_rollout", "peak_update")}
+    rows = prompts * group
+    update = m["seconds"] - m["t_rollout"]
+    if out[-1]["response_length"] != answer_len:
+        raise RuntimeError(f"answers were {out[-1]['response_length']} tokens, not {answer_len}")
+    return {**m, "student": update - m["teacher"] - m["optimizer"],
+            "gen_tok_s": rows * answer_len / m["t_rollout"],
+            "train_tok_s": rows * (prompt_len + answer_len) / update,
+            "distill_frac": out[-1].get("distill_frac", 0.0),
+            "length": out[-1]["response_length"]}
+
+
+SHAPE_HEAD = ("| shape | method | batch | prompt+answer | micro-batch | ckpt | top-k | rollout "
+              "chunk | s/step | rollout | teacher | student fwd+bwd | optimizer | generated tok/s "
+              "| trained tok/s | peak GiB rollout / update |\n" + "|---" * 16 + "|")
+
+
+def shape_row(name, mode, r, a) -> str:
+    return (f"| {name} | {mode} | {a.prompts}x{a.group} | {a.prompt_len}+{a.answer_len} | "
+            f"{a.micro_batch} | {'on' if a.checkpointing else 'off'} | {a.topk or 'full'} | "
+            f"{a.chunk or 'all'} | {r['seconds']:.2f} | {r['t_rollout']:.2f} | {r['teacher']:.2f} "
+            f"| {r['student']:.2f} | {r['optimizer']:.3f} | {r['gen_tok_s']:.0f} | "
+            f"{r['train_tok_s']:.0f} | {r['peak_rollout']:.1f} / {r['peak_update']:.1f} |")
+
+
+def shapes_main(args):
+    """--shape: time GRPO and/or SDPO steps of train_step on a Qwen-shaped model."""
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    print(shape_banner(device))
+    if not args.no_header:
+        print(SHAPE_HEAD)
+    for mode in args.methods.split(","):
+        r = time_shape(args.shape, mode, device=device, prompts=args.prompts, group=args.group,
+                       prompt_len=args.prompt_len, answer_len=args.answer_len,
+                       micro_batch=args.micro_batch, checkpointing=args.checkpointing,
+                       topk=args.topk, chunk=args.chunk, steps=args.steps)
+        print(shape_row(args.shape, mode, r, args), flush=True)
+
+
+def shape_banner(device) -> str:
+    label = (torch.cuda.get_device_name() if device == "cuda" else
+             f"CPU, {torch.get_num_threads()} threads")
+    return (f"# {label}, torch {torch.__version__}, bf16 autocast "
+            f"{'on' if device == 'cuda' else 'off'}, {time.strftime('%Y-%m-%d')}")
+
+
+# The GPU check (benchmarks/gpu_check.sh): the paper's batch (32 prompts x 8 answers), 128-token
+# prompts and 512-token answers, bf16 autocast, one timed step each. First every shape with the
+# options that fit an 80 GB card, then the memory options at the 0.6B shape and the settings
+# that aim at a 24 GB card; configurations that would start after `budget` seconds are skipped.
+GPU_MEMORY_PLAN = [   # a batch of 8 x 8: the update's peak does not depend on the batch (one
+    # micro-batch at a time); the rollout's grows with the prompts per generate call
+    ("qwen3-0.6b", "grpo,sdpo", dict(prompts=8, micro_batch=8, checkpointing=True, topk=100,
+                                     chunk=0)),
+    ("qwen3-0.6b", "sdpo", dict(prompts=8, micro_batch=8, checkpointing=True, topk=None,
+                                chunk=0)),
+    ("qwen3-0.6b", "sdpo", dict(prompts=8, micro_batch=8, checkpointing=False, topk=100,
+                                chunk=0)),
+    ("qwen3-0.6b", "grpo,sdpo", dict(prompts=8, micro_batch=2, checkpointing=True, topk=100,
+                                     chunk=0)),
+    ("qwen3-1.7b", "sdpo", dict(prompts=8, micro_batch=2, checkpointing=True, topk=100,
+                                chunk=0)),
+]
+GPU_PLAN = [
+    ("qwen2.5-0.5b", "grpo,sdpo", dict(micro_batch=8, checkpointing=True, topk=100, chunk=0)),
+    ("qwen3-0.6b", "grpo,sdpo", dict(micro_batch=8, checkpointing=True, topk=100, chunk=0)),
+    ("qwen3-1.7b", "grpo,sdpo", dict(micro_batch=8, checkpointing=True, topk=100, chunk=0)),
+    ("qwen3-0.6b", "grpo", dict(micro_batch=2, checkpointing=True, topk=100, chunk=8)),
+]
+
+
+def gpu_plan_main(args, plan, budget=420):
+    import gc
+    import types
+    device = args.device or "cuda"
+    print(shape_banner(device))
+    print(SHAPE_HEAD, flush=True)
+    t_start = time.time()
+    for shape, methods, options in plan:
+        for mode in methods.split(","):
+            if time.time() - t_start > budget:
+                print(f"| {shape} | {mode} | skipped: the {budget} s budget was spent |")
+                continue
+            a = types.SimpleNamespace(prompts=args.prompts, group=args.group,
+                                      prompt_len=args.prompt_len, answer_len=args.answer_len)
+            vars(a).update(options)
+            try:
+                r = time_shape(shape, mode, device=device, prompts=a.prompts, group=a.group,
+                               prompt_len=a.prompt_len, answer_len=a.answer_len,
+                               micro_batch=a.micro_batch, checkpointing=a.checkpointing,
+                               topk=a.topk, chunk=a.chunk)
+                print(shape_row(shape, mode, r, a), flush=True)
+            except torch.cuda.OutOfMemoryError:
+                print(f"| {shape} | {mode} | out of memory with {options} |", flush=True)
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    print(f"# total {time.time() - t_start:.0f} s")
 
 
 def main():
@@ -295,12 +535,39 @@ def main():
     ap.add_argument("--group", type=int, default=8, help="completions per prompt (%(default)s)")
     ap.add_argument("--max-new-tokens", type=int, default=None,
                     help="generation budget (default: the task's own, or 24)")
-    ap.add_argument("--steps", type=int, default=16, help="timed steps after 2 warm-up steps")
+    ap.add_argument("--steps", type=int, default=16, help="timed steps after the warm-up (2 "
+                    "steps; with --shape one tiny step, and 1 timed step by default)")
     ap.add_argument("--bf16", action="store_true",
                     help="run both sides under CPU bf16 autocast (TRL's default) instead of fp32")
     ap.add_argument("--experiment", action="store_true", help="also time run_sequence.py")
+    ap.add_argument("--shape", choices=list(SHAPES), help="time train_step on a randomly "
+                    "initialised model of this architecture instead (see SHAPES)")
+    ap.add_argument("--methods", default="grpo,sdpo", help="with --shape: which steps to time")
+    ap.add_argument("--prompt-len", type=int, default=128, help="with --shape: prompt tokens")
+    ap.add_argument("--answer-len", type=int, default=512, help="with --shape: answer tokens")
+    ap.add_argument("--micro-batch", type=int, default=8, help="with --shape: sequences per "
+                    "forward/backward")
+    ap.add_argument("--checkpointing", action="store_true", help="with --shape: gradient "
+                    "checkpointing")
+    ap.add_argument("--topk", type=int, default=100, help="with --shape: distillation top-k, "
+                    "0 = the full vocabulary")
+    ap.add_argument("--chunk", type=int, default=0, help="with --shape: prompts per generate "
+                    "call (rollout_chunk_size), 0 = all")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    ap.add_argument("--plan", choices=("gpu", "gpu-memory"), help="run the GPU check's list of "
+                    "shapes and options (benchmarks/gpu_check.sh)")
+    ap.add_argument("--budget", type=float, default=420, help="with --plan: start no new "
+                    "configuration after this many seconds")
+    ap.add_argument("--no-header", action="store_true", help="with --shape: rows only")
     args = ap.parse_args()
     quiet()
+    if args.plan:
+        return gpu_plan_main(args, {"gpu": GPU_PLAN, "gpu-memory": GPU_MEMORY_PLAN}[args.plan],
+                             args.budget)
+    if args.shape:
+        args.topk = args.topk or None
+        args.steps = 1 if args.steps == 16 else args.steps
+        return shapes_main(args)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}")
     rows = loss_identity()
@@ -321,7 +588,7 @@ def main():
     else:
         task = sc.load_task(args.task)
         if args.model != "lab":   # a real model answers in sentences: the last number counts
-            task.reward = sc.gsm8k_reward
+            task.reward = last_number_reward
     budget = args.max_new_tokens or task.max_new_tokens or 24
     task.max_new_tokens = budget
     print(f"\n{args.model.split('/')[-1]}, task {task.name}, {args.prompts} prompts x "
@@ -341,6 +608,7 @@ def main():
         # within the warm-up steps, and the two sides would then time different behaviour
         cfg = sc.lab_config(model=args.model, loss_mode=mode, prompts_per_step=args.prompts,
                             group_size=args.group, max_new_tokens=budget,
+                            loss_agg_mode="token-mean", warmup_steps=0,
                             lr=sc.lab_config().lr if args.model == "lab" else sc.Config().lr)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             torch.manual_seed(0)

@@ -144,3 +144,18 @@ def test_warm_up_starts_at_lr_zero_as_verl(base):
                        lr=1e-3)
     history = s.train_task(copy.deepcopy(model), tok, None, task, cfg, rng=s.seed_everything(0))
     assert [h["lr"] for h in history] == pytest.approx([0.0, 2.5e-4, 5e-4])
+
+
+def test_rollouts_in_chunks_are_concatenated_with_padding():
+    tok = s.build_lab_tokenizer()
+    a = s.Rollout(torch.tensor([[5, 6]]), torch.ones(1, 2), torch.tensor([[7]]), torch.ones(1, 1),
+                  torch.tensor([[-0.5]]), ["x"])
+    b = s.Rollout(torch.tensor([[5]]), torch.ones(1, 1), torch.tensor([[8, 9]]), torch.ones(1, 2),
+                  torch.tensor([[-0.1, -0.2]]), ["yz"])
+    r = s.concat_rollouts([a, b], tok.pad_token_id)
+    pad = tok.pad_token_id
+    assert r.prompt_ids.tolist() == [[5, 6], [pad, 5]]
+    assert r.prompt_mask.tolist() == [[1, 1], [0, 1]]
+    assert r.response_ids.tolist() == [[7, pad], [8, 9]]
+    assert r.response_mask.tolist() == [[1, 0], [1, 1]] and r.completions == ["x", "yz"]
+    assert torch.allclose(r.old_logprobs, torch.tensor([[-0.5, 0.0], [-0.1, -0.2]]))
