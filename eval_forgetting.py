@@ -93,6 +93,44 @@ def verdict(diff) -> str:
     return "beyond noise" if diff["low"] > 0 or diff["high"] < 0 else "within noise"
 
 
+# Each finding of the paper as one command: the defaults it sets, what the paper reports, and
+# what to look at in the report section it writes.
+FINDINGS = {
+    "teacher-stability": dict(
+        methods="grpo,sdpo_frozen,sdpo,sdpo_trust_region,sdpo_live", tasks="math", probes="",
+        steps="15", seeds="0,1,2", set=["eval_every=3"],
+        paper="a stable teacher (frozen, or a slow EMA) beats a fast-moving one, and with it "
+              "SDPO specialises faster than GRPO",
+        look="the in-domain accuracy during the stage (every 3 batches) of each teacher kind"),
+    "ood": dict(
+        methods="grpo,sdpo", tasks="math", probes="mcq_math,math_words", steps="15",
+        seeds="0,1,2", set=["eval_every=3"],
+        paper="SDPO improves source-like tasks but hurts partially related ones: their accuracy "
+              "rises, then falls (an inverted U)",
+        look="the held-out probes' accuracy during and after one stage"),
+    "continual": dict(
+        methods="grpo,sdpo,sdpo_frozen", seeds="0,1,2",
+        paper="SDPO accumulates forgetting across sequential domains; GRPO preserves more",
+        look="forgetting and BWT, their paired differences and intervals"),
+    "drift": dict(
+        methods="grpo,sdpo,sdpo_frozen", seeds="0,1,2",
+        paper="denser supervision moves the model further, in parameters (relative L2, principal "
+              "angles of the weight matrices) and in responses (KL, similarity to the base's)",
+        look="the drift figure, and response KL against forgetting"),
+    "collapse": dict(
+        methods="grpo,sdpo_ema50,sdpo_live", tasks="tool", probes="", steps="40", seeds="0,1,2",
+        paper="a fast-moving teacher amplified a formatting artifact through the teacher-student "
+              "loop until the model collapsed",
+        look="the repetition and unfinished rates per step, in the samples and in the "
+             "successful samples the teacher copies, over a long stage"),
+    "cot": dict(
+        methods="grpo,sdpo_frozen,sdpo_frozen_answer", tasks="math_cot", probes="", steps="15",
+        seeds="0,1,2", set=["eval_every=3"],
+        paper="distilling the chain of thought too is not better: long reasoning amplifies noise "
+              "(SDPO_0 vs SDPO_0 with CoT)",
+        look="accuracy during the stage, whole response against final answer only"),
+}
+
 # ================================================================================================
 # Reading run folders and comparing methods
 # ================================================================================================
@@ -122,7 +160,9 @@ def method_values(results, run) -> dict:
     values["ood"] = (sum(R[-1][j] - R[0][j] for j in probes) / len(probes) if probes else None)
     last = records[-1]
     values["param_drift"] = last["param_drift"]["overall"]
+    values["angle"] = last["param_drift"].get("subspace_angle")
     values["response_kl"] = last["response_kl"]
+    values["similarity"] = last.get("response_similarity")
     values["repetition"] = last["artifacts"]["repetition_frac"]
     return values
 
@@ -144,7 +184,8 @@ def method_rows(results) -> dict:
 
 COLUMNS = [("acc", "ACC", 100), ("bwt", "BWT", 100), ("forgetting", "Forgetting", 100),
            ("fwt", "FWT", 100), ("plasticity", "Plasticity", 100), ("ood", "OOD Δ", 100),
-           ("param_drift", "Param drift %", 100), ("response_kl", "Response KL", 1),
+           ("param_drift", "Param drift %", 100), ("angle", "Angle °", 1),
+           ("response_kl", "Response KL", 1), ("similarity", "Similarity", 1),
            ("repetition", "Repetition %", 100)]
 
 
@@ -157,7 +198,7 @@ def comparison_table(results) -> str:
         cells = []
         for key, _, scale in COLUMNS:
             m, s = mean_std(per[key])
-            digits = 3 if scale == 1 else 1
+            digits = 3 if key == "response_kl" else 1
             cells.append("n/a" if m is None
                          else f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}")
         lines.append(f"| {method} | {len(per['acc'])} | " + " | ".join(cells) + " |")
@@ -166,9 +207,11 @@ def comparison_table(results) -> str:
 
 PAIRED = [("acc", "ACC"), ("forgetting", "Forgetting"), ("bwt", "BWT"),
           ("plasticity", "Plasticity"), ("ood", "OOD Δ")]
+PAIRED_DRIFT = [("param_drift", "Param drift %"), ("angle", "Angle °"),
+                ("response_kl", "Response KL"), ("similarity", "Similarity")]
 
 
-def paired_rows(results, baseline) -> dict:
+def paired_rows(results, baseline, metrics=PAIRED) -> dict:
     """Per method other than `baseline`: the paired difference (method - baseline) of each
     summary metric over the seeds both finished."""
     per_seed = {}
@@ -183,32 +226,40 @@ def paired_rows(results, baseline) -> dict:
         common = sorted(set(by_seed) & set(per_seed[baseline]))
         out[method] = {key: paired_difference([by_seed[s][key] for s in common],
                                                [per_seed[baseline][s][key] for s in common])
-                       for key, _ in PAIRED}
+                       for key, _ in metrics}
     return out
 
 
-def paired_table(results, baseline="grpo") -> str:
-    """Method minus baseline, per metric: mean over paired seeds [95% interval], in points, and
-    one plain sentence per method on forgetting and ACC."""
-    rows = paired_rows(results, baseline)
+def paired_table(results, baseline="grpo", metrics=PAIRED) -> str:
+    """Method minus baseline, per metric: mean over paired seeds [95% interval] (accuracies and
+    drift in points, KL and similarity as they are), and one plain sentence per method on
+    forgetting and ACC."""
+    rows = paired_rows(results, baseline, metrics)
     if not rows:
         return ""
-    lines = [f"| method − {baseline} | seeds | " + " | ".join(c[1] for c in PAIRED) + " |",
-             "|" + "---|" * (len(PAIRED) + 2)]
+    lines = [f"| method − {baseline} | seeds | " + " | ".join(c[1] for c in metrics) + " |",
+             "|" + "---|" * (len(metrics) + 2)]
     sentences = []
     for method, diffs in rows.items():
         cells = []
-        for key, _ in PAIRED:
-            d = diffs[key]
-            cells.append("n/a" if d["mean"] is None else f"{100 * d['mean']:+.1f}" + (
-                "" if d["low"] is None else f" [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"))
-        lines.append(f"| {method} | {diffs['acc']['n']} | " + " | ".join(cells) + " |")
-        f, a = diffs["forgetting"], diffs["acc"]
-        if f["mean"] is not None and a["mean"] is not None:
-            sentences.append(
-                f"{method} forgets {100 * f['mean']:+.1f} points more than {baseline} "
-                f"({verdict(f)}) and ends with an ACC {100 * a['mean']:+.1f} points higher "
-                f"({verdict(a)}), over {f['n']} paired seed{'s' * (f['n'] != 1)}.")
+        for key, _ in metrics:
+            d, f = diffs[key], (1 if key in ("angle", "response_kl", "similarity") else 100)
+            digits = 3 if key == "response_kl" else 1
+            cells.append("n/a" if d["mean"] is None else f"{f * d['mean']:+.{digits}f}" + (
+                "" if d["low"] is None else
+                f" [{f * d['low']:+.{digits}f}, {f * d['high']:+.{digits}f}]"))
+        lines.append(f"| {method} | {diffs[metrics[0][0]]['n']} | " + " | ".join(cells) + " |")
+        f, a = diffs.get("forgetting"), diffs.get("acc")
+        said = []
+        if f and f["mean"] is not None:
+            said.append(f"forgets {100 * f['mean']:+.1f} points more than {baseline} "
+                        f"({verdict(f)})")
+        if a and a["mean"] is not None:
+            said.append(f"ends with an ACC {100 * a['mean']:+.1f} points higher ({verdict(a)})")
+        if said:
+            n = diffs[metrics[0][0]]["n"]
+            sentences.append(f"{method} " + " and ".join(said)
+                             + f", over {n} paired seed{'s' * (n != 1)}.")
     return "\n".join(lines) + "\n\n" + "\n".join(sentences)
 
 
@@ -246,8 +297,9 @@ def relative_table(results, method) -> str:
     return "\n".join(lines)
 
 
-def write_report(results, out: Path) -> str:
-    """report.md with the comparison, per-method accuracy tables, and the plots beside it."""
+def write_report(results, out: Path, finding=None) -> str:
+    """report.md with the signal check, the comparison and its paired differences, the section
+    of a finding (finding: {"name", "paper", "look"}), per-method tables, and the plots."""
     out.mkdir(parents=True, exist_ok=True)
     cfg = results.get("config", {})
     trained_names = [results["tasks"][j] for j in results["trained"]]
@@ -256,23 +308,40 @@ def write_report(results, out: Path) -> str:
              f"Tasks in training order: {', '.join(trained_names)}; "
              f"held-out probes: {', '.join(probe_names) or 'none'}. "
              f"Model: {cfg.get('model', '?')}; steps per task: {cfg.get('steps', '?')}; "
-             f"evaluation: {cfg.get('eval_mode', 'greedy')}.", "",
-             "Accuracies and their differences are in points (0-100); mean ± std over seeds. "
-             "BWT < 0 and Forgetting > 0 mean forgetting; OOD Δ is the final minus base "
-             "accuracy on the held-out probes; Response KL is KL(base || model) per token on the "
-             "base model's own evaluation answers.", "", comparison_table(results), ""]
+             f"evaluation: {cfg.get('eval_mode', 'greedy')}.", ""]
+    if results.get("signal"):
+        parts += ["Signal check before training (the base model): " + "; ".join(
+            f"{name}: reward {v['reward']:.2f} at the training temperature, "
+            f"{100 * v['solved_groups']:.0f}% of groups with a success, "
+            f"{100 * v['zero_adv_groups']:.0f}% all alike, teacher lift "
+            f"{100 * v['teacher_lift']:+.0f} points"
+            + "".join(f" (WARNING: {w})" for w in v["warnings"])
+            for name, v in results["signal"].items()) + ".", ""]
+    parts += ["Accuracies and their differences are in points (0-100); mean ± std over seeds. "
+              "BWT < 0 and Forgetting > 0 mean forgetting; OOD Δ is the final minus base "
+              "accuracy on the held-out probes; Angle is the mean principal angle between the top "
+              "singular subspaces of each weight matrix before and after; Response KL is KL(base "
+              "|| model) per token on the base model's own evaluation answers; Similarity is how "
+              "alike (0-100) the answers are to the base model's.", "",
+              comparison_table(results), ""]
     paired = paired_table(results)
     if paired:
         parts += ["Paired differences against GRPO (the same seeds: the same base evaluation and "
-                  "the same training prompts), mean [95% t interval] in points:", "", paired, ""]
+                  "the same training prompts), mean [95% t interval]:", "", paired, "",
+                  paired_table(results, metrics=PAIRED_DRIFT), ""]
+    plots = write_plots(results, out)
+    if finding:
+        parts += [f"## Finding: {finding['name']}", "", f"The paper: {finding['paper']}. "
+                  f"Look at {finding['look']}.", ""]
+        parts += [f"![{p.stem}]({p.name})" for p in plots if p.stem in FINDING_FIGURES.get(
+            finding["name"], ())] + [""]
     for method in results["runs"]:
         if any(r["R"] for r in results["runs"][method].values()):
             parts += [f"## {method}", "", "Accuracy (points):", "",
                       accuracy_table(results, method), "",
                       "Relative change versus the base model (%, the unit of the paper's "
                       "figures):", "", relative_table(results, method), ""]
-    plots = write_plots(results, out)
-    parts += [f"![{p.stem}]({p.name})" for p in plots]
+    parts += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     text = "\n".join(parts) + "\n"
     tmp = out / f"report.md.tmp{os.getpid()}"       # atomic, as every write of a run
     tmp.write_text(text)
@@ -280,25 +349,64 @@ def write_report(results, out: Path) -> str:
     return text
 
 
+FINDING_FIGURES = {"teacher-stability": ("curves",), "ood": ("curves",), "cot": ("curves",),
+                   "continual": ("accuracy", "razor"), "drift": ("drift", "razor"),
+                   "collapse": ("collapse", "curves")}
+
+
+def finished_runs(results, method) -> list:
+    return [r for r in results["runs"][method].values() if r["R"]]
+
+
+def forgetting_so_far(R, trained, k) -> float | None:
+    """After stage k: the mean over the tasks trained before k of their best accuracy since
+    their own stage minus the accuracy now (the forgetting measure, stage by stage)."""
+    drops = [max(R[i][trained[j]] for i in range(j + 1, k)) - R[k][trained[j]]
+             for j in range(k - 1)]
+    return sum(drops) / len(drops) if drops else None
+
+
+def mean_curve(runs, get) -> tuple:
+    """Mean and std over runs of get(run) -> list of (x, y), on the x of the first run."""
+    series = [get(r) for r in runs]
+    xs = [x for x, _ in series[0]]
+    stats = [mean_std([s[i][1] for s in series if i < len(s)]) for i in range(len(xs))]
+    return xs, [m for m, _ in stats], [sd for _, sd in stats]
+
+
 def write_plots(results, out: Path) -> list:
     """accuracy.png: each task's accuracy over stages per method (the paper's main figure);
-    drift.png: parameter drift and response KL over stages."""
+    drift.png: parameter drift, principal angle, response KL and similarity over stages;
+    razor.png: response KL against forgetting, stage by stage, every run (RL's Razor);
+    curves.png: accuracy during the stages, where they were evaluated every few batches;
+    collapse.png: the artifact rates and the reward at every training step."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     tasks, trained = results["tasks"], results["trained"]
-    methods = [m for m in results["runs"] if any(r["R"] for r in results["runs"][m].values())]
+    methods = [m for m in results["runs"] if finished_runs(results, m)]
+    steps = results.get("config", {}).get("steps") or [0] * len(trained)
+    offsets = [sum(steps[:k]) for k in range(len(trained) + 1)]
+    paths = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=90)
+        plt.close(fig)
+        paths.append(out / name)
+
+    def band(ax, xs, mu, sd, label, marker="o"):
+        ax.plot(xs, mu, marker=marker, ms=3, label=label)
+        ax.fill_between(xs, [a - b for a, b in zip(mu, sd)], [a + b for a, b in zip(mu, sd)],
+                        alpha=0.2)
+
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3), squeeze=False)
     for j, ax in enumerate(axes[0]):
         for m in methods:
-            runs = [r for r in results["runs"][m].values() if r["R"]]
+            runs = finished_runs(results, m)
             n = min(len(r["R"]) for r in runs)
-            stats = [mean_std([100 * r["R"][k][j] for r in runs]) for k in range(n)]
-            mu, sd = [s[0] for s in stats], [s[1] for s in stats]
-            ax.plot(range(n), mu, marker="o", label=m)
-            ax.fill_between(range(n), [a - b for a, b in zip(mu, sd)],
-                            [a + b for a, b in zip(mu, sd)], alpha=0.2)
+            band(ax, *mean_curve(runs, lambda r: [(k, 100 * r["R"][k][j]) for k in range(n)]), m)
         trained_at = trained.index(j) + 1 if j in trained else None
         if trained_at:
             ax.axvline(trained_at, color="grey", ls=":", lw=1)
@@ -307,28 +415,85 @@ def write_plots(results, out: Path) -> list:
         ax.set_ylim(-2, 102)
     axes[0][0].set_ylabel("accuracy (%)")
     axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    paths = [out / "accuracy.png"]
-    fig.savefig(paths[0], dpi=90)
-    plt.close(fig)
+    save(fig, "accuracy.png")
 
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+    measures = [("parameter drift ||θ-θ0||/||θ0|| (%)", lambda rec: 100 * rec["param_drift"][
+                    "overall"]),
+                ("principal angle of the weights (°)",
+                 lambda rec: rec["param_drift"].get("subspace_angle", 0.0)),
+                ("response KL(base || model) per token", lambda rec: rec["response_kl"]),
+                ("similarity to the base's answers", lambda rec: rec.get("response_similarity",
+                                                                         100.0))]
+    fig, axes = plt.subplots(1, len(measures), figsize=(4 * len(measures), 3))
     for m in methods:
-        runs = [r for r in results["runs"][m].values() if r["records"]]
+        runs = finished_runs(results, m)
         n = min(len(r["records"]) for r in runs)
-        for ax, get in ((axes[0], lambda rec: 100 * rec["param_drift"]["overall"]),
-                        (axes[1], lambda rec: rec["response_kl"])):
-            ax.plot(range(n), [mean_std([get(r["records"][k]) for r in runs])[0]
-                               for k in range(n)], marker="o", label=m)
-    axes[0].set_title("parameter drift ||θ-θ0||/||θ0|| (%)")
-    axes[1].set_title("response KL(base || model) per token")
-    for ax in axes:
+        for ax, (_, get) in zip(axes, measures):
+            band(ax, *mean_curve(runs, lambda r: [(k, get(r["records"][k])) for k in range(n)]),
+                 m)
+    for ax, (title, _) in zip(axes, measures):
+        ax.set_title(title, fontsize=9)
         ax.set_xlabel("stage")
-    axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "drift.png")
-    fig.savefig(paths[1], dpi=90)
-    plt.close(fig)
+    axes[-1].legend(fontsize=7)
+    save(fig, "drift.png")
+
+    if len(trained) > 1:
+        fig, ax = plt.subplots(figsize=(4.5, 3.5))
+        for m in methods:
+            points = [(r["records"][k]["response_kl"],
+                       100 * forgetting_so_far(r["R"], trained, k))
+                      for r in finished_runs(results, m) for k in range(2, len(r["R"]))]
+            ax.scatter(*zip(*points), s=14, label=m)
+        ax.set_xlabel("response KL to the base after the stage")
+        ax.set_ylabel("forgetting so far (points)")
+        ax.set_title("RL's Razor: response drift vs forgetting", fontsize=9)
+        ax.legend(fontsize=7)
+        save(fig, "razor.png")
+
+    def curve(r, j):   # (global step, accuracy) of task j: stage ends and points within stages
+        points = [(0, 100 * r["R"][0][j])]
+        for k, rec in enumerate(r["records"][1:], 1):
+            points += [(offsets[k - 1] + c["step"], 100 * c["accuracy"][tasks[j]])
+                       for c in rec.get("curve", [])]
+            if not rec.get("curve") or rec["curve"][-1]["step"] != steps[k - 1]:
+                points.append((offsets[k], 100 * r["R"][k][j]))
+        return points
+
+    if any(rec.get("curve") for m in methods for r in finished_runs(results, m)
+           for rec in r["records"]):
+        fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3), squeeze=False)
+        for j, ax in enumerate(axes[0]):
+            for m in methods:
+                band(ax, *mean_curve(finished_runs(results, m), lambda r: curve(r, j)), m)
+            ax.set_title(tasks[j] + ("" if j in trained else " (probe)"))
+            ax.set_xlabel("rollout batches")
+            ax.set_ylim(-2, 102)
+        axes[0][0].set_ylabel("accuracy (%)")
+        axes[0][-1].legend(fontsize=7)
+        save(fig, "curves.png")
+
+    def series(r, key):
+        values = [(offsets[k - 1] + i, v) for k, rec in enumerate(r["records"][1:], 1)
+                  for i, v in enumerate(rec["train"].get("series", {}).get(key, []))]
+        return [(x, 100 * v if v is not None else float("nan")) for x, v in values]
+
+    keys = [("repetition_rate", "samples with a repeated n-gram (%)"),
+            ("demo_repetition_rate", "same, among successful samples (%)"),
+            ("unfinished_rate", "samples without an end (%)"), ("reward", "reward (%)")]
+    if all(r["records"][-1].get("train", {}).get("series") for m in methods
+           for r in finished_runs(results, m)):
+        fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3))
+        for m in methods:
+            runs = [r for r in finished_runs(results, m)
+                    if r["records"][-1]["train"]["series"].get("reward")[0] is not None]
+            for ax, (key, _) in zip(axes, keys):
+                if runs:
+                    band(ax, *mean_curve(runs, lambda r: series(r, key)), m, marker=None)
+        for ax, (_, title) in zip(axes, keys):
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel("rollout batches")
+        axes[-1].legend(fontsize=7)
+        save(fig, "collapse.png")
     return paths
 
 
@@ -351,13 +516,15 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="run folders (each with a results.json)")
     ap.add_argument("--out", help="where report.md and the plots go (default: the first run)")
+    ap.add_argument("--finding", choices=list(FINDINGS), help="add this finding's section")
     args = ap.parse_args(argv)
     try:
         results = merge([load_results(f) for f in args.runs])
     except ValueError as e:
         ap.error(str(e))
     out = Path(args.out or args.runs[0])
-    write_report(results, out)
+    write_report(results, out, finding=args.finding and {"name": args.finding,
+                                                         **FINDINGS[args.finding]})
     print(comparison_table(results))
     print(f"\nreport: {out / 'report.md'}")
 

@@ -45,6 +45,18 @@ METHODS = {
     "sdpo_trust_region": dict(loss_mode="sdpo", teacher_regularization="trust-region"),
     "sdpo_mask50": dict(loss_mode="sdpo", mask_ratio=0.5),             # less dense supervision
     "hybrid": dict(loss_mode="sdpo", distillation_weight=0.5),         # (GRPO + SDPO) / 2
+    "sdpo_ema50": dict(loss_mode="sdpo", teacher_update_rate=0.5),     # a fast-moving teacher
+    "sdpo_frozen_answer": dict(loss_mode="sdpo", teacher_update_rate=0.0,
+                               distill_scope="final_answer"),          # no chain of thought
+    # remedies and reference points
+    "replay": dict(loss_mode="sdpo", replay_fraction=0.25),
+    "grpo_replay": dict(loss_mode="grpo", ppo_mini_batch_size=quarter_of_the_batch,
+                        replay_fraction=0.25),
+    "sdpo_kl": dict(loss_mode="sdpo", kl_loss_coef=0.1),
+    "sft": dict(loss_mode="sft"),
+    "multitask": dict(loss_mode="sdpo", multitask=True),
+    "grpo_multitask": dict(loss_mode="grpo", ppo_mini_batch_size=quarter_of_the_batch,
+                           multitask=True),
 }
 METHOD_HELP = {
     "grpo": "GRPO, the paper's baseline (no std normalisation, clip 0.2/0.28, no KL, four "
@@ -56,7 +68,18 @@ METHOD_HELP = {
     "sdpo_trust_region": "SDPO with the trust-region teacher (logit lerp, rate 0.05)",
     "sdpo_mask50": "SDPO dropping 50%% of distilled tokens at random (mask_ratio=0.5)",
     "hybrid": "0.5 GRPO + 0.5 SDPO (distillation_weight=0.5)",
+    "sdpo_ema50": "SDPO with a fast-moving EMA teacher (rate 0.5)",
+    "sdpo_frozen_answer": "SDPO_0 distilling the final answer only, not the chain of thought",
+    "replay": "SDPO with 25%% of each batch's prompts replayed from earlier tasks",
+    "grpo_replay": "GRPO with 25%% replay",
+    "sdpo_kl": "SDPO with a k3 KL anchor to the base model (kl_loss_coef=0.1)",
+    "sft": "supervised fine-tuning on the gold answers, the same steps and prompts",
+    "multitask": "SDPO on all tasks of the sequence mixed from the start (the upper bound)",
+    "grpo_multitask": "GRPO on all tasks mixed from the start",
 }
+
+DEFAULTS = dict(methods="grpo,sdpo", seeds="0", tasks=",".join(sc.LAB_SEQUENCE),
+                probes=",".join(sc.LAB_PROBES), steps=None, set=[])
 
 
 def method_config(method, settings, overrides, make_config):
@@ -110,13 +133,18 @@ def parse_sets(pairs):
 def build_parser():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split(
         "\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--methods", default="grpo,sdpo", help="comma-separated, from: " + "; ".join(
+    ap.add_argument("--finding", choices=list(ef.FINDINGS), help="run the preset that checks one "
+                    "finding of the paper (methods, tasks, steps, seeds, evaluation schedule; "
+                    "flags given too win) and write its report section: " + "; ".join(
+                        f"{k}: the paper: {v['paper']}. Look at {v['look']}"
+                        for k, v in ef.FINDINGS.items()))
+    ap.add_argument("--methods", help="comma-separated (default grpo,sdpo), from: " + "; ".join(
         f"{k}: {v}" for k, v in METHOD_HELP.items()))
-    ap.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
-    ap.add_argument("--tasks", default=",".join(sc.LAB_SEQUENCE),
-                    help="the training sequence, in order (default: %(default)s)")
-    ap.add_argument("--probes", default=",".join(sc.LAB_PROBES),
-                    help="held-out tasks, evaluated but never trained (default: %(default)s)")
+    ap.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2 (default 0)")
+    ap.add_argument("--tasks", help="the training sequence, in order (default "
+                    f"{','.join(sc.LAB_SEQUENCE)})")
+    ap.add_argument("--probes", help="held-out tasks, evaluated but never trained (default "
+                    f"{','.join(sc.LAB_PROBES)})")
     ap.add_argument("--steps", default=None,
                     help="rollout batches per task: one number, or one per task (e.g. "
                          "50,50,50,20); default 15 on the lab, 50 on a real model")
@@ -125,9 +153,10 @@ def build_parser():
     ap.add_argument("--lab-steps", type=int, default=sc.LabRecipe.steps,
                     help="pre-training steps of the lab base model (%(default)s; fewer for a "
                     "smoke run: the base is cached per recipe)")
-    ap.add_argument("--name", default="quick", help="run folder name under --out (%(default)s)")
+    ap.add_argument("--name", help="run folder name under --out (default: quick, or the "
+                    "finding's name)")
     ap.add_argument("--out", default="runs", help="parent folder of runs (%(default)s)")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+    ap.add_argument("--set", nargs="*", default=None, metavar="KEY=VALUE",
                     help="override any Config field, e.g. --set alpha=1.0 distillation_topk=null")
     ap.add_argument("--print-verl", action="store_true", help="print the equivalent command "
                     "lines for the official verl implementation (one per method and stage), "
@@ -320,6 +349,7 @@ def plan_run(args) -> dict | None:
                   "configs": {f"{m}/seed{s}": dataclasses.asdict(c)
                               for (m, s), c in configs.items()}}
     return dict(methods=methods, seeds=seeds, names=names, steps=steps, configs=configs,
+                finding=args.finding,
                 tasks=tasks, probes=probes, base=base, tokenizer=tokenizer, device=device,
                 run_config=json.loads(json.dumps(run_config)))
 
@@ -388,6 +418,13 @@ def main(argv=None):
     hf_logging.disable_progress_bar()              # no bars for every checkpoint save and load
     ap = build_parser()
     args = ap.parse_args(argv)
+    preset, given_sets = ef.FINDINGS.get(args.finding, {}), args.set
+    for key, value in DEFAULTS.items():       # a flag given wins over the preset's value
+        if getattr(args, key) is None:
+            setattr(args, key, preset.get(key, value))
+    if given_sets is not None:                # --set adds to the preset's (and wins)
+        args.set = preset.get("set", []) + given_sets
+    args.name = args.name or args.finding or "quick"
     try:
         plan = plan_run(args)
     except (ValueError, FileNotFoundError, ImportError, OSError) as e:
@@ -452,6 +489,8 @@ def run(plan, folder, t_start) -> dict:
               f"{time.time() - t0:.0f}s: " + ", ".join(
                   f"{k} {100 * record['accuracy'][k]:.0f}±{100 * record['stderr'][k]:.0f}"
                   f"/{100 * record['teacher_lift'][k]:+.0f}" for k in record["accuracy"]))
+        write_json(folder / "signal.json", signal_check(base, tokenizer, tasks, record,
+                                                        next(iter(configs.values()))))
 
     # --- methods x seeds --------------------------------------------------------------------------
     log_path = folder / "log.jsonl"
@@ -464,7 +503,8 @@ def run(plan, folder, t_start) -> dict:
         results = write_results(folder, folder.name, run_config, methods, seeds, tasks, probes)
 
     # --- summary ----------------------------------------------------------------------------------
-    ef.write_report(results, folder)
+    finding = plan["finding"] and {"name": plan["finding"], **ef.FINDINGS[plan["finding"]]}
+    ef.write_report(results, folder, finding=finding)
     print("\n" + ef.comparison_table(results))
     paired = ef.paired_table(results)
     if paired:
@@ -473,6 +513,35 @@ def run(plan, folder, t_start) -> dict:
         print(f"\n{m}:\n" + ef.accuracy_table(results, m))
     print(f"\nwall time {time.time() - t_start:.0f}s; report: {folder / 'report.md'}")
     return results
+
+
+def signal_check(base, tokenizer, tasks, base_record, cfg) -> dict:
+    """Before any training: per trained task, the base model's reward at the training
+    temperature, the share of groups with a success (SDPO's demonstrations) and of groups
+    whose rewards are all equal (no GRPO advantage), and the teacher lift; a warning where a
+    method will have almost no signal."""
+    out = {}
+    for task in tasks:
+        sc.seed_everything("signal", task.name)
+        signal = sc.rollout_signal(base, tokenizer, task, cfg)
+        signal["teacher_lift"] = base_record["teacher_lift"][task.name]
+        warnings = []
+        if signal["solved_groups"] < 0.1:
+            warnings.append("fewer than 10% of groups have a success: SDPO will have almost no "
+                            "demonstration")
+        if signal["zero_adv_groups"] > 0.9:
+            warnings.append("more than 90% of groups score all alike: GRPO will have almost no "
+                            "advantage")
+        if signal["teacher_lift"] < 0.05:
+            warnings.append("a correct demonstration barely helps: the self-teacher has little "
+                            "to add")
+        out[task.name] = {**signal, "warnings": warnings}
+        print(f"signal check, {task.name}: reward at temperature {cfg.temperature:g} "
+              f"{signal['reward']:.2f}, groups with a success {100 * signal['solved_groups']:.0f}%"
+              f", all alike {100 * signal['zero_adv_groups']:.0f}%, teacher lift "
+              f"{100 * signal['teacher_lift']:+.0f} points"
+              + "".join(f"\n  WARNING: {w}" for w in warnings))
+    return out
 
 
 def run_one(plan, folder, m, s, done, base_eval, log_path):
@@ -530,10 +599,12 @@ def write_results(folder, name, run_config, methods, seeds, tasks, probes) -> di
             runs.setdefault(m, {})[str(s)] = {
                 "R": [[r["accuracy"][n] for n in names] for r in records],
                 "SE": [[r["stderr"][n] for n in names] for r in records], "records": records}
+    signal = folder / "signal.json"
     results = {"name": name, "config": {"model": run_config["model"],
                "steps": run_config["steps"], "eval_mode": next(iter(
                    run_config["configs"].values()))["eval_mode"]}, "tasks": names,
-               "trained": list(range(len(tasks))), "runs": runs}
+               "trained": list(range(len(tasks))), "runs": runs,
+               "signal": json.loads(signal.read_text()) if signal.exists() else {}}
     write_json(folder / "results.json", results)
     return results
 

@@ -70,7 +70,7 @@ from tqdm.auto import tqdm
 # ================================================================================================
 
 
-LOSS_MODES = ("grpo", "sdpo")
+LOSS_MODES = ("grpo", "sdpo", "sft")
 LOSS_AGG_MODES = ("micro1-token-mean", "token-mean", "seq-mean-token-mean",
                   "seq-mean-token-sum-norm")
 TEACHER_KINDS = ("ema", "trust-region", "frozen", "live")
@@ -149,7 +149,8 @@ class Config:
 
     # --- which loss -----------------------------------------------------------------------------
     loss_mode: str = "sdpo"
-    """'grpo' or 'sdpo' (actor_rollout_ref.actor.policy_loss.loss_mode vanilla / sdpo)"""
+    """'grpo' or 'sdpo' (verl's policy_loss.loss_mode vanilla / sdpo); 'sft' trains on the gold
+    answers instead, the usual reference point for forgetting"""
     distillation_weight: float = 1.0
     """w in (1-w)*GRPO + w*SDPO when loss_mode='sdpo'; 1.0 = pure SDPO (official; TRL's knob)"""
 
@@ -207,12 +208,22 @@ class Config:
     """re-initialise the teacher from the policy at every task boundary (False = carry it over)"""
     mask_ratio: float = 0.0
     """SDPO-CL: drop this fraction of distilled tokens at random (less dense supervision)"""
+    distill_scope: str = "all"
+    """distil 'all' response tokens (a chain of thought too) or only the 'final_answer'"""
+    answer_marker: str = "#"
+    """with distill_scope='final_answer', the answer is what follows the last token holding it"""
     share_teacher_prefix: bool = True
     """score responses on one shared KV cache per teacher prompt (False: in full, as verl)"""
 
-    # --- continual sequence ---------------------------------------------------------------------
+    # --- continual sequence and its remedies ---------------------------------------------------
     steps_per_task: int = 50
     """rollout batches per task"""
+    replay_fraction: float = 0.0
+    """share of each batch's prompts drawn from earlier tasks' training sets (replay)"""
+    multitask: bool = False
+    """draw every batch from all tasks of the sequence at once (the upper bound)"""
+    eval_every: int = 0
+    """also evaluate every this many rollout batches during a stage (learning curves)"""
     teacher_lift_every_stage: bool = False
     """measure the teacher lift after every stage too (always on the base model)"""
 
@@ -258,6 +269,7 @@ class Rollout:
     response_mask: torch.Tensor    # [B, T]  1 up to and including the first EOS, float
     old_logprobs: torch.Tensor     # [B, T]  log pi_old(y_t) under the sampling distribution
     completions: list              # B decoded strings, without the EOS
+    finished: torch.Tensor | None = None   # [B] bool: the answer ended with an EOS
 
 
 @torch.no_grad()
@@ -279,9 +291,11 @@ def generate(model, tokenizer, prompt_texts, max_new_tokens, *, sample=True, tem
     response_ids = out[:, P:]                                              # [B, T]
     mask = response_mask_from_positions(response_ids, eos_ids(model, tokenizer))
     old_logprobs = recorder.finish(response_ids[:, -1]) * mask
+    finished = torch.isin(response_ids, torch.tensor(eos_ids(model, tokenizer),
+                                                     device=response_ids.device)).any(1)
     return Rollout(ids.repeat_interleave(num_return_sequences, 0),
                    attn.repeat_interleave(num_return_sequences, 0), response_ids, mask,
-                   old_logprobs, decode_completions(tokenizer, response_ids, mask))
+                   old_logprobs, decode_completions(tokenizer, response_ids, mask), finished)
 
 
 def response_mask_from_positions(response_ids, eos_token_ids):
@@ -608,6 +622,9 @@ def loss_targets(rollout, samples, rewards, task, tokenizer, cfg) -> Targets:
         targets.teacher_of = torch.tensor([index.get(t, -1) for t in texts], device=device)
         has_context = (targets.teacher_of >= 0).float()
         targets.distill_mask = rollout.response_mask * has_context[:, None]
+        if cfg.distill_scope == "final_answer":   # not the chain of thought, only the answer
+            targets.distill_mask = targets.distill_mask * final_answer_mask(
+                tokenizer, rollout.response_ids, cfg.answer_marker)
         if cfg.mask_ratio > 0:   # SDPO-CL: drop a share of the distilled tokens at random
             keep = torch.rand_like(targets.distill_mask) >= cfg.mask_ratio
             targets.distill_mask = targets.distill_mask * keep
@@ -699,17 +716,25 @@ def minibatches(cfg, n_rows) -> list:
 
 def train_step(policy, tokenizer, teacher, optimizer, scheduler, task, examples, cfg,
                reference=None) -> dict:
-    """One rollout batch: sample and reward, compute the targets of each loss, then one optimizer
-    step per mini-batch (gradients accumulated over micro-batches), then move the learning-rate
-    schedule and the EMA teacher once. examples: `prompts_per_step` task rows. reference: the
-    frozen initial model, needed only for the k3 KL anchor (kl_loss_coef > 0)."""
+    """One rollout batch: sample and reward, compute the targets of each loss, then update the
+    policy on them. examples: `prompts_per_step` task rows. reference: the frozen initial model,
+    needed only for the k3 KL anchor (kl_loss_coef > 0)."""
     if cfg.kl_loss_coef > 0 and reference is None:
         raise ValueError("Config.kl_loss_coef > 0 needs the frozen reference model")
     t_start = time.time()
     rollout, samples, rewards = sample_rollout(policy, tokenizer, task, examples, cfg)
     t_rollout = time.time() - t_start
     targets = loss_targets(rollout, samples, rewards, task, tokenizer, cfg)
-    totals, updates = {}, minibatches(cfg, len(rewards))
+    totals = update(policy, teacher, optimizer, scheduler, rollout, targets, cfg, reference)
+    return step_metrics(rollout, targets, totals, cfg) | {
+        "seconds": time.time() - t_start, "t_rollout": t_rollout}
+
+
+def update(policy, teacher, optimizer, scheduler, rollout, targets, cfg, reference=None) -> dict:
+    """One optimizer step per mini-batch (gradients accumulated over micro-batches), then the
+    learning-rate schedule and the EMA teacher move once. Returns the loss metrics, averaged
+    over the optimizer steps."""
+    totals, updates = {}, minibatches(cfg, len(targets.rewards))
     for minibatch in updates:
         optimizer.zero_grad(set_to_none=True)
         for micro in minibatch.split(cfg.micro_batch_size or len(minibatch)):
@@ -726,13 +751,11 @@ def train_step(policy, tokenizer, teacher, optimizer, scheduler, task, examples,
         totals["grad_norm"] = totals.get("grad_norm", 0.0) + grad_norm / len(updates)
         optimizer.step()
     totals["t_teacher"] = totals.get("t_teacher", 0.0) * len(updates)      # a sum, not a mean
-    lr = scheduler.get_last_lr()[0]
+    totals.update(updates=len(updates), lr=scheduler.get_last_lr()[0])
     scheduler.step()
     if teacher is not None:
         teacher.after_rollout_batch(policy)
-    return step_metrics(rollout, targets, totals, cfg) | {
-        "updates": len(updates), "lr": lr, "seconds": time.time() - t_start,
-        "t_rollout": t_rollout}
+    return totals
 
 
 # ================================================================================================
@@ -750,9 +773,11 @@ def seed_everything(*keys):
 
 
 def train_task(policy, tokenizer, teacher, task, cfg, *, rng, reference=None, log=None,
-               desc="train") -> list:
+               desc="train", others=(), curve=None) -> list:
     """`steps_per_task` rollout batches on one task. A fresh AdamW with verl's warm-up per task,
-    as each stage of the paper is a new verl run started from the previous checkpoint."""
+    as each stage of the paper is a new verl run started from the previous checkpoint.
+    others: the tasks that replay_fraction or multitask draw prompts from. curve(step): an
+    evaluation during the stage, every eval_every batches."""
     policy.train()
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
@@ -765,22 +790,86 @@ def train_task(policy, tokenizer, teacher, task, cfg, *, rng, reference=None, lo
     order, history = [], []
     bar = tqdm(range(cfg.steps_per_task), desc=desc, leave=False, disable=None)
     for step in bar:
-        if len(order) < cfg.prompts_per_step:      # a new shuffled pass over the train set
-            order = rng.sample(range(len(task.train)), len(task.train))
-        picked, order = order[:cfg.prompts_per_step], order[cfg.prompts_per_step:]
+        examples, batch_task = next_batch(task, others, cfg, rng, order)
         try:
-            metrics = train_step(policy, tokenizer, teacher, optimizer, scheduler, task,
-                                 [task.train[i] for i in picked], cfg, reference)
+            if cfg.loss_mode == "sft":
+                metrics = sft_step(policy, tokenizer, optimizer, scheduler, batch_task, examples,
+                                   cfg)
+            else:
+                metrics = train_step(policy, tokenizer, teacher, optimizer, scheduler,
+                                     batch_task, examples, cfg, reference)
         except FloatingPointError as e:
             last = history[-1] if history else {}
             raise FloatingPointError(f"{desc}: step {step}: {e}; last finite metrics: {last}")
         metrics["step"] = step
+        if curve is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            metrics["curve"] = curve(step + 1)
         history.append(metrics)
         if log is not None:
             log(metrics)
-        bar.set_postfix(reward=f"{metrics['reward']:.2f}", loss=f"{metrics['loss']:.3f}")
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}")
     policy.eval()
     return history
+
+
+def next_batch(task, others, cfg, rng, order):
+    """The prompts of one rollout batch and the task that scores them: the next ones of a
+    shuffled pass over the task's training set (order: the rest of the pass); with
+    replay_fraction, that share drawn at random from the earlier tasks `others`; with multitask,
+    every prompt from one of `others` (all tasks) uniformly."""
+    n_other = (cfg.prompts_per_step if cfg.multitask
+               else round(cfg.replay_fraction * cfg.prompts_per_step) if others else 0)
+    n_own = cfg.prompts_per_step - n_other
+    if n_own and len(order) < n_own:     # a new shuffled pass over the train set
+        order[:] = rng.sample(range(len(task.train)), len(task.train))
+    examples = [task.train[i] for i in order[:n_own]]
+    del order[:n_own]
+    if n_other == 0:
+        return examples, task
+    drawn = [others[rng.randrange(len(others))] for _ in range(n_other)]
+    mixed = ([dict(ex, task=task.name) for ex in examples]
+             + [dict(t.train[rng.randrange(len(t.train))], task=t.name) for t in drawn])
+    return mixed, mix_tasks([task, *others])
+
+
+def sft_loss(logits, target_ids, mask, agg="token-mean"):
+    """Negative log-likelihood of the target tokens. logits: [B, T, V] with position t
+    predicting target_ids[:, t]; mask: [B, T]."""
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, target_ids[..., None])
+    return aggregate(-logp.squeeze(-1), mask, agg)
+
+
+def sft_step(policy, tokenizer, optimizer, scheduler, task, examples, cfg) -> dict:
+    """The reference point for forgetting: one optimizer step of supervised fine-tuning on the
+    gold answers (+ EOS) of the batch's prompts, the budget of one rollout batch."""
+    t_start, device = time.time(), policy.device
+    prompts = [format_prompt(tokenizer, ex["prompt"], ex.get("system"), cfg.enable_thinking)
+               for ex in examples]
+    prompt_ids, prompt_mask = tokenize_prompts(tokenizer, prompts, device)
+    answers = [tokenizer(ex["answer"], add_special_tokens=False).input_ids
+               + [tokenizer.eos_token_id] for ex in examples]
+    answer_ids, answer_mask = pad_right(answers, tokenizer.pad_token_id, device)   # [B, T]
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for rows in torch.arange(len(examples)).split(cfg.micro_batch_size or len(examples)):
+        with autocast_for(cfg, policy):
+            logits = policy(**sequence_inputs(prompt_ids[rows], prompt_mask[rows],
+                                              answer_ids[rows], answer_mask[rows])).logits
+        share = aggregation_share(answer_mask[rows], answer_mask, cfg.loss_agg_mode)
+        loss = share * sft_loss(logits[:, :-1], answer_ids[rows], answer_mask[rows],
+                                cfg.loss_agg_mode)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss.item()}")
+        loss.backward()
+        total += loss.item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip).item()
+    if not math.isfinite(grad_norm):
+        raise FloatingPointError(f"non-finite gradient norm {grad_norm}")
+    optimizer.step()
+    lr = scheduler.get_last_lr()[0]
+    scheduler.step()
+    return {"loss": total, "grad_norm": grad_norm, "lr": lr, "updates": 1,
+            "seconds": time.time() - t_start}
 
 
 # ================================================================================================
@@ -819,24 +908,41 @@ def evaluate(model, tokenizer, task, cfg, *, with_demonstration=False, batch_siz
 
 
 @torch.no_grad()
-def signal_check(model, tokenizer, task, cfg, n_prompts=64) -> dict:
-    """What each method will have to learn from, before any training: on `n_prompts` training
+def rollout_signal(model, tokenizer, task, cfg, n_prompts=64) -> dict:
+    """What GRPO and SDPO will have to learn from, before any training: on n_prompts training
     prompts, G samples each at the training temperature, the mean reward, the share of groups
     with at least one success (SDPO's demonstrations) and of groups whose rewards are all equal
-    (no GRPO advantage); and on the test prompts the accuracy without and with a correct
-    demonstration in the prompt (the teacher lift: what a self-teacher can add)."""
+    (no GRPO advantage)."""
     examples = [task.train[i] for i in range(min(n_prompts, len(task.train)))]
-    rollout, _, rewards = sample_rollout(model, tokenizer, task, examples, cfg)
+    _, _, rewards = sample_rollout(model, tokenizer, task, examples, cfg)
     groups = rewards.view(-1, cfg.group_size)
-    plain = evaluate(model, tokenizer, task, cfg)
-    demo = evaluate(model, tokenizer, task, cfg, with_demonstration=True)
     return {"reward": rewards.mean().item(),
             "solved_groups": (groups.max(1).values >= cfg.success_reward_threshold
                               ).float().mean().item(),
-            "zero_adv_groups": (groups.std(1) == 0).float().mean().item(),
+            "zero_adv_groups": (groups.std(1) == 0).float().mean().item()}
+
+
+def signal_check(model, tokenizer, task, cfg, n_prompts=64) -> dict:
+    """rollout_signal, and the test accuracy without and with a correct demonstration in the
+    prompt (the teacher lift: what a self-teacher can add)."""
+    plain = evaluate(model, tokenizer, task, cfg)
+    demo = evaluate(model, tokenizer, task, cfg, with_demonstration=True)
+    return {**rollout_signal(model, tokenizer, task, cfg, n_prompts),
             "accuracy": plain["accuracy"], "stderr": plain["stderr"],
             "with_demonstration": demo["accuracy"],
             "teacher_lift": demo["accuracy"] - plain["accuracy"]}
+
+
+def evaluate_during_stage(policy, tokenizer, tasks, cfg, keys) -> dict:
+    """Accuracy on each task in the middle of a stage (a learning curve), seeded by `keys`
+    without disturbing the training's random state: the run trains exactly as without it."""
+    python_state = random.getstate()
+    devices = [policy.device.index or 0] if policy.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        seed_everything(*keys)
+        accuracy = {t.name: evaluate(policy, tokenizer, t, cfg)["accuracy"] for t in tasks}
+    random.setstate(python_state)
+    return accuracy
 
 
 # ================================================================================================
@@ -866,6 +972,9 @@ def evaluate_stage(policy, tokenizer, tasks, cfg, base, base_sequences, lift=Fal
     record["artifacts"] = format_artifacts(completions)
     record["param_drift"] = parameter_drift(policy, base)
     record["response_kl"] = response_kl(policy, base, base_sequences or sequences)
+    record["response_similarity"] = response_similarity(
+        [tokenizer.decode(r, skip_special_tokens=True) for _, r in sequences],
+        [tokenizer.decode(r, skip_special_tokens=True) for _, r in base_sequences or sequences])
     return record, sequences
 
 
@@ -916,8 +1025,13 @@ def continual_sequence(cfg, policy, tokenizer, sequence, probes=(), *, steps=Non
             history = train_task(
                 policy, tokenizer, teacher, task, stage_cfg, rng=rng, reference=base,
                 log=(lambda m: log({"stage": k, "task": task.name, **m})) if log else None,
-                desc=f"{desc} stage {k}/{len(sequence)} {task.name}".strip())
-            record = {"stage": k, "task": task.name, "train": stage_summary(history)}
+                desc=f"{desc} stage {k}/{len(sequence)} {task.name}".strip(),
+                others=list(sequence) if cfg.multitask else list(sequence[:k - 1]),
+                curve=lambda step: evaluate_during_stage(policy, tokenizer, eval_tasks, cfg,
+                                                         (cfg.seed, "curve", k, step)))
+            record = {"stage": k, "task": task.name, "train": stage_summary(history),
+                      "curve": [{"step": h["step"] + 1, "accuracy": h["curve"]}
+                                for h in history if "curve" in h]}
             seed_everything(cfg.seed, "eval", k)
             record.update(evaluate_stage(policy, tokenizer, eval_tasks, cfg, base,
                                          base_eval["sequences"], cfg.teacher_lift_every_stage)[0])
@@ -944,15 +1058,34 @@ def layer_type(name: str) -> str:
 
 @torch.no_grad()
 def parameter_drift(model, base) -> dict:
-    """||theta - theta_0|| / ||theta_0||, overall and per layer type (attention, mlp, ...)."""
-    diff, ref = {}, {}
+    """||theta - theta_0|| / ||theta_0||, overall and per layer type (attention, mlp, ...), and
+    the mean principal angle between the top singular subspaces of each attention and MLP
+    weight matrix before and after ("subspace_angle", degrees; the paper's analysis)."""
+    diff, ref, angles = {}, {}, []
     for (name, p), p0 in zip(model.named_parameters(), base.parameters()):
         kind = layer_type(name)
         diff[kind] = diff.get(kind, 0.0) + (p.float() - p0.float()).pow(2).sum().item()
         ref[kind] = ref.get(kind, 0.0) + p0.float().pow(2).sum().item()
+        if p.dim() == 2 and kind in ("attention", "mlp"):
+            angles.append(subspace_angle(p0, p))
     out = {"overall": math.sqrt(sum(diff.values()) / sum(ref.values()))}
     out.update({k: math.sqrt(diff[k] / ref[k]) for k in sorted(diff)})
+    out["subspace_angle"] = sum(angles) / len(angles) if angles else 0.0
     return out
+
+
+@torch.no_grad()
+def subspace_angle(w0, w, fraction=0.1) -> float:
+    """Mean principal angle (degrees) between the top-k left singular subspaces of a weight
+    matrix before (w0) and after (w), k = `fraction` of its smaller side (at least 1), as in
+    "The Path Not Taken" (arXiv 2511.08567): 0 when training kept the directions the matrix
+    writes to, 90 when it replaced them."""
+    k = max(1, int(fraction * min(w.shape)))
+    # float64: arccos is steep near 1, and float32 rounding alone reads as 0.02 degrees
+    u0 = torch.linalg.svd(w0.double(), full_matrices=False).U[:, :k]      # [m, k]
+    u = torch.linalg.svd(w.double(), full_matrices=False).U[:, :k]
+    cosines = torch.linalg.svdvals(u0.T @ u).clamp(max=1.0)                 # [k]
+    return torch.rad2deg(torch.arccos(cosines)).mean().item()
 
 
 @torch.no_grad()
@@ -971,6 +1104,15 @@ def response_kl(model, base, sequences, batch_size=64) -> float:
         total += (kl_divergence(logp0, logp) * response_mask).sum().item()
         count += response_mask.sum().item()
     return total / max(count, 1)
+
+
+def response_similarity(completions, base_completions) -> float:
+    """Mean similarity (0-100, difflib's ratio of matching characters) of each answer to the base
+    model's answer to the same prompt: the paper's response-drift view, 100 = unchanged."""
+    import difflib
+    ratios = [difflib.SequenceMatcher(None, a, b).ratio()
+              for a, b in zip(completions, base_completions)]
+    return 100 * sum(ratios) / max(len(ratios), 1)
 
 
 def format_artifacts(completions, n=3, min_repeats=3) -> dict:
@@ -1988,6 +2130,7 @@ CONFIG_TYPES = {   # what a Config field of each declared type accepts (bool is 
 }
 CONFIG_CHOICES = {"loss_mode": LOSS_MODES, "loss_agg_mode": LOSS_AGG_MODES,
                   "teacher_regularization": TEACHER_KINDS, "eval_mode": EVAL_MODES,
+                  "distill_scope": ("all", "final_answer"),
                   "device": ("auto", "cpu", "cuda")}
 CONFIG_RANGES = {   # name: (low, high, low excluded)
     "alpha": (0, 1, False), "distillation_weight": (0, 1, False),
@@ -2001,7 +2144,8 @@ CONFIG_RANGES = {   # name: (low, high, low excluded)
     "steps_per_task": (1, 1e9, False), "ppo_epochs": (1, 1e9, False),
     "group_size": (2, 1e9, False), "warmup_steps": (0, 1e9, False),
     "micro_batch_size": (0, 1e9, False), "ppo_mini_batch_size": (0, 1e9, False),
-    "rollout_chunk_size": (0, 1e9, False),
+    "rollout_chunk_size": (0, 1e9, False), "eval_every": (0, 1e9, False),
+    "replay_fraction": (0, 0.99, False),
 }
 
 
@@ -2122,11 +2266,19 @@ def step_metrics(rollout, targets, totals, cfg) -> dict:
     """What one rollout batch looked like: reward, signal (groups with a success, groups whose
     rewards are all equal and so give GRPO nothing), loss parts, lengths, distilled share."""
     groups = targets.rewards.view(-1, cfg.group_size)
+    success = [c for c, r in zip(rollout.completions, targets.rewards.tolist())
+               if r >= cfg.success_reward_threshold]
     metrics = {"reward": targets.rewards.mean().item(),
                "solved_groups": (groups.max(1).values >= cfg.success_reward_threshold
                                  ).float().mean().item(),
                "zero_adv_groups": (groups.std(1) == 0).float().mean().item(),
-               **totals, "response_length": rollout.response_mask.sum(1).mean().item()}
+               **totals, "response_length": rollout.response_mask.sum(1).mean().item(),
+               # the collapse measures: repeated n-grams in the samples, and in the successful
+               # ones, the pool SDPO's demonstrations (the teacher's targets) come from
+               "repetition_rate": format_artifacts(rollout.completions)["repetition_frac"],
+               "demo_repetition_rate": format_artifacts(success)["repetition_frac"],
+               "unfinished_rate": None if rollout.finished is None
+               else 1.0 - rollout.finished.float().mean().item()}
     if targets.distill_mask is not None:
         mask = rollout.response_mask
         metrics["distill_frac"] = (targets.distill_mask.sum() / mask.sum().clamp(min=1)).item()
@@ -2136,14 +2288,55 @@ def step_metrics(rollout, targets, totals, cfg) -> dict:
 
 def stage_summary(history) -> dict:
     """A stage's training in a few numbers: the reward at its start and end, seconds per step,
-    and the means of the signal measures over its steps."""
+    and the means of the signal measures over its steps (None where a method has no rollout)."""
     def mean(key, part=slice(None)):
         values = [h[key] for h in history[part] if key in h]
         return sum(values) / len(values) if values else None
-    return {"reward_first": history[0]["reward"], "reward_first5": mean("reward", slice(0, 5)),
+    return {"reward_first": history[0].get("reward"), "reward_first5": mean("reward", slice(0, 5)),
             "reward_last5": mean("reward", slice(-5, None)), "seconds_per_step": mean("seconds"),
-            "zero_adv_groups_first": history[0]["zero_adv_groups"],
-            "distill_frac": mean("distill_frac")}
+            "zero_adv_groups_first": history[0].get("zero_adv_groups"),
+            "distill_frac": mean("distill_frac"),
+            "series": {key: [h.get(key) for h in history] for key in SERIES}}
+
+
+SERIES = ("reward", "distill_frac", "repetition_rate", "demo_repetition_rate", "unfinished_rate")
+
+
+def mix_tasks(tasks) -> Task:
+    """One task scoring examples of several: each example names its task in "task"."""
+    by_name = {t.name: t for t in tasks}
+
+    def reward(completion, ex):
+        return by_name[ex["task"]].reward(completion, ex)
+
+    def feedback(completion, ex):
+        own = by_name[ex["task"]].feedback
+        return own(completion, ex) if own else None
+    budgets = [t.max_new_tokens for t in tasks]
+    return Task("+".join(by_name), [], [], reward, feedback,
+                None if None in budgets else max(budgets))
+
+
+def pad_right(sequences, pad_id, device):
+    """Token id lists as a right-padded [B, T] tensor and its mask."""
+    T = max(len(x) for x in sequences)
+    ids = torch.full((len(sequences), T), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros(len(sequences), T, device=device)
+    for i, x in enumerate(sequences):
+        ids[i, :len(x)], mask[i, :len(x)] = torch.tensor(x, device=device), 1
+    return ids, mask
+
+
+def final_answer_mask(tokenizer, response_ids, marker) -> torch.Tensor:
+    """[B, T]: 1 on the tokens after the last one whose text holds `marker` (the final answer),
+    0 before it, and 0 everywhere in a response without one."""
+    rows = []
+    for ids in response_ids.tolist():
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+        last = max((t for t, piece in enumerate(pieces) if piece and marker in piece),
+                   default=None)
+        rows.append([float(last is not None and t > last) for t in range(len(ids))])
+    return torch.tensor(rows, device=response_ids.device)
 
 
 def concat_rollouts(rollouts, pad_id) -> Rollout:
@@ -2163,7 +2356,9 @@ def concat_rollouts(rollouts, pad_id) -> Rollout:
                    torch.cat([pad(r.response_ids, T, pad_id, False) for r in rollouts]),
                    torch.cat([pad(r.response_mask, T, 0, False) for r in rollouts]),
                    torch.cat([pad(r.old_logprobs, T, 0, False) for r in rollouts]),
-                   [c for r in rollouts for c in r.completions])
+                   [c for r in rollouts for c in r.completions],
+                   None if any(r.finished is None for r in rollouts)
+                   else torch.cat([r.finished for r in rollouts]))
 
 
 def sequence_inputs(prompt_ids, prompt_mask, response_ids, response_mask):
@@ -2276,3 +2471,176 @@ def tokenize_prompts(tokenizer, texts, device):
 def decode_completions(tokenizer, response_ids, response_mask):
     return [tokenizer.decode(ids[m > 0], skip_special_tokens=True)
             for ids, m in zip(response_ids, response_mask)]
+
+
+# ================================================================================================
+# The walkthrough: `python sdpo_cl.py` shows the two signals side by side on one rollout batch
+# ================================================================================================
+
+def walkthrough(prompts=4, group_size=8, family="math", seed=0, out="docs", echo=print) -> dict:
+    """One rollout batch of the lab's base model, narrated: a group's answers, rewards and GRPO
+    advantages; the teacher prompt of one failed answer; along that answer, token by token,
+    GRPO's weight next to SDPO's divergence; the two distributions where they differ most; the
+    two losses, and how far one optimizer step of each moves the answer's log-probability.
+    Every number comes from this module's own functions. Writes out/walkthrough.md and
+    out/walkthrough.png; returns the numbers."""
+    model, tokenizer = load_policy("lab")
+    task, G = make_lab_task(family), group_size
+    cfg = lab_config(loss_mode="sdpo", prompts_per_step=prompts, group_size=G, seed=seed,
+                     warmup_steps=0)
+    seed_everything(seed, "walkthrough")
+    examples = [task.train[i] for i in range(prompts)]
+    rollout, samples, rewards = sample_rollout(model, tokenizer, task, examples, cfg)
+    targets = loss_targets(rollout, samples, rewards, task, tokenizer, cfg)
+    advantages = grpo_advantages(rewards, G)
+    lines = []
+
+    def say(text=""):
+        lines.append(text)
+        echo(text)
+
+    alike = (rewards.view(-1, G).std(1) == 0).tolist()
+    mixed = [g for g, flat in enumerate(alike) if not flat]
+    say(f"# Walkthrough: one rollout batch of GRPO and SDPO on the lab's {family} family")
+    say()
+    say(f"{prompts} prompts x {G} answers sampled at temperature {cfg.temperature:g} from the "
+        f"lab's base model (`sample_rollout`), rewarded by the task's verifier.")
+    if not mixed:
+        say("Every group scored all alike: no GRPO advantage and no SDPO demonstration here.")
+        return {}
+    g = mixed[0]
+    rows = range(g * G, (g + 1) * G)
+    say()
+    say("## 1. One prompt's group (`sample_rollout`, `grpo_advantages`)")
+    say()
+    say(f"Prompt: `{samples[g * G]['prompt']}` (gold answer `{samples[g * G]['answer']}`)")
+    say()
+    say("| answer | reward | advantage A_i = r_i - mean(r) |\n|---|---|---|")
+    for i in rows:
+        say(f"| `{rollout.completions[i]}` | {rewards[i]:.0f} | {advantages[i]:+.3f} |")
+    say()
+    say(f"{sum(alike)} of {len(alike)} groups in this batch scored all alike: every advantage "
+        f"there is 0, so GRPO takes no gradient from them (its \"selective update\"), and a group "
+        f"without a success gives SDPO no demonstration either.")
+    i = next(r for r in rows if rewards[r] < cfg.success_reward_threshold
+             and targets.teacher_of[r] >= 0)
+    u = targets.teacher_of[i].item()
+    teacher_text = tokenizer.decode(targets.teacher_ids[u][targets.teacher_mask[u] > 0])
+    say()
+    say(f"## 2. The teacher's view of the failed answer `{rollout.completions[i]}` "
+        f"(`teacher_contexts`, `teacher_prompt`, `format_prompt`)")
+    say()
+    say("The first successful sibling is the demonstration; the teacher sees this prompt, exactly "
+        "as tokenized, and then scores the student's own answer tokens:")
+    say()
+    say("```\n" + teacher_text + "\n```")
+
+    # --- 3. token by token: the student's and the teacher's distributions over the answer --------
+    n = int(rollout.response_mask[i].sum())
+    ids = rollout.response_ids[i:i + 1]                                         # [1, T]
+    with torch.no_grad():
+        student_logits = model(**sequence_inputs(
+            rollout.prompt_ids[i:i + 1], rollout.prompt_mask[i:i + 1], ids,
+            rollout.response_mask[i:i + 1])).logits[:, :-1] / cfg.temperature  # [1, T, V]
+        teacher = Teacher(model, cfg)
+        teacher_logits = teacher.logits(model, lambda m: teacher_scores(
+            m, targets.teacher_ids[[u]], targets.teacher_mask[[u]], torch.tensor([0]), ids,
+            rollout.response_mask[i:i + 1])) / cfg.temperature                 # [1, T, V]
+    student_logp = torch.log_softmax(student_logits.float(), -1)
+    teacher_logp = torch.log_softmax(teacher_logits.float(), -1)
+    divergence = generalized_jsd(*topk_support(student_logp, teacher_logp, cfg.distillation_topk,
+                                               cfg.distillation_add_tail), cfg.alpha)[0, :n]
+    p_student = student_logp.gather(-1, ids[..., None])[0, :n, 0].exp()
+    p_teacher = teacher_logp.gather(-1, ids[..., None])[0, :n, 0].exp()
+    tokens = [tokenizer.decode([t]) or tokenizer.convert_ids_to_tokens(t)
+              for t in ids[0, :n].tolist()]
+    say()
+    say("## 3. The two signals along the answer, token by token (`generalized_jsd` on "
+        "`topk_support`)")
+    say()
+    say("GRPO weighs every token of the answer by the same advantage; SDPO gives each token its "
+        "own target, the teacher's next-token distribution, and its own divergence (here the "
+        f"Jensen-Shannon divergence, alpha = {cfg.alpha}, on the student's top-"
+        f"{cfg.distillation_topk} tokens plus a tail bucket).")
+    say()
+    say("| t | token | GRPO weight (advantage) | SDPO divergence | p_student(token) "
+        "| p_teacher(token) |\n|---|---|---|---|---|---|")
+    for t in range(n):
+        say(f"| {t} | `{tokens[t]!r}` | {advantages[i]:+.3f} | {divergence[t]:.4f} | "
+            f"{p_student[t]:.3f} | {p_teacher[t]:.3f} |")
+    t_max = int(divergence.argmax())
+    top_s, top_t = student_logp[0, t_max].exp().topk(5), teacher_logp[0, t_max].exp().topk(5)
+    say()
+    say(f"## 4. Where they differ most: token {t_max} (`{tokens[t_max]!r}`)")
+    say()
+    say("| rank | student's top-5 | p | teacher's top-5 | p |\n|---|---|---|---|---|")
+    for r in range(5):
+        say(f"| {r + 1} | `{tokenizer.convert_ids_to_tokens(int(top_s.indices[r]))}` | "
+            f"{top_s.values[r]:.3f} | `{tokenizer.convert_ids_to_tokens(int(top_t.indices[r]))}` "
+            f"| {top_t.values[r]:.3f} |")
+    say(f"| tail | (the rest) | {1 - top_s.values.sum():.3f} | (the rest) | "
+        f"{1 - top_t.values.sum():.3f} |")
+
+    # --- 5. the two losses and one optimizer step of each, on this same batch ------------------
+    result = {"group": g, "answer": i, "divergence": divergence.tolist(),
+              "advantage": advantages[i].item()}
+    say()
+    say("## 5. The two losses on this batch, and one optimizer step of each (`update`, the "
+        "training step's own update)")
+    say()
+    say("| method | loss | log p(answer) before | after one step | change |\n|---|---|---|---|---|")
+    before = float((student_logp.gather(-1, ids[..., None])[0, :n, 0]).sum())
+    for mode in ("grpo", "sdpo"):
+        mode_cfg = dataclasses.replace(cfg, loss_mode=mode,
+                                       ppo_mini_batch_size=max(1, prompts // 4) if mode == "grpo"
+                                       else 0)
+        policy = copy.deepcopy(model).train()
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, fused=True)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        mode_targets = loss_targets(rollout, samples, rewards, task, tokenizer, mode_cfg)
+        totals = update(policy, Teacher(policy, mode_cfg) if mode == "sdpo" else None, optimizer,
+                        scheduler, rollout, mode_targets, mode_cfg)
+        with torch.no_grad():
+            logits = policy.eval()(**sequence_inputs(
+                rollout.prompt_ids[i:i + 1], rollout.prompt_mask[i:i + 1], ids,
+                rollout.response_mask[i:i + 1])).logits[:, :-1] / cfg.temperature
+        after = float(torch.log_softmax(logits.float(), -1).gather(-1, ids[..., None])[0, :n]
+                      .sum())
+        result[mode] = {"loss": totals["loss"], "log_p_before": before, "log_p_after": after}
+        say(f"| {mode} | {totals['loss']:.4f} | {before:.3f} | {after:.3f} | "
+            f"{after - before:+.3f} |")
+    say()
+    say("GRPO pushes the failed answer down as a whole, by its one advantage; SDPO moves each "
+        "token toward what the teacher, shown the demonstration, would have said.")
+    write_walkthrough(Path(out), lines, tokens, advantages[i].item(), divergence,
+                      p_teacher - p_student)
+    return result
+
+
+def write_walkthrough(out: Path, lines, tokens, advantage, divergence, lift):
+    """docs/walkthrough.md and its figure: GRPO's flat per-token weight against SDPO's per-token
+    divergence and the teacher-minus-student probability of each sampled token."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    out.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 3))
+    x = range(len(tokens))
+    ax.plot(x, [advantage] * len(tokens), color="tab:blue", label="GRPO: advantage (every token)")
+    ax.bar([t - 0.2 for t in x], divergence.tolist(), width=0.4, color="tab:orange",
+           label="SDPO: divergence to the teacher")
+    ax.bar([t + 0.2 for t in x], lift.tolist(), width=0.4, color="tab:green",
+           label="p_teacher - p_student (sampled token)")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xticks(list(x), [repr(t) for t in tokens])
+    ax.set_xlabel("answer tokens")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "walkthrough.png", dpi=100)
+    plt.close(fig)
+    atomic_write(out / "walkthrough.md", "\n".join(lines) + "\n\n![per-token signals]"
+                 "(walkthrough.png)\n")
+
+
+if __name__ == "__main__":
+    walkthrough()

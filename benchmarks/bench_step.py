@@ -577,12 +577,16 @@ def main():
     worst = max(d for _, d in rows)
 
     model, tok = sc.load_policy(args.model)
-    if args.model.endswith(".gguf"):   # TRL's SDPOTrainer reloads its teacher from the model's
-        import tempfile                # path, which it cannot do for a GGUF file: use a folder
+    if args.model == "lab" or args.model.endswith(".gguf"):
+        # TRL's SDPOTrainer reloads its teacher from the model's path, which the shipped lab
+        # file and a GGUF file do not give it: both sides start from a saved folder instead
+        import tempfile
         folder = tempfile.mkdtemp()
         model.save_pretrained(folder)
         tok.save_pretrained(folder)
         model, tok = sc.load_policy(folder)
+        if args.model == "lab":      # the lab model runs eager attention (not saved in its config)
+            model.set_attn_implementation("eager")
     if args.task is None:
         task = sc.load_task("math") if args.model == "lab" else sums_task()
     else:

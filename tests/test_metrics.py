@@ -66,3 +66,20 @@ def test_mean_std_over_seeds():
     assert mean_std([1.0, 3.0]) == pytest.approx((2.0, 2 ** 0.5))
     assert mean_std([4.0]) == (4.0, 0.0)
     assert mean_std([None]) == (None, None)
+
+
+def test_a_paired_difference_has_a_t_interval():
+    from eval_forgetting import paired_difference, verdict
+    d = paired_difference([3.0, 5.0, 7.0], [2.0, 3.0, 4.0])      # differences 1, 2, 3
+    half = 4.303 * 1.0 / 3 ** 0.5                                # t(0.975, 2) * sd / sqrt(n)
+    assert d["mean"] == pytest.approx(2.0)
+    assert (d["low"], d["high"]) == pytest.approx((2.0 - half, 2.0 + half))
+    assert verdict(d) == "within noise"
+    assert verdict(paired_difference([5.0, 6.0, 7.0], [1.0, 1.0, 1.0])) == "beyond noise"
+    assert paired_difference([1.0], [0.0])["low"] is None         # one seed: no interval
+
+
+def test_forgetting_stage_by_stage():
+    from eval_forgetting import forgetting_so_far
+    assert forgetting_so_far(R, TRAINED, 2) == pytest.approx(0.5 - 0.9)   # A after B: rose
+    assert forgetting_so_far(R, TRAINED, 3) == pytest.approx(((0.9 - 0.6) + (0.8 - 0.6)) / 2)

@@ -34,7 +34,7 @@ def test_alpha_1_is_reverse_kl_student_to_teacher():
 
 def test_jsd_at_one_half_on_a_hand_made_pair():
     s, t = torch.tensor([0.5, 0.5]), torch.tensor([0.9, 0.1])
-    m = [0.7, 0.3]                                     # (s + t) / 2
+    # the mixture m = (s + t) / 2 = [0.7, 0.3]
     expected = 0.5 * (0.5 * math.log(0.5 / 0.7) + 0.5 * math.log(0.5 / 0.3)) \
         + 0.5 * (0.9 * math.log(0.9 / 0.7) + 0.1 * math.log(0.1 / 0.3))
     assert generalized_jsd(s.log(), t.log(), 0.5).item() == pytest.approx(expected, abs=1e-6)
