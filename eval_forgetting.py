@@ -89,7 +89,7 @@ def paired_difference(a, b) -> dict:
 def verdict(diff) -> str:
     """'beyond noise' when the 95% interval excludes 0, 'within noise' when it contains 0."""
     if diff["low"] is None:
-        return "no interval (one seed)"
+        return "one seed, no interval"
     return "beyond noise" if diff["low"] > 0 or diff["high"] < 0 else "within noise"
 
 
@@ -121,8 +121,10 @@ FINDINGS = {
         methods="grpo,sdpo_ema50,sdpo_live", tasks="tool", probes="", steps="40", seeds="0,1,2",
         paper="a fast-moving teacher amplified a formatting artifact through the teacher-student "
               "loop until the model collapsed",
-        look="the repetition and unfinished rates per step, in the samples and in the "
-             "successful samples the teacher copies, over a long stage"),
+        look="per step over a long stage: the share of samples out of the task's format, "
+             "whether the teacher's targets rate those samples' tokens above the student does "
+             "(a positive gap feeds the artifact), the repetition and unfinished rates, and the "
+             "reward"),
     "cot": dict(
         methods="grpo,sdpo_frozen,sdpo_frozen_answer", tasks="math_cot", probes="", steps="15",
         seeds="0,1,2", set=["eval_every=3"],
@@ -252,10 +254,11 @@ def paired_table(results, baseline="grpo", metrics=PAIRED) -> str:
         f, a = diffs.get("forgetting"), diffs.get("acc")
         said = []
         if f and f["mean"] is not None:
-            said.append(f"forgets {100 * f['mean']:+.1f} points more than {baseline} "
-                        f"({verdict(f)})")
+            said.append(f"forgets {abs(100 * f['mean']):.1f} points "
+                        f"{'more' if f['mean'] > 0 else 'less'} than {baseline} ({verdict(f)})")
         if a and a["mean"] is not None:
-            said.append(f"ends with an ACC {100 * a['mean']:+.1f} points higher ({verdict(a)})")
+            said.append(f"ends with an ACC {abs(100 * a['mean']):.1f} points "
+                        f"{'higher' if a['mean'] > 0 else 'lower'} ({verdict(a)})")
         if said:
             n = diffs[metrics[0][0]]["n"]
             sentences.append(f"{method} " + " and ".join(said)
@@ -297,9 +300,10 @@ def relative_table(results, method) -> str:
     return "\n".join(lines)
 
 
-def write_report(results, out: Path, finding=None) -> str:
-    """report.md with the signal check, the comparison and its paired differences, the section
-    of a finding (finding: {"name", "paper", "look"}), per-method tables, and the plots."""
+def write_report(results, out: Path, finding=None, baselines=("grpo",)) -> str:
+    """report.md with the signal check, the comparison and its paired differences against each
+    of `baselines` that ran, the section of a finding (finding: {"name", "paper", "look"}),
+    per-method tables, and the plots."""
     out.mkdir(parents=True, exist_ok=True)
     cfg = results.get("config", {})
     trained_names = [results["tasks"][j] for j in results["trained"]]
@@ -308,7 +312,7 @@ def write_report(results, out: Path, finding=None) -> str:
              f"Tasks in training order: {', '.join(trained_names)}; "
              f"held-out probes: {', '.join(probe_names) or 'none'}. "
              f"Model: {cfg.get('model', '?')}; steps per task: {cfg.get('steps', '?')}; "
-             f"evaluation: {cfg.get('eval_mode', 'greedy')}.", ""]
+             f"evaluation: {cfg.get('eval_mode', 'sample')}.", ""]
     if results.get("signal"):
         parts += ["Signal check before training (the base model): " + "; ".join(
             f"{name}: reward {v['reward']:.2f} at the training temperature, "
@@ -320,28 +324,34 @@ def write_report(results, out: Path, finding=None) -> str:
     parts += ["Accuracies and their differences are in points (0-100); mean ± std over seeds. "
               "BWT < 0 and Forgetting > 0 mean forgetting; OOD Δ is the final minus base "
               "accuracy on the held-out probes; Angle is the mean principal angle between the top "
-              "singular subspaces of each weight matrix before and after; Response KL is KL(base "
+              "singular subspaces of each attention and MLP weight matrix before and after; Response KL is KL(base "
               "|| model) per token on the base model's own evaluation answers; Similarity is how "
               "alike (0-100) the answers are to the base model's.", "",
               comparison_table(results), ""]
-    paired = paired_table(results)
-    if paired:
-        parts += ["Paired differences against GRPO (the same seeds: the same base evaluation and "
-                  "the same training prompts), mean [95% t interval]:", "", paired, "",
-                  paired_table(results, metrics=PAIRED_DRIFT), ""]
+    for baseline in baselines:
+        paired = paired_table(results, baseline)
+        if paired:
+            parts += [f"Paired differences against {baseline} (the same seeds: the same base "
+                      "evaluation and the same training prompts), mean [95% t interval]:", "",
+                      paired, "", paired_table(results, baseline, PAIRED_DRIFT), ""]
     plots = write_plots(results, out)
     if finding:
         parts += [f"## Finding: {finding['name']}", "", f"The paper: {finding['paper']}. "
                   f"Look at {finding['look']}.", ""]
         parts += [f"![{p.stem}]({p.name})" for p in plots if p.stem in FINDING_FIGURES.get(
             finding["name"], ())] + [""]
+        if "razor" in FINDING_FIGURES.get(finding["name"], ()) and razor_sentence(results):
+            parts += [razor_sentence(results), ""]
     for method in results["runs"]:
         if any(r["R"] for r in results["runs"][method].values()):
             parts += [f"## {method}", "", "Accuracy (points):", "",
                       accuracy_table(results, method), "",
                       "Relative change versus the base model (%, the unit of the paper's "
                       "figures):", "", relative_table(results, method), ""]
-    parts += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    shown = FINDING_FIGURES.get(finding["name"], ()) if finding else ()
+    rest = [p for p in plots if p.stem not in shown]
+    if rest:
+        parts += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in rest]
     text = "\n".join(parts) + "\n"
     tmp = out / f"report.md.tmp{os.getpid()}"       # atomic, as every write of a run
     tmp.write_text(text)
@@ -351,7 +361,7 @@ def write_report(results, out: Path, finding=None) -> str:
 
 FINDING_FIGURES = {"teacher-stability": ("curves",), "ood": ("curves",), "cot": ("curves",),
                    "continual": ("accuracy", "razor"), "drift": ("drift", "razor"),
-                   "collapse": ("collapse", "curves")}
+                   "collapse": ("collapse",)}
 
 
 def finished_runs(results, method) -> list:
@@ -364,6 +374,39 @@ def forgetting_so_far(R, trained, k) -> float | None:
     drops = [max(R[i][trained[j]] for i in range(j + 1, k)) - R[k][trained[j]]
              for j in range(k - 1)]
     return sum(drops) / len(drops) if drops else None
+
+
+def razor_points(results, method) -> list:
+    """(response KL to the base, forgetting so far in points) after every stage k >= 2 of every
+    finished run of `method`: the points of RL's Razor (arXiv 2509.04259)."""
+    return [(r["records"][k]["response_kl"], 100 * forgetting_so_far(r["R"], results["trained"], k))
+            for r in finished_runs(results, method) for k in range(2, len(r["R"]))]
+
+
+def pearson(xs, ys) -> dict:
+    """Pearson's r with a 95% interval (Fisher's z), n the number of points."""
+    n = len(xs)
+    if n < 4:
+        return {"r": None, "low": None, "high": None, "n": n}
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    sxx, syy = sum((x - mx) ** 2 for x in xs), sum((y - my) ** 2 for y in ys)
+    if sxx == 0 or syy == 0:
+        return {"r": None, "low": None, "high": None, "n": n}
+    r = max(-0.999999, min(0.999999, sxy / math.sqrt(sxx * syy)))
+    z, half = math.atanh(r), 1.959964 / math.sqrt(n - 3)
+    return {"r": r, "low": math.tanh(z - half), "high": math.tanh(z + half), "n": n}
+
+
+def razor_sentence(results) -> str:
+    """Pearson's r of response KL against forgetting so far, over all methods' points."""
+    points = [p for m in results["runs"] for p in razor_points(results, m)]
+    c = pearson([x for x, _ in points], [y for _, y in points]) if points else None
+    if not c or c["r"] is None:
+        return ""
+    return (f"Response KL against forgetting so far, after every stage from the second on, every "
+            f"run of every method: Pearson r = {c['r']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}] "
+            f"over {c['n']} points (later stages have both more drift and more to forget).")
 
 
 def mean_curve(runs, get) -> tuple:
@@ -379,7 +422,8 @@ def write_plots(results, out: Path) -> list:
     drift.png: parameter drift, principal angle, response KL and similarity over stages;
     razor.png: response KL against forgetting, stage by stage, every run (RL's Razor);
     curves.png: accuracy during the stages, where they were evaluated every few batches;
-    collapse.png: the artifact rates and the reward at every training step."""
+    collapse.png: the artifact rates, whether the teacher feeds them, and the reward at every
+    training step."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -397,6 +441,8 @@ def write_plots(results, out: Path) -> list:
         paths.append(out / name)
 
     def band(ax, xs, mu, sd, label, marker="o"):
+        nan = float("nan")       # no value at a point (e.g. no malformed sample): a gap
+        mu, sd = [nan if v is None else v for v in mu], [nan if v is None else v for v in sd]
         ax.plot(xs, mu, marker=marker, ms=3, label=label)
         ax.fill_between(xs, [a - b for a, b in zip(mu, sd)], [a + b for a, b in zip(mu, sd)],
                         alpha=0.2)
@@ -440,10 +486,9 @@ def write_plots(results, out: Path) -> list:
     if len(trained) > 1:
         fig, ax = plt.subplots(figsize=(4.5, 3.5))
         for m in methods:
-            points = [(r["records"][k]["response_kl"],
-                       100 * forgetting_so_far(r["R"], trained, k))
-                      for r in finished_runs(results, m) for k in range(2, len(r["R"]))]
-            ax.scatter(*zip(*points), s=14, label=m)
+            points = razor_points(results, m)
+            if points:
+                ax.scatter(*zip(*points), s=14, label=m)
         ax.set_xlabel("response KL to the base after the stage")
         ax.set_ylabel("forgetting so far (points)")
         ax.set_title("RL's Razor: response drift vs forgetting", fontsize=9)
@@ -472,24 +517,27 @@ def write_plots(results, out: Path) -> list:
         axes[0][-1].legend(fontsize=7)
         save(fig, "curves.png")
 
-    def series(r, key):
+    def series(r, key, scale):
         values = [(offsets[k - 1] + i, v) for k, rec in enumerate(r["records"][1:], 1)
                   for i, v in enumerate(rec["train"].get("series", {}).get(key, []))]
-        return [(x, 100 * v if v is not None else float("nan")) for x, v in values]
+        return [(x, None if v is None else scale * v) for x, v in values]
 
-    keys = [("repetition_rate", "samples with a repeated n-gram (%)"),
-            ("demo_repetition_rate", "same, among successful samples (%)"),
-            ("unfinished_rate", "samples without an end (%)"), ("reward", "reward (%)")]
+    keys = [("malformed_rate", "samples out of the task's format (%)", 100),
+            ("artifact_gap", "log p_teacher - log p_student,\nmalformed samples' tokens", 1),
+            ("repetition_rate", "samples with a repeated n-gram (%)", 100),
+            ("unfinished_rate", "samples without an end (%)", 100),
+            ("reward", "reward (%)", 100)]
     if all(r["records"][-1].get("train", {}).get("series") for m in methods
            for r in finished_runs(results, m)):
         fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3))
         for m in methods:
             runs = [r for r in finished_runs(results, m)
                     if r["records"][-1]["train"]["series"].get("reward")[0] is not None]
-            for ax, (key, _) in zip(axes, keys):
-                if runs:
-                    band(ax, *mean_curve(runs, lambda r: series(r, key)), m, marker=None)
-        for ax, (_, title) in zip(axes, keys):
+            for ax, (key, _, scale) in zip(axes, keys):
+                if runs and any(v is not None for r in runs for rec in r["records"][1:]
+                                for v in rec["train"]["series"].get(key, [])):
+                    band(ax, *mean_curve(runs, lambda r: series(r, key, scale)), m, marker=None)
+        for ax, (_, title, _) in zip(axes, keys):
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("rollout batches")
         axes[-1].legend(fontsize=7)
@@ -517,14 +565,22 @@ def main(argv=None):
     ap.add_argument("runs", nargs="+", help="run folders (each with a results.json)")
     ap.add_argument("--out", help="where report.md and the plots go (default: the first run)")
     ap.add_argument("--finding", choices=list(FINDINGS), help="add this finding's section")
+    ap.add_argument("--baselines", default="grpo", help="comma-separated methods to pair every "
+                    "other method against (%(default)s), e.g. grpo,sdpo")
     args = ap.parse_args(argv)
     try:
         results = merge([load_results(f) for f in args.runs])
     except ValueError as e:
         ap.error(str(e))
+    baselines = [b for b in args.baselines.split(",") if b]
+    unknown = [b for b in baselines if b not in results["runs"]]
+    if unknown:
+        ap.error(f"--baselines {args.baselines!r}: {unknown} did not run here; the methods are "
+                 + ", ".join(results["runs"]))
     out = Path(args.out or args.runs[0])
     write_report(results, out, finding=args.finding and {"name": args.finding,
-                                                         **FINDINGS[args.finding]})
+                                                         **FINDINGS[args.finding]},
+                 baselines=baselines)
     print(comparison_table(results))
     print(f"\nreport: {out / 'report.md'}")
 

@@ -5,8 +5,8 @@
     python run_sequence.py --tasks math,tool --probes code --steps 40 --set alpha=1.0
 
 Every task (trained and held-out probes) is evaluated before training and after every stage.
-The run folder runs/<name>/ holds config.json, results.json, log.jsonl (one line per step),
-per-stage checkpoints of the policy and the SDPO teacher, report.md and plots. Running the same
+The run folder runs/<name>/ holds config.json, results.json, signal.json (the signal check
+before training), log.jsonl (one line per step), per-stage checkpoints of the policy and the SDPO teacher, report.md and plots. Running the same
 command again resumes after the last finished stage of every method and seed.
 """
 from __future__ import annotations
@@ -157,7 +157,8 @@ def build_parser():
                     "finding's name)")
     ap.add_argument("--out", default="runs", help="parent folder of runs (%(default)s)")
     ap.add_argument("--set", nargs="*", default=None, metavar="KEY=VALUE",
-                    help="override any Config field, e.g. --set alpha=1.0 distillation_topk=null")
+                    help="override a Config field, e.g. --set alpha=1.0 distillation_topk=null "
+                    "(seed, steps_per_task and model have their own flags)")
     ap.add_argument("--print-verl", action="store_true", help="print the equivalent command "
                     "lines for the official verl implementation (one per method and stage), "
                     "then exit")
@@ -190,12 +191,12 @@ VERL_KEYS = {   # this project's Config fields -> the official verl override key
     "eval_temperature": "actor_rollout_ref.rollout.val_kwargs.temperature",
     "eval_top_p": "actor_rollout_ref.rollout.val_kwargs.top_p",
 }
-SELF_DISTILLATION_KEYS = (   # in the official actor.yaml
+SELF_DISTILLATION_KEYS = (   # declared in the official actor config (SDPO's verl, actor.yaml)
     "alpha", "full_logit_distillation", "distillation_topk", "distillation_add_tail", "is_clip",
     "success_reward_threshold", "teacher_regularization", "teacher_update_rate",
     "dont_reprompt_on_self_success", "remove_thinking_from_demonstration",
     "include_environment_feedback", "environment_feedback_only_without_solution")
-SDPO_CL_KEYS = ("mask_ratio", "teacher_path", "teacher_init_alpha")   # not in actor.yaml: "+key"
+SDPO_CL_KEYS = ("mask_ratio", "teacher_path", "teacher_init_alpha")   # SDPO-CL's, undeclared: +key
 
 
 def verl_value(v) -> str:
@@ -241,8 +242,8 @@ def verl_overrides(cfg: sc.Config, model_path: str, steps: int, stage: int, base
         frozen = values["teacher_update_rate"] == 0 and not cfg.reset_teacher_each_task
         if frozen and stage > 1 and teacher_path is None:
             teacher_path = base_model   # each verl run re-creates its teacher from model.path
-        for name, value in (("mask_ratio", cfg.mask_ratio), ("teacher_path", teacher_path),
-                            ("teacher_init_alpha", cfg.teacher_init_alpha)):
+        for name in SDPO_CL_KEYS:
+            value = teacher_path if name == "teacher_path" else getattr(cfg, name)
             if value != dataclasses.asdict(sc.Config())[name]:
                 out.append(f"+{sd}{name}={verl_value(value)}")
     if data is not None:
@@ -518,23 +519,14 @@ def run(plan, folder, t_start) -> dict:
 def signal_check(base, tokenizer, tasks, base_record, cfg) -> dict:
     """Before any training: per trained task, the base model's reward at the training
     temperature, the share of groups with a success (SDPO's demonstrations) and of groups
-    whose rewards are all equal (no GRPO advantage), and the teacher lift; a warning where a
-    method will have almost no signal."""
+    whose rewards are all equal (no GRPO advantage), and the teacher lift (already measured
+    with the base row); a warning where a method will have almost no signal."""
     out = {}
     for task in tasks:
         sc.seed_everything("signal", task.name)
         signal = sc.rollout_signal(base, tokenizer, task, cfg)
         signal["teacher_lift"] = base_record["teacher_lift"][task.name]
-        warnings = []
-        if signal["solved_groups"] < 0.1:
-            warnings.append("fewer than 10% of groups have a success: SDPO will have almost no "
-                            "demonstration")
-        if signal["zero_adv_groups"] > 0.9:
-            warnings.append("more than 90% of groups score all alike: GRPO will have almost no "
-                            "advantage")
-        if signal["teacher_lift"] < 0.05:
-            warnings.append("a correct demonstration barely helps: the self-teacher has little "
-                            "to add")
+        warnings = sc.signal_warnings(signal)
         out[task.name] = {**signal, "warnings": warnings}
         print(f"signal check, {task.name}: reward at temperature {cfg.temperature:g} "
               f"{signal['reward']:.2f}, groups with a success {100 * signal['solved_groups']:.0f}%"

@@ -25,13 +25,17 @@ Where this code departs from the official (verl) implementation, and why:
   teacher prompt (share_teacher_prefix): the same logits up to rounding, less work.
 - The SDPO teacher is carried from stage to stage; verl re-creates it with each stage's run
   (reset_teacher_each_task). The built-in lab scales the paper's settings down.
-Everything else follows the official code: the loss averaging its runs computed, the GRPO
-baseline's mini-batches, the templates, the rewards, the warm-up, the sampled evaluation.
+- seq-mean-token-sum-norm divides by the batch's padded length (verl: the generation budget).
+- Additions the paper does not have: the k3 KL anchor for SDPO too (verl refuses it with SDPO),
+  the live teacher, replay, multitask and SFT.
+The rest follows the official code: the loss averaging its runs computed, the GRPO baseline's
+mini-batches, the templates, the rewards, the warm-up, the sampled evaluation.
 
 Reading order. Part I, the tutorial: Config -> the task contract -> rollout -> GRPO -> SDPO (the
 teacher's context, the divergence, the loss) -> teachers -> one training step -> a task ->
 evaluation -> the continual sequence -> drift. Part II, after its banner: the lab, real models
-and data with the official rewards, the code sandbox, checkpoints, config checks and speed-ups.
+and data with the official rewards, the code sandbox, checkpoints, config checks, the training
+step's plumbing and the walkthrough.
 """
 
 
@@ -77,8 +81,8 @@ TEACHER_KINDS = ("ema", "trust-region", "frozen", "live")
 EVAL_MODES = ("greedy", "sample")
 
 
-# The official templates as the official yaml renders them (block scalars `|-`: no trailing
-# newline; the dataclass defaults of the official code end in newlines that the yaml drops).
+# The official templates as the official SDPO config file renders them (block scalars `|-`: no
+# trailing newline; the dataclass defaults of the official code end in newlines it drops).
 REPROMPT_TEMPLATE = "{prompt}{solution}{feedback}\n\nCorrectly solve the original question."
 SOLUTION_TEMPLATE = "\nCorrect solution:\n\n{successful_previous_attempt}"
 FEEDBACK_TEMPLATE = ("\nThe following is feedback from your unsuccessful earlier attempt:\n\n"
@@ -87,12 +91,14 @@ FEEDBACK_TEMPLATE = ("\nThe following is feedback from your unsuccessful earlier
 
 @dataclass
 class Config:
-    """Every knob of one training run, with the official option names and defaults (the paper's
-    runs) unless a line says otherwise; lab_config() in Part II scales them down to the lab."""
+    """Every knob of one training run, with the official defaults (the paper's runs) unless a
+    line says otherwise, and the official option name in the line where this name differs;
+    fields the official code does not have say so. lab_config() in Part II scales them down."""
 
     # --- model and run --------------------------------------------------------------------------
     model: str = "lab"
-    """'lab' (the built-in tiny model), a hub id, a local folder, or a .gguf file"""
+    """'lab' (the built-in tiny model), a hub id, a local folder, or a .gguf file; recorded with
+    the run (run_sequence.py loads the model from its --model)"""
     seed: int = 0
     """seeds python, torch and the rollout sampling"""
     device: str = "auto"
@@ -240,14 +246,17 @@ class Config:
 class Task:
     """A task = train/test examples (columns `prompt`, `answer`, optional `system`) and a
     verifier. `reward(completion, example)` returns a float in [0, 1]; `feedback(completion,
-    example)` returns a short text saying what was wrong (without the answer), or None."""
+    example)` returns a short text saying what was wrong (usually without the answer), or None."""
     name: str
-    train: Sequence[dict]         # a datasets.Dataset, or any list of dicts
-    test: Sequence[dict]
+    train: Sequence[dict]         # a datasets.Dataset or a list of dicts
+    test: Sequence[dict]          # a datasets.Dataset (evaluate selects rows from it)
     reward: Callable[[str, dict], float]
     feedback: Callable[[str, dict], str | None] | None = None
     max_new_tokens: int | None = None
     """a task's own generation budget (the lab's are short); None = Config.max_new_tokens"""
+    well_formed: Callable[[str, dict], bool] | None = None
+    """whether a completion has the task's answer format, right or wrong (the format-artifact
+    measure of the collapse finding); None: not measured"""
 
 
 def generation_budget(cfg, task) -> int:
@@ -579,6 +588,7 @@ class Targets:
     teacher_ids: torch.Tensor | None        # [U, P'] the U distinct teacher prompts, left-padded
     teacher_mask: torch.Tensor | None       # [U, P']
     teacher_of: torch.Tensor | None         # [B]     row -> index into U (-1: no context)
+    malformed: torch.Tensor | None = None   # [B]     1 where a sample breaks the task's format
 
 
 def sample_rollout(policy, tokenizer, task, examples, cfg):
@@ -606,6 +616,9 @@ def loss_targets(rollout, samples, rewards, task, tokenizer, cfg) -> Targets:
     """GRPO's advantages and SDPO's teacher inputs (each distinct teacher prompt tokenized once)."""
     device, sdpo_weight = rollout.response_ids.device, distillation_weight(cfg)
     targets = Targets(rewards, None, None, None, None, None)
+    if task.well_formed is not None:   # a measure only: the format artifacts of the samples
+        targets.malformed = torch.tensor([0.0 if task.well_formed(c, ex) else 1.0 for c, ex in
+                                          zip(rollout.completions, samples)], device=device)
     if sdpo_weight < 1:
         targets.advantages = grpo_advantages(rewards, cfg.group_size,
                                              cfg.norm_adv_by_std_in_grpo).to(device)
@@ -667,8 +680,12 @@ def sdpo_part(policy, teacher, student_logits, rollout, targets, rows, minibatch
                         topk=cfg.distillation_topk, add_tail=cfg.distillation_add_tail,
                         full_logits=cfg.full_logit_distillation, is_clip=cfg.is_clip,
                         agg=cfg.loss_agg_mode)
-    return share, loss, {"loss_sdpo": share * loss.item(),
-                         "divergence": share * m["divergence"], "t_teacher": t_teacher}
+    metrics = {"loss_sdpo": share * loss.item(), "divergence": share * m["divergence"],
+               "t_teacher": t_teacher}
+    if targets.malformed is not None:
+        metrics.update(artifact_gap(student_logits[local], teacher_logits, ids, distill,
+                                    targets.malformed[rows][local], cfg.temperature))
+    return share, loss, metrics
 
 
 def micro_batch_loss(policy, teacher, reference, rollout, targets, rows, minibatch, cfg):
@@ -922,15 +939,30 @@ def rollout_signal(model, tokenizer, task, cfg, n_prompts=64) -> dict:
             "zero_adv_groups": (groups.std(1) == 0).float().mean().item()}
 
 
+def signal_warnings(signal) -> list:
+    """Plain warnings where a method will have almost no signal to learn from."""
+    warnings = []
+    if signal["solved_groups"] < 0.1:
+        warnings.append("fewer than 10% of groups have a success: SDPO will have almost no "
+                        "demonstration")
+    if signal["zero_adv_groups"] > 0.9:
+        warnings.append("more than 90% of groups score all alike: GRPO will have almost no "
+                        "advantage")
+    if signal["teacher_lift"] < 0.05:
+        warnings.append("a correct demonstration barely helps: the self-teacher has little to add")
+    return warnings
+
+
 def signal_check(model, tokenizer, task, cfg, n_prompts=64) -> dict:
-    """rollout_signal, and the test accuracy without and with a correct demonstration in the
-    prompt (the teacher lift: what a self-teacher can add)."""
+    """rollout_signal, the test accuracy without and with a correct demonstration in the
+    prompt (the teacher lift: what a self-teacher can add), and the warnings."""
     plain = evaluate(model, tokenizer, task, cfg)
     demo = evaluate(model, tokenizer, task, cfg, with_demonstration=True)
-    return {**rollout_signal(model, tokenizer, task, cfg, n_prompts),
-            "accuracy": plain["accuracy"], "stderr": plain["stderr"],
-            "with_demonstration": demo["accuracy"],
-            "teacher_lift": demo["accuracy"] - plain["accuracy"]}
+    signal = {**rollout_signal(model, tokenizer, task, cfg, n_prompts),
+              "accuracy": plain["accuracy"], "stderr": plain["stderr"],
+              "with_demonstration": demo["accuracy"],
+              "teacher_lift": demo["accuracy"] - plain["accuracy"]}
+    return {**signal, "warnings": signal_warnings(signal)}
 
 
 def evaluate_during_stage(policy, tokenizer, tasks, cfg, keys) -> dict:
@@ -1115,6 +1147,22 @@ def response_similarity(completions, base_completions) -> float:
     return 100 * sum(ratios) / max(len(ratios), 1)
 
 
+@torch.no_grad()
+def artifact_gap(student_logits, teacher_logits, ids, distill_mask, malformed, temperature):
+    """Does a format artifact feed on itself? On the distilled tokens of malformed samples, the
+    sum of log p_teacher(token) - log p_student(token) and the token count: a positive mean
+    means the teacher's targets pull the student further toward the artifact."""
+    bad = malformed.bool()
+    if not bad.any():
+        return {"artifact_gap_sum": 0.0, "artifact_tokens": 0.0}
+    s_logp = torch.log_softmax(student_logits[bad].float(), -1).gather(-1, ids[bad, :, None])
+    t_logp = torch.log_softmax(teacher_logits[bad].float() / temperature, -1).gather(
+        -1, ids[bad, :, None])                                                  # [n, T, 1]
+    mask = distill_mask[bad]
+    return {"artifact_gap_sum": ((t_logp - s_logp).squeeze(-1) * mask).sum().item(),
+            "artifact_tokens": mask.sum().item()}
+
+
 def format_artifacts(completions, n=3, min_repeats=3) -> dict:
     """How often responses repeat themselves, the collapse mode of the paper: the fraction of
     responses in which some word/symbol n-gram occurs >= min_repeats times, and the n-gram
@@ -1228,9 +1276,9 @@ def final_answer_reward(completion: str, example: dict) -> float:
 # probes share a format or a content with them (the out-of-distribution columns), and one family
 # with a short worked solution serves the chain-of-thought finding. Each family is a generator
 # `make(rng) -> {"prompt", "answer", "habit"}` with a reward and, where natural, rich feedback.
-# `habit` is a plausible wrong answer made by a systematic slip (an off-by-one sum, the letter of
-# the next option, the arguments in prompt order, the string left unreversed). The base model is
-# pre-trained on the habit in most plain examples of every family, so that, like a real base
+# `habit` is a plausible wrong answer made by a systematic slip (an off-by-one sum, the first
+# option, the arguments in prompt order, the string left unreversed). The base model is
+# pre-trained on the habit in half of the plain examples of every family, so that, like a real base
 # model, it holds a right and a wrong behaviour side by side and samples both: RL and self-
 # distillation then have something to select, which missing skills would not give them in a few
 # dozen steps. Every family's skill itself is small enough for the tiny model to master, so the
@@ -1307,6 +1355,10 @@ LAB_FAMILIES = {
     "math_words": (make_math_words, number_reward, number_feedback, 4),
     "math_cot": (make_math_cot, final_answer_reward, None, 22),
 }
+LAB_FORMATS = {   # an answer of the family's form, right or wrong (the format-artifact measure)
+    "math": r"\d+", "science": r"<answer>\d+</answer>", "tool": r"send\(\w+,\w+,\w+\)",
+    "code": r"[a-h]+", "mcq_math": r"<answer>\d+</answer>", "math_words": r"\d+",
+    "math_cot": r"\d+\+\d+=\d+,\d+\+\d+=\d+#\d+"}
 LAB_SEQUENCE = ("math", "science", "tool", "code")
 LAB_PROBES = ("mcq_math", "math_words")
 
@@ -1325,8 +1377,10 @@ def make_lab_task(name: str, n_train: int = 2000, n_test: int = 100, seed: int =
         test.setdefault(ex["prompt"], ex)
     train = [make(rng) for _ in range(n_train)]
     from datasets import Dataset
+    form = re.compile(LAB_FORMATS[name])
     return Task(name, Dataset.from_list(train), Dataset.from_list(list(test.values())),
-                reward, feedback, max_new)
+                reward, feedback, max_new,
+                well_formed=lambda completion, _: form.fullmatch(completion.strip()) is not None)
 
 
 # --- The tokenizer, the model and the base -----------------------------------------------------
@@ -1518,7 +1572,8 @@ def lab_config(**overrides) -> Config:
     """The official settings scaled down to the tiny lab: the paper's 32 prompts x 8 rollouts, a
     learning rate for a 0.45M-parameter model (3e-4), a short warm-up, 15 steps per task, short
     answers, top-20 distillation (the vocabulary has 104 tokens, so top-100 would be all of it),
-    and 100 test prompts x 4 samples per evaluation. Everything else stays official."""
+    and 100 test prompts x 4 samples per evaluation, on the CPU (the model is too small for a GPU
+    to help; --set device=cuda moves it). Everything else stays official."""
     settings = dict(model="lab", prompts_per_step=32, group_size=8, max_new_tokens=24, lr=3e-4,
                     warmup_steps=2, distillation_topk=20, steps_per_task=15, eval_examples=100,
                     eval_samples=4, device="cpu")
@@ -2181,6 +2236,8 @@ def check_config(cfg):
     if cfg.teacher_path and cfg.teacher_regularization == "live":
         bad("teacher_path", "None with teacher_regularization='live' (the live teacher is the "
                             "student itself and has no weights of its own)")
+    if cfg.loss_mode == "sft" and cfg.kl_loss_coef:
+        bad("kl_loss_coef", "0 with loss_mode='sft' (supervised fine-tuning keeps no anchor)")
     if not cfg.full_logit_distillation and cfg.alpha != 1.0:
         bad("alpha", "1.0 when full_logit_distillation=False (the sampled-token estimate exists "
                      "only for the reverse KL)")
@@ -2248,8 +2305,8 @@ def aggregation_share(mask_part, mask_all, agg="token-mean"):
 
 
 def kl_anchor(logprobs, reference, rollout, rows, minibatch, cfg):
-    """(share, k3 KL to the frozen initial model on `rows`, metrics): the anchor of any method,
-    weighted by kl_loss_coef."""
+    """(share, k3 KL to the frozen initial model on `rows`, metrics): the anchor of GRPO and
+    SDPO (not of SFT), weighted by kl_loss_coef."""
     mask = rollout.response_mask
     with torch.no_grad(), autocast_for(cfg, reference):
         ref_logits = reference(**sequence_inputs(
@@ -2279,6 +2336,11 @@ def step_metrics(rollout, targets, totals, cfg) -> dict:
                "demo_repetition_rate": format_artifacts(success)["repetition_frac"],
                "unfinished_rate": None if rollout.finished is None
                else 1.0 - rollout.finished.float().mean().item()}
+    if targets.malformed is not None:      # format artifacts, and whether the teacher feeds them
+        metrics["malformed_rate"] = targets.malformed.mean().item()
+    gap_sum, tokens = metrics.pop("artifact_gap_sum", None), metrics.pop("artifact_tokens", 0.0)
+    if gap_sum is not None:
+        metrics["artifact_gap"] = gap_sum / tokens if tokens else None
     if targets.distill_mask is not None:
         mask = rollout.response_mask
         metrics["distill_frac"] = (targets.distill_mask.sum() / mask.sum().clamp(min=1)).item()
@@ -2299,7 +2361,8 @@ def stage_summary(history) -> dict:
             "series": {key: [h.get(key) for h in history] for key in SERIES}}
 
 
-SERIES = ("reward", "distill_frac", "repetition_rate", "demo_repetition_rate", "unfinished_rate")
+SERIES = ("reward", "distill_frac", "repetition_rate", "demo_repetition_rate", "unfinished_rate",
+          "malformed_rate", "artifact_gap")
 
 
 def mix_tasks(tasks) -> Task:
@@ -2312,9 +2375,12 @@ def mix_tasks(tasks) -> Task:
     def feedback(completion, ex):
         own = by_name[ex["task"]].feedback
         return own(completion, ex) if own else None
+    def well_formed(completion, ex):
+        return by_name[ex["task"]].well_formed(completion, ex)
     budgets = [t.max_new_tokens for t in tasks]
+    measured = all(t.well_formed for t in tasks)
     return Task("+".join(by_name), [], [], reward, feedback,
-                None if None in budgets else max(budgets))
+                None if None in budgets else max(budgets), well_formed if measured else None)
 
 
 def pad_right(sequences, pad_id, device):
@@ -2481,7 +2547,8 @@ def walkthrough(prompts=4, group_size=8, family="math", seed=0, out="docs", echo
     """One rollout batch of the lab's base model, narrated: a group's answers, rewards and GRPO
     advantages; the teacher prompt of one failed answer; along that answer, token by token,
     GRPO's weight next to SDPO's divergence; the two distributions where they differ most; the
-    two losses, and how far one optimizer step of each moves the answer's log-probability.
+    two losses, and how far each method's update on this batch (GRPO: the paper's four optimizer
+    steps on quarters of it; SDPO: one) moves the answer's log-probability.
     Every number comes from this module's own functions. Writes out/walkthrough.md and
     out/walkthrough.png; returns the numbers."""
     model, tokenizer = load_policy("lab")
@@ -2581,14 +2648,15 @@ def walkthrough(prompts=4, group_size=8, family="math", seed=0, out="docs", echo
     say(f"| tail | (the rest) | {1 - top_s.values.sum():.3f} | (the rest) | "
         f"{1 - top_t.values.sum():.3f} |")
 
-    # --- 5. the two losses and one optimizer step of each, on this same batch ------------------
+    # --- 5. the two losses and each method's update on this same batch ---------------------------
     result = {"group": g, "answer": i, "divergence": divergence.tolist(),
               "advantage": advantages[i].item()}
     say()
-    say("## 5. The two losses on this batch, and one optimizer step of each (`update`, the "
-        "training step's own update)")
+    say("## 5. The two losses on this batch, and one update of each (`update`, the training "
+        "step's own: GRPO takes the paper's four optimizer steps, one per quarter of the batch, "
+        "the quarter holding this group among them; SDPO one step on the whole batch)")
     say()
-    say("| method | loss | log p(answer) before | after one step | change |\n|---|---|---|---|---|")
+    say("| method | loss | log p(answer) before | after the update | change |\n|---|---|---|---|---|")
     before = float((student_logp.gather(-1, ids[..., None])[0, :n, 0]).sum())
     for mode in ("grpo", "sdpo"):
         mode_cfg = dataclasses.replace(cfg, loss_mode=mode,

@@ -1,7 +1,7 @@
 """bench_step.py: speed, memory and loss identity of this project's GRPO and SDPO.
 
     pip install trl==1.16.0                  # benchmark-only; not in requirements.txt
-    python benchmarks/bench_step.py          # CPU, the lab model (builds/caches the lab base)
+    python benchmarks/bench_step.py          # CPU, the lab model (the shipped lab base)
     python benchmarks/bench_step.py --model path/to/model.gguf --prompts 4 --group 4
     python benchmarks/bench_step.py --experiment   # also time `python run_sequence.py`
 
@@ -553,7 +553,8 @@ def main():
                     "0 = the full vocabulary")
     ap.add_argument("--chunk", type=int, default=0, help="with --shape: prompts per generate "
                     "call (rollout_chunk_size), 0 = all")
-    ap.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                    help="with --shape or --plan (default: cuda if available)")
     ap.add_argument("--plan", choices=("gpu", "gpu-memory"), help="run the GPU check's list of "
                     "shapes and options (benchmarks/gpu_check.sh)")
     ap.add_argument("--budget", type=float, default=420, help="with --plan: start no new "

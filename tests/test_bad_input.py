@@ -45,6 +45,8 @@ CASES = {
     "an override the method fixes": (
         ["--methods", "sdpo_frozen", "--set", "teacher_update_rate=0.3"],
         "conflicts with the method 'sdpo_frozen', which fixes teacher_update_rate=0.0"),
+    "a KL anchor for SFT": (["--methods", "sft", "--set", "kl_loss_coef=0.1"],
+                           "Config.kl_loss_coef=0.1 is invalid: allowed 0 with loss_mode='sft'"),
     "print-verl with a typo folder": (["--print-verl", "--tasks", "/typo_folder"],
                                       "unknown task '/typo_folder'"),
 }

@@ -45,3 +45,12 @@ def test_each_trained_family_gives_both_methods_a_signal(base, name):
     assert 0.2 <= check["reward"] <= 0.7          # temperature 1: GRPO sees mixed groups
     assert check["zero_adv_groups"] <= 0.5
     assert check["teacher_lift"] >= 0.2           # SDPO's teacher can use a demonstration
+    assert check["warnings"] == []
+
+
+def test_the_signal_check_warns_where_a_method_would_have_almost_no_signal():
+    starved = {"solved_groups": 0.05, "zero_adv_groups": 0.95, "teacher_lift": 0.01}
+    warnings = s.signal_warnings(starved)
+    assert len(warnings) == 3 and "SDPO" in warnings[0] and "GRPO" in warnings[1]
+    assert s.signal_warnings({"solved_groups": 0.1, "zero_adv_groups": 0.9,
+                              "teacher_lift": 0.05}) == []

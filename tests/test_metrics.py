@@ -1,5 +1,7 @@
 """Continual-learning metrics on hand-made accuracy matrices: GEM (ACC, BWT, FWT) and the
 forgetting measure of Chaudhry et al."""
+import math
+
 import pytest
 
 from eval_forgetting import mean_std, relative_change, summarize
@@ -83,3 +85,13 @@ def test_forgetting_stage_by_stage():
     from eval_forgetting import forgetting_so_far
     assert forgetting_so_far(R, TRAINED, 2) == pytest.approx(0.5 - 0.9)   # A after B: rose
     assert forgetting_so_far(R, TRAINED, 3) == pytest.approx(((0.9 - 0.6) + (0.8 - 0.6)) / 2)
+
+
+def test_pearson_r_with_a_fisher_interval():
+    from eval_forgetting import pearson
+    c = pearson([1.0, 2.0, 3.0, 4.0, 5.0], [2.0, 1.0, 4.0, 3.0, 5.0])
+    assert c["r"] == pytest.approx(0.8)                          # sxy 8 / sqrt(10 * 10)
+    half = 1.959964 / (5 - 3) ** 0.5
+    assert c["low"] == pytest.approx(math.tanh(math.atanh(0.8) - half))
+    assert c["high"] == pytest.approx(math.tanh(math.atanh(0.8) + half))
+    assert pearson([1.0, 2.0, 3.0], [1.0, 2.0, 3.0])["r"] is None   # too few points

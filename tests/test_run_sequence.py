@@ -58,6 +58,17 @@ def test_report_compares_the_methods(run):
     assert "| grpo | 1 |" in text and "| sdpo | 1 |" in text and "accuracy.png" in text
 
 
+def test_eval_forgetting_pairs_against_any_method_that_ran(run, tmp_path, capsys):
+    import eval_forgetting
+    folder, _ = run
+    eval_forgetting.main([str(folder), "--out", str(tmp_path), "--baselines", "grpo,sdpo"])
+    text = (tmp_path / "report.md").read_text()
+    assert "| method − grpo |" in text and "| method − sdpo |" in text
+    with pytest.raises(SystemExit):
+        eval_forgetting.main([str(folder), "--out", str(tmp_path), "--baselines", "ppo"])
+    assert "['ppo'] did not run here" in capsys.readouterr().err
+
+
 def test_the_same_command_resumes_without_retraining(run, capsys):
     folder, results = run
     again = run_sequence.main(TINY + ["--out", str(folder.parent), "--name", "smoke"])

@@ -19,7 +19,7 @@ def demo_of(context):
 
 
 def test_official_templates_render_exactly():
-    """As the official yaml renders them (`|-` block scalars: no trailing newlines)."""
+    """As the official SDPO config file renders them (`|-` block scalars: no trailing newlines)."""
     cfg = Config(group_size=2, dont_reprompt_on_self_success=False)
     ctx = teacher_contexts(["2+2=?"], ["4"], [1.0], [None], 1, cfg)[0]
     assert ctx == "2+2=?\nCorrect solution:\n\n4\n\nCorrectly solve the original question."

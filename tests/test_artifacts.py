@@ -1,0 +1,42 @@
+"""Format artifacts, the collapse finding's measures: samples out of the task's format, repeated
+n-grams, and whether the teacher's targets pull the student toward an artifact."""
+import math
+
+import pytest
+import torch
+
+import sdpo_cl as s
+
+
+@pytest.mark.parametrize("family", list(s.LAB_FAMILIES))
+def test_every_lab_answer_and_habit_is_well_formed(family):
+    task = s.make_lab_task(family, n_train=50, n_test=5)
+    assert all(task.well_formed(ex["answer"], ex) and task.well_formed(ex["habit"], ex)
+               for ex in task.train)
+
+
+def test_a_tag_leaked_into_a_tool_call_is_malformed():
+    tool = s.make_lab_task("tool", n_train=5, n_test=5)
+    assert tool.well_formed("send(dan,10,sun)", {})
+    assert not tool.well_formed("send(dan,10,<answer>10</answer>", {})
+
+
+def test_artifact_gap_is_teacher_minus_student_log_prob_on_malformed_distilled_tokens():
+    student = torch.log(torch.tensor([[[0.5, 0.5], [0.9, 0.1]],
+                                      [[0.5, 0.5], [0.5, 0.5]]]))              # [2, 2, 2]
+    teacher = torch.log(torch.tensor([[[0.8, 0.2], [0.3, 0.7]],
+                                      [[0.1, 0.9], [0.1, 0.9]]]))
+    ids = torch.tensor([[0, 1], [1, 1]])
+    distill = torch.tensor([[1.0, 1.0], [1.0, 1.0]])
+    malformed = torch.tensor([1.0, 0.0])                        # only the first sample counts
+    gap = s.artifact_gap(student, teacher, ids, distill, malformed, temperature=1.0)
+    expected = (math.log(0.8) - math.log(0.5)) + (math.log(0.7) - math.log(0.1))
+    assert gap["artifact_gap_sum"] == pytest.approx(expected, abs=1e-5)
+    assert gap["artifact_tokens"] == 2.0
+    none = s.artifact_gap(student, teacher, ids, distill, torch.zeros(2), temperature=1.0)
+    assert none == {"artifact_gap_sum": 0.0, "artifact_tokens": 0.0}
+
+
+def test_repetition_counts_responses_that_repeat_an_ngram():
+    out = s.format_artifacts(["a b c a b c a b c", "x y z"])
+    assert out["repetition_frac"] == 0.5 and out["top_repeated"] == "a b c"
