@@ -2586,9 +2586,10 @@ def walkthrough(prompts=4, group_size=8, family="math", seed=0, out="docs", echo
     for i in rows:
         say(f"| `{rollout.completions[i]}` | {rewards[i]:.0f} | {advantages[i]:+.3f} |")
     say()
-    say(f"{sum(alike)} of {len(alike)} groups in this batch scored all alike: every advantage "
-        f"there is 0, so GRPO takes no gradient from them (its \"selective update\"), and a group "
-        f"without a success gives SDPO no demonstration either.")
+    say(f"Groups of this batch whose answers all scored the same: {sum(alike)} of {len(alike)}. "
+        "In such a group every advantage is 0, so GRPO takes no gradient from it (its "
+        "\"selective update\"), and a group without a success gives SDPO no demonstration "
+        "either.")
     i = next(r for r in rows if rewards[r] < cfg.success_reward_threshold
              and targets.teacher_of[r] >= 0)
     u = targets.teacher_of[i].item()
