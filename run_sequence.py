@@ -37,6 +37,7 @@ def quarter_of_the_batch(settings):
 # other settings where the official value is relative).
 METHODS = {
     "grpo": dict(loss_mode="grpo", ppo_mini_batch_size=quarter_of_the_batch),
+    "grpo_one_step": dict(loss_mode="grpo", ppo_mini_batch_size=0),   # SDPO's number of steps
     "sdpo": dict(loss_mode="sdpo"),                                    # official: EMA at 5%
     "sdpo_frozen": dict(loss_mode="sdpo", teacher_update_rate=0.0),    # the paper's SDPO_0
     "stable_sdpo": dict(loss_mode="sdpo", teacher_update_rate=0.0,     # restarted, then frozen
@@ -61,6 +62,8 @@ METHODS = {
 METHOD_HELP = {
     "grpo": "GRPO, the paper's baseline (no std normalisation, clip 0.2/0.28, no KL, four "
             "optimizer steps per rollout batch)",
+    "grpo_one_step": "GRPO with one optimizer step per rollout batch, as SDPO takes (the paper's "
+                     "baseline takes four)",
     "sdpo": "SDPO with the official defaults (EMA teacher, rate 0.05: the paper's SDPO_5%%)",
     "sdpo_frozen": "SDPO with a frozen teacher, the base model (the paper's SDPO_0)",
     "stable_sdpo": "SDPO whose teacher restarts from the policy at each task, then stays frozen",

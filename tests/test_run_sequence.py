@@ -92,3 +92,12 @@ def test_a_copied_run_folder_resumes(run, capsys, tmp_path):
     again = run_sequence.main(TINY + ["--out", str(tmp_path), "--name", "copy"])
     assert "finished earlier" in capsys.readouterr().out
     assert again["runs"] == json.loads(json.dumps(results["runs"]))
+
+
+def test_grpo_takes_four_optimizer_steps_per_batch_and_grpo_one_step_one():
+    import sdpo_cl as sc
+    settings = {"prompts_per_step": 32}
+    four = run_sequence.method_config("grpo", settings, {}, sc.lab_config)
+    one = run_sequence.method_config("grpo_one_step", settings, {}, sc.lab_config)
+    assert len(sc.minibatches(four, 32 * four.group_size)) == 4
+    assert len(sc.minibatches(one, 32 * one.group_size)) == 1
