@@ -1794,6 +1794,23 @@ def official_reward(completion: str, example: dict) -> float:
     return float(normalize(mcq_choice(completion)) == normalize(example["answer"]))
 
 
+def official_well_formed(completion: str, example: dict) -> bool:
+    """Whether a completion has the form its reward parses, right or wrong (the format-artifact
+    measure): mcq one capital letter (inside the last <answer> tag, or the whole completion);
+    tooluse an `Action:` line; math a \\boxed{} in the last 100 characters; code a fenced block.
+    Rows without a kind are not judged."""
+    kind = example["kind"]
+    if kind == "mcq":
+        return re.fullmatch(r"[A-Z]", mcq_choice(completion).strip()) is not None
+    if kind == "tooluse":
+        return re.search(r"Action:\s*\w+", completion) is not None
+    if kind == "math":
+        return bool(last_boxed(completion))
+    if kind == "code":
+        return code_block(completion) is not None
+    return True
+
+
 def official_feedback(completion: str, example: dict) -> str | None:
     reward_and_feedback = OFFICIAL_REWARDS.get(example["kind"])
     if reward_and_feedback is None or reward_and_feedback[1] is None:
@@ -1879,7 +1896,7 @@ def load_official_task(folder) -> Task:
             raise ValueError(f"{path}: no examples")
     from datasets import Dataset
     return Task(folder.name, Dataset.from_list(rows["train"]), Dataset.from_list(rows["test"]),
-                official_reward, official_feedback)
+                official_reward, official_feedback, well_formed=official_well_formed)
 
 
 def gsm8k_example(row: dict) -> dict:
@@ -1895,7 +1912,7 @@ def gsm8k_task(dataset_dict, name="gsm8k") -> Task:
     by the official math reward."""
     return Task(name, dataset_dict["train"].map(gsm8k_example, remove_columns=["question"]),
                 dataset_dict["test"].map(gsm8k_example, remove_columns=["question"]),
-                official_reward, official_feedback)
+                official_reward, official_feedback, well_formed=official_well_formed)
 
 
 def load_task(name: str) -> Task:

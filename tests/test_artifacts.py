@@ -40,3 +40,19 @@ def test_artifact_gap_is_teacher_minus_student_log_prob_on_malformed_distilled_t
 def test_repetition_counts_responses_that_repeat_an_ngram():
     out = s.format_artifacts(["a b c a b c a b c", "x y z"])
     assert out["repetition_frac"] == 0.5 and out["top_repeated"] == "a b c"
+
+
+@pytest.mark.parametrize("kind, completion, well_formed", [
+    ("mcq", "<reasoning>...</reasoning><answer>B</answer>", True),
+    ("mcq", "B", True),
+    ("mcq", "The answer is B: Tin.", False),            # prose, no letter the reward can read
+    ("tooluse", "Action: send\nAction Input: {\"to\": \"dan\"}", True),
+    ("tooluse", "I would send it to dan.", False),
+    ("math", "so \\boxed{7}", True),
+    ("math", "so it is 7", False),
+    ("code", "```python\nprint(1)\n```", True),
+    ("code", "print(1)", False),
+    ("", "anything", True),                              # no kind: not judged
+])
+def test_the_official_kinds_have_a_format_right_or_wrong(kind, completion, well_formed):
+    assert s.official_well_formed(completion, {"kind": kind}) is well_formed
