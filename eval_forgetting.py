@@ -207,10 +207,11 @@ def comparison_table(results) -> str:
     return "\n".join(lines)
 
 
-PAIRED = [("acc", "ACC"), ("forgetting", "Forgetting"), ("bwt", "BWT"),
-          ("plasticity", "Plasticity"), ("ood", "OOD Δ")]
-PAIRED_DRIFT = [("param_drift", "Param drift %"), ("angle", "Angle °"),
-                ("response_kl", "Response KL"), ("similarity", "Similarity")]
+SCALE = {key: scale for key, _, scale in COLUMNS}
+LABEL = {key: label for key, label, _ in COLUMNS}
+PAIRED = [(key, LABEL[key]) for key in ("acc", "forgetting", "bwt", "plasticity", "ood")]
+PAIRED_DRIFT = [(key, LABEL[key]) for key in ("param_drift", "angle", "response_kl",
+                                              "similarity")]
 
 
 def paired_rows(results, baseline, metrics=PAIRED) -> dict:
@@ -245,7 +246,7 @@ def paired_table(results, baseline="grpo", metrics=PAIRED) -> str:
     for method, diffs in rows.items():
         cells = []
         for key, _ in metrics:
-            d, f = diffs[key], (1 if key in ("angle", "response_kl", "similarity") else 100)
+            d, f = diffs[key], SCALE[key]
             digits = 3 if key == "response_kl" else 1
             cells.append("n/a" if d["mean"] is None else f"{f * d['mean']:+.{digits}f}" + (
                 "" if d["low"] is None else

@@ -6,8 +6,9 @@
 
 Every task (trained and held-out probes) is evaluated before training and after every stage.
 The run folder runs/<name>/ holds config.json, results.json, signal.json (the signal check
-before training), log.jsonl (one line per step), per-stage checkpoints of the policy and the SDPO teacher, report.md and plots. Running the same
-command again resumes after the last finished stage of every method and seed.
+before training), log.jsonl (one line per step), per-stage checkpoints of the policy and the
+SDPO teacher, report.md and plots. Running the same command again resumes after the last
+finished stage of every method and seed.
 """
 from __future__ import annotations
 

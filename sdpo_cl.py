@@ -287,21 +287,20 @@ def generate(model, tokenizer, prompt_texts, max_new_tokens, *, sample=True, tem
     """Batched sampling (KV cache) of `num_return_sequences` completions per prompt text."""
     ids, attn = tokenize_prompts(tokenizer, prompt_texts, model.device)
     recorder = _RecordSampledLogprobs(temperature if sample else 1.0)
+    eos = eos_ids(model, tokenizer)
     was_training = model.training
     model.eval()
     out = model.generate(
         input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens, do_sample=sample,
         **(dict(temperature=temperature, top_p=top_p, top_k=0) if sample else {}),
         repetition_penalty=1.0, num_return_sequences=num_return_sequences,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids(model, tokenizer),
-        logits_processor=[recorder])
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=eos, logits_processor=[recorder])
     model.train(was_training)
     P = ids.shape[1]
     response_ids = out[:, P:]                                              # [B, T]
-    mask = response_mask_from_positions(response_ids, eos_ids(model, tokenizer))
+    mask = response_mask_from_positions(response_ids, eos)
     old_logprobs = recorder.finish(response_ids[:, -1]) * mask
-    finished = torch.isin(response_ids, torch.tensor(eos_ids(model, tokenizer),
-                                                     device=response_ids.device)).any(1)
+    finished = torch.isin(response_ids, torch.tensor(eos, device=response_ids.device)).any(1)
     return Rollout(ids.repeat_interleave(num_return_sequences, 0),
                    attn.repeat_interleave(num_return_sequences, 0), response_ids, mask,
                    old_logprobs, decode_completions(tokenizer, response_ids, mask), finished)
@@ -757,16 +756,11 @@ def update(policy, teacher, optimizer, scheduler, rollout, targets, cfg, referen
         for micro in minibatch.split(cfg.micro_batch_size or len(minibatch)):
             loss, metrics = micro_batch_loss(policy, teacher, reference, rollout, targets, micro,
                                              minibatch, cfg)
-            if not math.isfinite(metrics["loss"]):
-                raise FloatingPointError(f"non-finite loss {metrics['loss']}")
-            loss.backward()
+            backward_finite(loss)
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + value / len(updates)
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip).item()
-        if not math.isfinite(grad_norm):   # never let it reach the weights
-            raise FloatingPointError(f"non-finite gradient norm {grad_norm}")
+        grad_norm = clipped_optimizer_step(policy, optimizer, cfg.grad_clip)
         totals["grad_norm"] = totals.get("grad_norm", 0.0) + grad_norm / len(updates)
-        optimizer.step()
     totals["t_teacher"] = totals.get("t_teacher", 0.0) * len(updates)      # a sum, not a mean
     totals.update(updates=len(updates), lr=scheduler.get_last_lr()[0])
     scheduler.step()
@@ -875,14 +869,9 @@ def sft_step(policy, tokenizer, optimizer, scheduler, task, examples, cfg) -> di
         share = aggregation_share(answer_mask[rows], answer_mask, cfg.loss_agg_mode)
         loss = share * sft_loss(logits[:, :-1], answer_ids[rows], answer_mask[rows],
                                 cfg.loss_agg_mode)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()}")
-        loss.backward()
+        backward_finite(loss)
         total += loss.item()
-    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip).item()
-    if not math.isfinite(grad_norm):
-        raise FloatingPointError(f"non-finite gradient norm {grad_norm}")
-    optimizer.step()
+    grad_norm = clipped_optimizer_step(policy, optimizer, cfg.grad_clip)
     lr = scheduler.get_last_lr()[0]
     scheduler.step()
     return {"loss": total, "grad_norm": grad_norm, "lr": lr, "updates": 1,
@@ -2392,12 +2381,30 @@ def mix_tasks(tasks) -> Task:
     def feedback(completion, ex):
         own = by_name[ex["task"]].feedback
         return own(completion, ex) if own else None
+
     def well_formed(completion, ex):
         return by_name[ex["task"]].well_formed(completion, ex)
     budgets = [t.max_new_tokens for t in tasks]
     measured = all(t.well_formed for t in tasks)
     return Task("+".join(by_name), [], [], reward, feedback,
                 None if None in budgets else max(budgets), well_formed if measured else None)
+
+
+def backward_finite(loss):
+    """loss.backward(), refusing a non-finite loss before it reaches any gradient."""
+    if not math.isfinite(loss.item()):
+        raise FloatingPointError(f"non-finite loss {loss.item()}")
+    loss.backward()
+
+
+def clipped_optimizer_step(policy, optimizer, max_norm) -> float:
+    """Clip the gradient norm and step, refusing a non-finite norm before it reaches the
+    weights. Returns the norm before clipping."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm).item()
+    if not math.isfinite(grad_norm):
+        raise FloatingPointError(f"non-finite gradient norm {grad_norm}")
+    optimizer.step()
+    return grad_norm
 
 
 def pad_right(sequences, pad_id, device):
