@@ -1,4 +1,4 @@
-"""eval_forgetting.py: continual-learning metrics, method comparison tables and plots.
+"""eval_forgetting.py: continual-learning metrics, drift and response measures, comparisons, plots.
 
     python eval_forgetting.py runs/quick                 # report.md + plots into the run folder
     python eval_forgetting.py runs/a runs/b --out cmp    # compare several runs
@@ -11,10 +11,16 @@ forgetting measure of Chaudhry et al. (2018).
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import math
-import os
+import re
 from pathlib import Path
+
+import torch
+
+import sdpo_cl as sc
+from harness.runs import atomic_write
 
 
 # ================================================================================================
@@ -132,6 +138,223 @@ FINDINGS = {
               "(SDPO_0 vs SDPO_0 with CoT)",
         look="accuracy during the stage, whole response against final answer only"),
 }
+
+# ================================================================================================
+# The signal before training: what each method will have to learn from
+# ================================================================================================
+
+@torch.no_grad()
+def rollout_signal(model, tokenizer, task, cfg, n_prompts=64) -> dict:
+    """What GRPO and SDPO will have to learn from, before any training: on n_prompts training
+    prompts, G samples each at the training temperature, the mean reward, the share of groups
+    with at least one success (SDPO's demonstrations) and of groups whose rewards are all equal
+    (no GRPO advantage)."""
+    examples = [task.train[i] for i in range(min(n_prompts, len(task.train)))]
+    _, _, rewards = sc.sample_rollout(model, tokenizer, task, examples, cfg)
+    groups = rewards.view(-1, cfg.group_size)
+    return {"reward": rewards.mean().item(),
+            "solved_groups": (groups.max(1).values >= cfg.success_reward_threshold
+                              ).float().mean().item(),
+            "zero_adv_groups": (groups.std(1) == 0).float().mean().item()}
+
+
+def signal_warnings(signal) -> list:
+    """Plain warnings where a method will have almost no signal to learn from."""
+    warnings = []
+    if signal["solved_groups"] < 0.1:
+        warnings.append("fewer than 10% of groups have a success: SDPO will have almost no "
+                        "demonstration")
+    if signal["zero_adv_groups"] > 0.9:
+        warnings.append("more than 90% of groups score all alike: GRPO will have almost no "
+                        "advantage")
+    if signal["teacher_lift"] < 0.05:
+        warnings.append("a correct demonstration barely helps: the self-teacher has little to add")
+    return warnings
+
+
+def signal_check(model, tokenizer, task, cfg, teacher_lift=None) -> dict:
+    """Before training: rollout_signal, the teacher lift (the test accuracy with a correct
+    demonstration in the prompt minus without; measured here unless given, e.g. from row 0), and
+    the warnings."""
+    if teacher_lift is None:
+        plain = sc.task_accuracy(model, tokenizer, task, cfg)["accuracy"]
+        teacher_lift = sc.task_accuracy(model, tokenizer, task, cfg,
+                                     with_demonstration=True)["accuracy"] - plain
+    signal = {**rollout_signal(model, tokenizer, task, cfg), "teacher_lift": teacher_lift}
+    return {**signal, "warnings": signal_warnings(signal)}
+
+
+# ================================================================================================
+# Drift: how far a stage moved the model, in parameters and in responses
+# ================================================================================================
+
+def layer_type(name: str) -> str:
+    for key, kind in (("embed", "embedding"), ("lm_head", "embedding"), ("attn", "attention"),
+                      ("mlp", "mlp"), ("norm", "norm")):
+        if key in name:
+            return kind
+    return "other"
+
+
+@torch.no_grad()
+def subspace_angle(w0, w, fraction=0.1) -> float:
+    """Mean principal angle (degrees) between the top-k left singular subspaces of a weight
+    matrix before (w0) and after (w), k = `fraction` of its smaller side (at least 1), as in
+    "The Path Not Taken" (arXiv 2511.08567): 0 when training kept the directions the matrix
+    writes to, 90 when it replaced them."""
+    k = max(1, int(fraction * min(w.shape)))
+    # float64: arccos is steep near 1, and float32 rounding alone reads as 0.02 degrees
+    u0 = torch.linalg.svd(w0.double(), full_matrices=False).U[:, :k]      # [m, k]
+    u = torch.linalg.svd(w.double(), full_matrices=False).U[:, :k]
+    cosines = torch.linalg.svdvals(u0.T @ u).clamp(max=1.0)                 # [k]
+    return torch.rad2deg(torch.arccos(cosines)).mean().item()
+
+
+@torch.no_grad()
+def parameter_drift(model, base) -> dict:
+    """||theta - theta_0|| / ||theta_0||, overall and per layer type (attention, mlp, ...), and
+    the mean principal angle between the top singular subspaces of each attention and MLP
+    weight matrix before and after ("subspace_angle", degrees; the paper's analysis)."""
+    diff, ref, angles = {}, {}, []
+    for (name, p), p0 in zip(model.named_parameters(), base.parameters()):
+        kind = layer_type(name)
+        diff[kind] = diff.get(kind, 0.0) + (p.float() - p0.float()).pow(2).sum().item()
+        ref[kind] = ref.get(kind, 0.0) + p0.float().pow(2).sum().item()
+        if p.dim() == 2 and kind in ("attention", "mlp"):
+            angles.append(subspace_angle(p0, p))
+    out = {"overall": math.sqrt(sum(diff.values()) / sum(ref.values()))}
+    out.update({k: math.sqrt(diff[k] / ref[k]) for k in sorted(diff)})
+    out["subspace_angle"] = sum(angles) / len(angles) if angles else 0.0
+    return out
+
+
+@torch.no_grad()
+def response_kl(model, base, sequences, batch_size=64) -> float:
+    """Mean per-token KL(base || model) on fixed (prompt ids, response ids) pairs: the base
+    model's own evaluation responses, so every stage is measured on the same tokens."""
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    for start in range(0, len(sequences), batch_size):
+        chunk = [s for s in sequences[start:start + batch_size] if s[1]]
+        if not chunk:
+            continue
+        prompts, responses = [p for p, _ in chunk], [r for _, r in chunk]
+        inputs = [sc.pad_cat(prompts, 0, left=True),
+                  sc.pad_cat([[1] * len(p) for p in prompts], 0, left=True),
+                  sc.pad_cat(responses, 0), sc.pad_cat([[1.0] * len(r) for r in responses], 0)]
+        inputs = [x.to(device) for x in inputs]
+        logp = torch.log_softmax(sc.response_scores(model, *inputs).float(), -1)   # [b, T, V]
+        logp0 = torch.log_softmax(sc.response_scores(base, *inputs).float(), -1)
+        total += (sc.kl_divergence(logp0, logp) * inputs[3]).sum().item()
+        count += inputs[3].sum().item()
+    return total / max(count, 1)
+
+
+def response_similarity(completions, base_completions) -> float:
+    """Mean similarity (0-100, difflib's ratio of matching characters) of each answer to the base
+    model's answer to the same prompt: the paper's response-drift view, 100 = unchanged."""
+    ratios = [difflib.SequenceMatcher(None, a, b).ratio()
+              for a, b in zip(completions, base_completions)]
+    return 100 * sum(ratios) / max(len(ratios), 1)
+
+
+# ================================================================================================
+# Format artifacts: the collapse mode of the paper, measured at every step
+# ================================================================================================
+
+def format_artifacts(completions, n=3, min_repeats=3) -> dict:
+    """How often responses repeat themselves, the collapse mode of the paper: the fraction of
+    responses in which some word/symbol n-gram occurs >= min_repeats times, and the n-gram
+    repeated in most responses."""
+    counts, repetitive = {}, 0
+    for text in completions:
+        toks = re.findall(r"\w+|[^\w\s]", text)
+        grams = {}
+        for i in range(len(toks) - n + 1):
+            g = " ".join(toks[i:i + n])
+            grams[g] = grams.get(g, 0) + 1
+        repeated = [g for g, c in grams.items() if c >= min_repeats]
+        repetitive += bool(repeated)
+        for g in repeated:
+            counts[g] = counts.get(g, 0) + 1
+    top = max(counts, key=counts.get) if counts else ""
+    return {"repetition_frac": repetitive / max(len(completions), 1), "top_repeated": top,
+            "top_repeated_frac": counts.get(top, 0) / max(len(completions), 1),
+            "mean_chars": sum(map(len, completions)) / max(len(completions), 1)}
+
+
+def teacher_pull(student_logits, teacher_logits, ids, mask) -> float | None:
+    """Mean of log p_teacher(token) - log p_student(token) over the tokens of `mask`: positive
+    when the teacher's targets rate the sampled tokens above the student. logits: [B, T, V]
+    (already divided by the temperature), ids and mask: [B, T]. None on an empty mask."""
+    if mask.sum() == 0:
+        return None
+    gap = sc.token_logprobs(teacher_logits, ids) - sc.token_logprobs(student_logits, ids)
+    return ((gap * mask).sum() / mask.sum()).item()
+
+
+@torch.no_grad()
+def artifact_gap(policy, teacher, rollout, targets, rows, cfg) -> float | None:
+    """Does a format artifact feed on itself? The teacher's pull (teacher_pull) on the distilled
+    tokens of `rows`, the malformed samples, before the update, at the training temperature."""
+    rows = rows[targets.teacher_of[rows] >= 0]
+    if len(rows) == 0:
+        return None
+    ids, mask = rollout.response_ids[rows], rollout.response_mask[rows]
+    used, prefix_of = targets.teacher_of[rows].unique(return_inverse=True)
+    with sc.autocast_for(cfg, policy):
+        student = sc.response_scores(policy, rollout.prompt_ids[rows], rollout.prompt_mask[rows],
+                                     ids, mask)
+        teacher_logits = teacher.logits(policy, lambda model: sc.teacher_scores(
+            model, targets.teacher_ids[used], targets.teacher_mask[used], prefix_of, ids, mask,
+            cfg.share_teacher_prefix))
+    return teacher_pull(student.float() / cfg.temperature,
+                        teacher_logits.float() / cfg.temperature, ids, targets.distill_mask[rows])
+
+
+def step_artifacts(policy, teacher, task, rollout, samples, targets, cfg) -> dict:
+    """The collapse measures of one rollout batch: repeated n-grams in the samples and in the
+    successful ones (the pool SDPO's demonstrations come from); with the task's `well_formed`,
+    the share of samples out of its answer format and, for SDPO, the teacher's pull on them."""
+    success = [c for c, r in zip(rollout.completions, targets.rewards.tolist())
+               if r >= cfg.success_reward_threshold]
+    out = {"repetition_rate": format_artifacts(rollout.completions)["repetition_frac"],
+           "demo_repetition_rate": format_artifacts(success)["repetition_frac"]}
+    if task.well_formed is not None:
+        malformed = torch.tensor([not task.well_formed(c, ex) for c, ex in
+                                  zip(rollout.completions, samples)])
+        out["malformed_rate"] = malformed.float().mean().item()
+        if targets.teacher_of is not None:
+            out["artifact_gap"] = artifact_gap(policy, teacher, rollout, targets,
+                                               malformed.nonzero().squeeze(1), cfg)
+    return out
+
+
+def stage_measures(policy, base, outputs, base_sequences, tokenizer) -> dict:
+    """The measures of one stage's record, from its evaluation outputs (sdpo_cl.accuracy_row):
+    repetition in the answers, parameter drift, response KL and similarity to the base's
+    answers (base_sequences)."""
+    decode = lambda pairs: [tokenizer.decode(r, skip_special_tokens=True) for _, r in pairs]
+    return {"artifacts": format_artifacts(outputs["completions"]),
+            "param_drift": parameter_drift(policy, base),
+            "response_kl": response_kl(policy, base, base_sequences),
+            "response_similarity": response_similarity(decode(outputs["sequences"]),
+                                                       decode(base_sequences))}
+
+
+class Measures:
+    """What sdpo_cl.continual_sequence measures besides accuracy: .step, the collapse measures
+    of every rollout batch; .stage, the drift of every stage."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def step(self, policy, teacher, task, rollout, samples, targets, cfg) -> dict:
+        return step_artifacts(policy, teacher, task, rollout, samples, targets, cfg)
+
+    def stage(self, policy, base, outputs, base_sequences) -> dict:
+        return stage_measures(policy, base, outputs, base_sequences, self.tokenizer)
+
 
 # ================================================================================================
 # Reading run folders and comparing methods
@@ -325,9 +548,9 @@ def write_report(results, out: Path, finding=None, baselines=("grpo",)) -> str:
     parts += ["Accuracies and their differences are in points (0-100); mean ± std over seeds. "
               "BWT < 0 and Forgetting > 0 mean forgetting; OOD Δ is the final minus base "
               "accuracy on the held-out probes; Angle is the mean principal angle between the top "
-              "singular subspaces of each attention and MLP weight matrix before and after; Response KL is KL(base "
-              "|| model) per token on the base model's own evaluation answers; Similarity is how "
-              "alike (0-100) the answers are to the base model's.", "",
+              "singular subspaces of each attention and MLP weight matrix before and after; "
+              "Response KL is KL(base || model) per token on the base model's own evaluation "
+              "answers; Similarity is how alike (0-100) the answers are to the base model's.", "",
               comparison_table(results), ""]
     for baseline in baselines:
         paired = paired_table(results, baseline)
@@ -354,9 +577,7 @@ def write_report(results, out: Path, finding=None, baselines=("grpo",)) -> str:
     if rest:
         parts += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in rest]
     text = "\n".join(parts) + "\n"
-    tmp = out / f"report.md.tmp{os.getpid()}"       # atomic, as every write of a run
-    tmp.write_text(text)
-    os.replace(tmp, out / "report.md")
+    atomic_write(out / "report.md", text)
     return text
 
 

@@ -238,6 +238,8 @@ MEMORY_PROBE = """
 import sys, torch
 sys.path.insert(0, {root!r})
 from sdpo_cl import sdpo_loss
+from harness import lab
+import run_sequence
 def hwm_kib():
     return int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])
 B, T, V = 16, 64, 49152
@@ -398,7 +400,7 @@ def time_shape(name, mode, *, device, prompts, group, prompt_len, answer_len, mi
         # warm-up: the full batch with 16-token answers (kernels, allocator), then timed steps
         for i, (p, g, budget) in enumerate([(prompts, group, 16)] + [(prompts, group, answer_len)]
                                            * steps):
-            cfg = sc.Config(model=name, loss_mode="sdpo" if mode == "sdpo" else "grpo",
+            cfg = sc.Config(loss_mode="sdpo" if mode == "sdpo" else "grpo",
                             prompts_per_step=p, group_size=g, max_new_tokens=budget,
                             ppo_mini_batch_size=p // 4 if mode == "grpo" and p % 4 == 0 else 0,
                             micro_batch_size=micro_batch, distillation_topk=topk,
@@ -577,7 +579,7 @@ def main():
         print(f"| {name} | {diff:.2e} |")
     worst = max(d for _, d in rows)
 
-    model, tok = sc.load_policy(args.model)
+    model, tok = run_sequence.load_policy(args.model)
     if args.model == "lab" or args.model.endswith(".gguf"):
         # TRL's SDPOTrainer reloads its teacher from the model's path, which the shipped lab
         # file and a GGUF file do not give it: both sides start from a saved folder instead
@@ -585,13 +587,13 @@ def main():
         folder = tempfile.mkdtemp()
         model.save_pretrained(folder)
         tok.save_pretrained(folder)
-        model, tok = sc.load_policy(folder)
+        model, tok = run_sequence.load_policy(folder)
         if args.model == "lab":      # the lab model runs eager attention (not saved in its config)
             model.set_attn_implementation("eager")
     if args.task is None:
-        task = sc.load_task("math") if args.model == "lab" else sums_task()
+        task = run_sequence.load_task("math") if args.model == "lab" else sums_task()
     else:
-        task = sc.load_task(args.task)
+        task = run_sequence.load_task(args.task)
         if args.model != "lab":   # a real model answers in sentences: the last number counts
             task.reward = last_number_reward
     budget = args.max_new_tokens or task.max_new_tokens or 24
@@ -611,10 +613,10 @@ def main():
     for mode in ("grpo", "sdpo"):
         # the lab's learning rate, or the official one for a real model: at 3e-4 SmolLM2 drifts
         # within the warm-up steps, and the two sides would then time different behaviour
-        cfg = sc.lab_config(model=args.model, loss_mode=mode, prompts_per_step=args.prompts,
-                            group_size=args.group, max_new_tokens=budget,
-                            loss_agg_mode="token-mean", warmup_steps=0,
-                            lr=sc.lab_config().lr if args.model == "lab" else sc.Config().lr)
+        cfg = lab.lab_config(loss_mode=mode, prompts_per_step=args.prompts,
+                             group_size=args.group, max_new_tokens=budget,
+                             loss_agg_mode="token-mean", warmup_steps=0,
+                             lr=lab.lab_config().lr if args.model == "lab" else sc.Config().lr)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             torch.manual_seed(0)
             r = time_steps(model, tok, task, cfg, n=args.steps)

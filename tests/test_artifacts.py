@@ -5,40 +5,38 @@ import math
 import pytest
 import torch
 
-import sdpo_cl as s
+import eval_forgetting
+from harness import data, lab
 
 
-@pytest.mark.parametrize("family", list(s.LAB_FAMILIES))
+@pytest.mark.parametrize("family", list(lab.LAB_FAMILIES))
 def test_every_lab_answer_and_habit_is_well_formed(family):
-    task = s.make_lab_task(family, n_train=50, n_test=5)
+    task = lab.make_lab_task(family, n_train=50, n_test=5)
     assert all(task.well_formed(ex["answer"], ex) and task.well_formed(ex["habit"], ex)
                for ex in task.train)
 
 
 def test_a_tag_leaked_into_a_tool_call_is_malformed():
-    tool = s.make_lab_task("tool", n_train=5, n_test=5)
+    tool = lab.make_lab_task("tool", n_train=5, n_test=5)
     assert tool.well_formed("send(dan,10,sun)", {})
     assert not tool.well_formed("send(dan,10,<answer>10</answer>", {})
 
 
-def test_artifact_gap_is_teacher_minus_student_log_prob_on_malformed_distilled_tokens():
+def test_the_teachers_pull_is_teacher_minus_student_log_prob_on_the_masked_tokens():
     student = torch.log(torch.tensor([[[0.5, 0.5], [0.9, 0.1]],
                                       [[0.5, 0.5], [0.5, 0.5]]]))              # [2, 2, 2]
     teacher = torch.log(torch.tensor([[[0.8, 0.2], [0.3, 0.7]],
                                       [[0.1, 0.9], [0.1, 0.9]]]))
     ids = torch.tensor([[0, 1], [1, 1]])
-    distill = torch.tensor([[1.0, 1.0], [1.0, 1.0]])
-    malformed = torch.tensor([1.0, 0.0])                        # only the first sample counts
-    gap = s.artifact_gap(student, teacher, ids, distill, malformed, temperature=1.0)
-    expected = (math.log(0.8) - math.log(0.5)) + (math.log(0.7) - math.log(0.1))
-    assert gap["artifact_gap_sum"] == pytest.approx(expected, abs=1e-5)
-    assert gap["artifact_tokens"] == 2.0
-    none = s.artifact_gap(student, teacher, ids, distill, torch.zeros(2), temperature=1.0)
-    assert none == {"artifact_gap_sum": 0.0, "artifact_tokens": 0.0}
+    mask = torch.tensor([[1.0, 1.0], [0.0, 0.0]])               # only the first sample counts
+    expected = ((math.log(0.8) - math.log(0.5)) + (math.log(0.7) - math.log(0.1))) / 2
+    assert eval_forgetting.teacher_pull(student, teacher, ids, mask) == pytest.approx(
+        expected, abs=1e-5)
+    assert eval_forgetting.teacher_pull(student, teacher, ids, torch.zeros(2, 2)) is None
 
 
 def test_repetition_counts_responses_that_repeat_an_ngram():
-    out = s.format_artifacts(["a b c a b c a b c", "x y z"])
+    out = eval_forgetting.format_artifacts(["a b c a b c a b c", "x y z"])
     assert out["repetition_frac"] == 0.5 and out["top_repeated"] == "a b c"
 
 
@@ -55,4 +53,4 @@ def test_repetition_counts_responses_that_repeat_an_ngram():
     ("", "anything", True),                              # no kind: not judged
 ])
 def test_the_official_kinds_have_a_format_right_or_wrong(kind, completion, well_formed):
-    assert s.official_well_formed(completion, {"kind": kind}) is well_formed
+    assert data.official_well_formed(completion, {"kind": kind}) is well_formed

@@ -4,6 +4,7 @@ empty working directory."""
 import json
 
 import sdpo_cl as s
+from harness import data
 
 STDIN = {"inputs": ["1 2\n", "5 7\n"], "outputs": ["3\n", "12\n"], "testtype": "stdin"}
 
@@ -15,7 +16,7 @@ def row(program, tests=STDIN):
 
 def score(program, tests=STDIN):
     r = row(program, tests)
-    return s.official_reward(r["completion"], r), s.official_feedback(r["completion"], r)
+    return data.official_reward(r["completion"], r), data.official_feedback(r["completion"], r)
 
 
 def test_a_passing_program_scores_1():
@@ -35,8 +36,8 @@ def test_a_failing_program_names_the_first_failing_test():
 
 def test_an_answer_without_a_code_block_is_a_format_error():
     r = row("")
-    assert s.official_reward("print(3)", r) == 0.0
-    assert "```python" in s.official_feedback("print(3)", r)
+    assert data.official_reward("print(3)", r) == 0.0
+    assert "```python" in data.official_feedback("print(3)", r)
 
 
 def test_an_infinite_loop_is_stopped():

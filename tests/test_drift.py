@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import sdpo_cl as s
+from harness import lab
+import eval_forgetting
 
 
 def rotated(theta):
@@ -18,28 +20,28 @@ def rotated(theta):
 @pytest.mark.parametrize("degrees", [0.0, 20.0, 45.0, 90.0])
 def test_principal_angle_of_a_turned_top_direction(degrees):
     w0, w = rotated(0.0), rotated(math.radians(degrees))
-    assert s.subspace_angle(w0, w) == pytest.approx(degrees, abs=1e-3)   # k = 1 of 3
+    assert eval_forgetting.subspace_angle(w0, w) == pytest.approx(degrees, abs=1e-3)   # k = 1 of 3
 
 
 def test_principal_angle_ignores_the_scale_and_the_sign_of_the_directions():
     w0 = rotated(0.3)
-    assert s.subspace_angle(w0, -5.0 * w0) == pytest.approx(0.0, abs=1e-3)
+    assert eval_forgetting.subspace_angle(w0, -5.0 * w0) == pytest.approx(0.0, abs=1e-3)
 
 
 def test_parameter_drift_reports_l2_and_angles_per_layer_type():
-    tok = s.build_lab_tokenizer()
-    base = s.build_lab_model(tok, seed=0)
-    moved = s.build_lab_model(tok, seed=0)
+    tok = lab.build_lab_tokenizer()
+    base = lab.build_lab_model(tok, seed=0)
+    moved = lab.build_lab_model(tok, seed=0)
     with torch.no_grad():
         for name, p in moved.named_parameters():
             if "mlp" in name:
                 p.mul_(1.1)                 # 10% larger: L2 drift 0.1, directions unchanged
-    drift = s.parameter_drift(moved, base)
+    drift = eval_forgetting.parameter_drift(moved, base)
     assert drift["mlp"] == pytest.approx(0.1, rel=1e-4) and drift["attention"] == 0.0
     assert drift["subspace_angle"] == pytest.approx(0.0, abs=0.5)
 
 
 def test_response_similarity():
-    assert s.response_similarity(["abc", "xyz"], ["abc", "xyz"]) == pytest.approx(100.0)
-    assert s.response_similarity(["abcd"], ["abzz"]) == pytest.approx(50.0)
-    assert s.response_similarity(["abc"], ["xyz"]) == 0.0
+    assert eval_forgetting.response_similarity(["abc", "xyz"], ["abc", "xyz"]) == pytest.approx(100.0)
+    assert eval_forgetting.response_similarity(["abcd"], ["abzz"]) == pytest.approx(50.0)
+    assert eval_forgetting.response_similarity(["abc"], ["xyz"]) == 0.0

@@ -10,19 +10,21 @@ import torch
 
 import run_sequence
 import sdpo_cl as s
+from harness import lab
+from harness import runs
 
 TINY = ["--tasks", "math,code", "--probes", "", "--steps", "1", "--lab-steps", "30",
         "--methods", "grpo", "--set", "prompts_per_step=4", "eval_examples=4"]
 
 
 def test_a_non_finite_gradient_stops_before_the_optimizer_step():
-    tok = s.build_lab_tokenizer()
-    model = s.build_lab_model(tok)
-    task = s.make_lab_task("math")
+    tok = lab.build_lab_tokenizer()
+    model = lab.build_lab_model(tok)
+    task = lab.make_lab_task("math")
     task.reward = lambda c, ex: float(len(c) % 2)
     before = [p.detach().clone() for p in model.parameters()]
     next(model.parameters()).register_hook(lambda g: g * float("nan"))   # finite loss, NaN grad
-    cfg = s.lab_config(loss_mode="grpo", prompts_per_step=4, warmup_steps=0, steps_per_task=2)
+    cfg = lab.lab_config(loss_mode="grpo", prompts_per_step=4, warmup_steps=0, steps_per_task=2)
     with pytest.raises(FloatingPointError, match="stage x: step 0: non-finite gradient norm"):
         s.train_task(model, tok, None, task, cfg, rng=s.seed_everything(0), desc="stage x")
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
@@ -38,7 +40,7 @@ def test_a_diverging_run_stops_with_the_stage_and_keeps_what_is_finished(tmp_pat
     assert stop.value.code == 1 and "grpo seed 0 stage 1/2 math: step 0: non-finite" in err
     assert "Every finished stage is kept" in err
     folder = tmp_path / "nan" / "grpo" / "seed0"
-    assert s.last_finished_stage(folder) == 0 and not (folder / "stage1").exists()
+    assert runs.last_finished_stage(folder) == 0 and not (folder / "stage1").exists()
     json.loads((tmp_path / "nan" / "results.json").read_text())   # strict JSON
     for p in (folder / "stage0" / "policy").glob("*.safetensors"):
         from safetensors.torch import load_file

@@ -6,6 +6,7 @@ import json
 import pytest
 
 import sdpo_cl as s
+from harness import data
 
 MCQ = {"kind": "mcq", "answer": "A"}
 TOOL_ANSWER = json.dumps([
@@ -26,25 +27,25 @@ MATH = {"kind": "math", "answer": "\\frac{1}{2}"}
     ("<answer> A ", 1.0),                            # an unclosed last tag: the rest, stripped
 ])
 def test_mcq_is_the_text_after_the_last_answer_tag(completion, reward):
-    assert s.official_reward(completion, MCQ) == reward
+    assert data.official_reward(completion, MCQ) == reward
 
 
 def test_tooluse_needs_every_action_and_the_merged_inputs():
     right = ('Thought: find images\nAction: searchImages\nAction Input: {"color": "wild", '
              '"size": "", "page": 1}\nAction: getDetails\nAction Input: {"id": "7"}')
-    assert s.official_reward(right, TOOL) == 1.0
+    assert data.official_reward(right, TOOL) == 1.0
     swapped = ('Action: getDetails\nAction Input: {"id": "7"}\nAction: searchImages\n'
                'Action Input: {"page": 1, "size": "", "color": "wild"}')
-    assert s.official_reward(swapped, TOOL) == 1.0           # a multiset; dicts merged
-    assert s.official_reward(right.replace('"size": "", ', ""), TOOL) == 0.0   # empty field
-    assert s.official_reward(right.replace('"page": 1', '"page": "1"'), TOOL) == 0.0  # types
-    assert s.official_reward(right + "\nAction: getDetails", TOOL) == 0.0   # one call too many
-    feedback = s.official_feedback(right.replace("getDetails", "getInfo"), TOOL)
+    assert data.official_reward(swapped, TOOL) == 1.0           # a multiset; dicts merged
+    assert data.official_reward(right.replace('"size": "", ', ""), TOOL) == 0.0   # empty field
+    assert data.official_reward(right.replace('"page": 1', '"page": "1"'), TOOL) == 0.0  # types
+    assert data.official_reward(right + "\nAction: getDetails", TOOL) == 0.0   # one call too many
+    feedback = data.official_feedback(right.replace("getDetails", "getInfo"), TOOL)
     assert feedback.startswith("Actions mismatch")
 
 
 def test_tooluse_skips_input_that_is_not_json():
-    names, inputs = s.tool_calls('Action: a\nAction Input: {not json}\nAction Input: {"x": 1}')
+    names, inputs = data.tool_calls('Action: a\nAction Input: {not json}\nAction Input: {"x": 1}')
     assert names == ["a"] and inputs == {"x": 1}
 
 
@@ -57,16 +58,16 @@ def test_tooluse_skips_input_that_is_not_json():
     ("\\boxed{\\frac{1}{2}}" + " and a long explanation" * 6, 0.0),   # outside the last 100 chars
 ])
 def test_math_verifies_the_last_boxed_answer(completion, reward):
-    assert s.official_reward(completion, MATH) == reward
+    assert data.official_reward(completion, MATH) == reward
 
 
 def test_math_feedback_is_about_the_format_only():
-    assert "\\boxed{your_answer}" in s.official_feedback("it is one half", MATH)
-    assert s.official_feedback("\\boxed{7}", MATH) is None
+    assert "\\boxed{your_answer}" in data.official_feedback("it is one half", MATH)
+    assert data.official_feedback("\\boxed{7}", MATH) is None
 
 
 def test_a_row_without_kind_is_exact_match():
     ex = {"kind": "", "answer": "New  York"}
-    assert s.official_reward("  new york ", ex) == 1.0
-    assert s.official_reward("I think <answer>new york</answer>", ex) == 1.0
-    assert s.official_reward("Boston", ex) == 0.0
+    assert data.official_reward("  new york ", ex) == 1.0
+    assert data.official_reward("I think <answer>new york</answer>", ex) == 1.0
+    assert data.official_reward("Boston", ex) == 0.0

@@ -8,6 +8,8 @@ import torch
 
 import run_sequence
 import sdpo_cl as s
+from harness import data
+from harness import lab
 
 MCQ_ROWS = [{"prompt": f"Which letter is {c}? A) a B) b C) c D) d", "answer": c.upper(),
              "system": "Answer with <answer>X</answer>.", "kind": "mcq"} for c in "abcd"]
@@ -30,16 +32,16 @@ def official_task(tmp_path):
 def model_folder(tmp_path_factory):
     """A 'hub-like' model on disk: no chat template, pad == eos (as in many base models)."""
     folder = tmp_path_factory.mktemp("tiny-llama")
-    tok = s.build_lab_tokenizer()
+    tok = lab.build_lab_tokenizer()
     tok.chat_template = None
     tok.pad_token = tok.eos_token
-    s.build_lab_model(tok).save_pretrained(folder)
+    lab.build_lab_model(tok).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
 
 
 def test_official_layout_loads_rows_system_and_kind(official_task):
-    task = s.load_task(str(official_task))
+    task = run_sequence.load_task(str(official_task))
     assert task.name == "letters" and len(task.train) == 4 and len(task.test) == 2
     assert task.test[0]["system"].startswith("Answer with") and task.test[0]["kind"] == "mcq"
 
@@ -55,13 +57,13 @@ def test_malformed_rows_name_file_line_and_field(tmp_path, line, message):
     (tmp_path / "train.json").write_text(line)
     write_jsonl(tmp_path / "test.json", MCQ_ROWS)
     with pytest.raises(ValueError, match=message):
-        s.load_official_task(tmp_path)
+        data.load_official_task(tmp_path)
 
 
 def test_missing_split_is_refused(tmp_path):
     write_jsonl(tmp_path / "train.json", MCQ_ROWS)
     with pytest.raises(ValueError, match="has no test.json"):
-        s.load_official_task(tmp_path)
+        data.load_official_task(tmp_path)
 
 
 def test_gsm8k_rows_get_the_official_math_prompt_and_reward(tmp_path):
@@ -72,11 +74,11 @@ def test_gsm8k_rows_get_the_official_math_prompt_and_reward(tmp_path):
              "answer": "1,200 * 2 = 2,400\n#### 2,400"}]
     for split in ("train", "test"):
         write_jsonl(tmp_path / f"{split}.jsonl", rows)
-    data = load_dataset("json", data_files={k: str(tmp_path / f"{k}.jsonl")
-                                            for k in ("train", "test")})
-    task = s.gsm8k_task(data)
+    hub = load_dataset("json", data_files={k: str(tmp_path / f"{k}.jsonl")
+                                           for k in ("train", "test")})
+    task = data.gsm8k_task(hub)
     ex = task.test[1]
-    assert ex["prompt"] == rows[1]["question"] + s.MATH_PROMPT_SUFFIX
+    assert ex["prompt"] == rows[1]["question"] + data.MATH_PROMPT_SUFFIX
     assert ex["answer"] == "2400" and ex["kind"] == "math"
     assert task.reward("2 * 1200 = 2400, so \\boxed{2400}", ex) == 1.0
     assert task.reward("The answer is 2400", ex) == 0.0          # the official reward wants a box
@@ -86,24 +88,23 @@ def test_gsm8k_rows_get_the_official_math_prompt_and_reward(tmp_path):
 
 
 def test_a_tokenizer_without_chat_template_gets_the_plain_fallback(model_folder):
-    _, tok = s.load_policy(str(model_folder))
+    _, tok = run_sequence.load_policy(str(model_folder))
     assert s.format_prompt(tok, "2+2?", "Be brief.") == "Be brief.\n\nUser: 2+2?\nAssistant:"
 
 
 def test_a_missing_model_is_one_clear_error(tmp_path):
     with pytest.raises(ValueError, match="could not be loaded"):
-        s.load_policy(str(tmp_path / "nowhere"))
+        run_sequence.load_policy(str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match="no such GGUF file"):
-        s.load_policy(str(tmp_path / "model.gguf"))
+        run_sequence.load_policy(str(tmp_path / "model.gguf"))
 
 
 def test_model_by_path_runs_both_losses_with_distillation(model_folder, official_task):
-    model, tok = s.load_policy(str(model_folder))
-    task = s.load_task(str(official_task))
+    model, tok = run_sequence.load_policy(str(model_folder))
+    task = run_sequence.load_task(str(official_task))
     task.reward = lambda c, ex: float(len(c) % 2 == 0)       # mixed rewards from a random model
     for mode in ("grpo", "sdpo"):
-        cfg = s.Config(model=str(model_folder), loss_mode=mode, prompts_per_step=2,
-                       group_size=4, max_new_tokens=8, device="cpu")
+        cfg = s.Config(loss_mode=mode, prompts_per_step=2, group_size=4, max_new_tokens=8)
         m = copy.deepcopy(model)
         teacher = s.Teacher(m, cfg) if mode == "sdpo" else None
         opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
@@ -121,7 +122,7 @@ def test_run_sequence_with_model_path_and_official_task(model_folder, official_t
         "--model", str(model_folder), "--tasks", str(official_task), "--probes", "",
         "--methods", "grpo,sdpo", "--steps", "1", "--out", str(tmp_path), "--name", "real",
         "--set", "prompts_per_step=4", "group_size=2", "max_new_tokens=6", "eval_examples=2",
-        'device="cpu"'])
+        "--device", "cpu"])
     assert results["tasks"] == ["letters"]
     for method in ("grpo", "sdpo"):
         assert len(results["runs"][method]["0"]["R"]) == 2

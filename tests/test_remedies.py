@@ -9,6 +9,8 @@ import pytest
 import torch
 
 import sdpo_cl as s
+from harness import lab
+import run_sequence
 
 
 def rows(name, n):
@@ -21,7 +23,7 @@ def task(name, n=40, budget=None):
 
 
 def test_replay_draws_its_share_from_earlier_tasks_and_the_rest_in_order():
-    cfg = s.lab_config(prompts_per_step=32, replay_fraction=0.25)
+    cfg = lab.lab_config(prompts_per_step=32, replay_fraction=0.25)
     current, earlier = task("cur"), [task("old1", budget=4), task("old2", budget=9)]
     order = []
     examples, batch_task = s.next_batch(current, earlier, cfg, random.Random(0), order)
@@ -32,14 +34,14 @@ def test_replay_draws_its_share_from_earlier_tasks_and_the_rest_in_order():
 
 
 def test_without_replay_the_batch_is_the_task_alone():
-    cfg = s.lab_config(prompts_per_step=8)
+    cfg = lab.lab_config(prompts_per_step=8)
     current = task("cur")
     examples, batch_task = s.next_batch(current, [task("old")], cfg, random.Random(0), [])
     assert batch_task is current and all("task" not in ex for ex in examples)
 
 
 def test_multitask_draws_every_prompt_from_all_tasks():
-    cfg = s.lab_config(prompts_per_step=400, multitask=True)
+    cfg = lab.lab_config(prompts_per_step=400, multitask=True)
     everything = [task("a"), task("b"), task("c")]
     examples, _ = s.next_batch(everything[0], everything, cfg, random.Random(0), [])
     counts = {n: sum(ex["task"] == n for ex in examples) for n in "abc"}
@@ -62,10 +64,10 @@ def test_sft_loss_is_the_mean_negative_log_likelihood_of_the_gold_tokens():
 
 
 def test_an_sft_step_raises_the_likelihood_of_the_gold_answers():
-    model, tok = s.load_policy("lab")
-    math_task = s.make_lab_task("math")
+    model, tok = run_sequence.load_policy("lab")
+    math_task = lab.make_lab_task("math")
     examples = [math_task.train[i] for i in range(16)]
-    cfg = s.lab_config(loss_mode="sft", prompts_per_step=16)
+    cfg = lab.lab_config(loss_mode="sft", prompts_per_step=16)
     policy = copy.deepcopy(model).train()
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
@@ -76,7 +78,7 @@ def test_an_sft_step_raises_the_likelihood_of_the_gold_answers():
 
 
 def test_final_answer_distillation_masks_the_chain_of_thought():
-    tok = s.build_lab_tokenizer()
+    tok = lab.build_lab_tokenizer()
     ids = tok(["3+4=7#7", "no marker"], add_special_tokens=False, padding=True,
               return_tensors="pt").input_ids
     mask = s.final_answer_mask(tok, ids, "#")
@@ -84,10 +86,10 @@ def test_final_answer_distillation_masks_the_chain_of_thought():
 
 
 def test_the_kl_anchor_also_applies_to_sdpo():
-    model, tok = s.load_policy("lab")
-    t = s.make_lab_task("math")
-    cfg = s.lab_config(loss_mode="sdpo", kl_loss_coef=0.1, steps_per_task=3, warmup_steps=0,
-                       prompts_per_step=8)
+    model, tok = run_sequence.load_policy("lab")
+    t = lab.make_lab_task("math")
+    cfg = lab.lab_config(loss_mode="sdpo", kl_loss_coef=0.1, steps_per_task=3, warmup_steps=0,
+                         prompts_per_step=8)
     policy = copy.deepcopy(model)
     history = s.train_task(policy, tok, s.Teacher(policy, cfg), t, cfg,
                            rng=s.seed_everything(0), reference=copy.deepcopy(model))
@@ -95,15 +97,15 @@ def test_the_kl_anchor_also_applies_to_sdpo():
 
 
 def test_evaluating_during_a_stage_leaves_the_training_unchanged():
-    model, tok = s.load_policy("lab")
-    t = s.make_lab_task("math")
+    model, tok = run_sequence.load_policy("lab")
+    t = lab.make_lab_task("math")
     params = []
     for every in (0, 1):
-        cfg = s.lab_config(loss_mode="grpo", steps_per_task=2, prompts_per_step=8,
-                           eval_every=every, eval_examples=8, warmup_steps=0)
+        cfg = lab.lab_config(loss_mode="grpo", steps_per_task=2, prompts_per_step=8,
+                             eval_every=every, eval_examples=8, warmup_steps=0)
         policy = copy.deepcopy(model)
         history = s.train_task(policy, tok, None, t, cfg, rng=s.seed_everything(0),
-                               curve=lambda step: s.evaluate_during_stage(
+                               curve=lambda step: s.curve_point(
                                    policy, tok, [t], cfg, (0, "curve", step)))
         params.append(torch.cat([p.detach().flatten() for p in policy.parameters()]))
         assert ("curve" in history[0]) == (every == 1)

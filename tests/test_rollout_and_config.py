@@ -4,6 +4,8 @@ import pytest
 import torch
 
 import sdpo_cl as s
+from harness import data
+from harness import lab
 
 
 def test_mask_keeps_the_first_eos_and_drops_what_follows():
@@ -23,13 +25,13 @@ def test_mask_with_several_eos_ids():
 
 
 @pytest.fixture(scope="module")
-def lab():
-    tok = s.build_lab_tokenizer()
-    return s.build_lab_model(tok), tok
+def untrained():
+    tok = lab.build_lab_tokenizer()
+    return lab.build_lab_model(tok), tok
 
 
-def test_lab_tokenizer_is_character_level_with_a_chat_template(lab):
-    _, tok = lab
+def test_lab_tokenizer_is_character_level_with_a_chat_template(untrained):
+    _, tok = untrained
     text = s.format_prompt(tok, "3+4=")
     assert text == "<|user|>3+4=<|assistant|>"
     ids = tok(text + "7", add_special_tokens=False).input_ids
@@ -38,10 +40,10 @@ def test_lab_tokenizer_is_character_level_with_a_chat_template(lab):
 
 
 @pytest.mark.parametrize("pad_is_eos", [False, True])
-def test_rollout_masks_and_sampling_logprobs(lab, pad_is_eos):
-    model, tok = lab
+def test_rollout_masks_and_sampling_logprobs(untrained, pad_is_eos):
+    model, tok = untrained
     if pad_is_eos:
-        tok = s.build_lab_tokenizer()
+        tok = lab.build_lab_tokenizer()
         tok.pad_token = tok.eos_token
     torch.manual_seed(0)   # an untrained model: EOS comes at random, in some rows only
     prompts = [s.format_prompt(tok, p) for p in ("3+4=", "rev(abcd)")]
@@ -63,8 +65,8 @@ def test_rollout_masks_and_sampling_logprobs(lab, pad_is_eos):
     assert torch.allclose(lp * ro.response_mask, ro.old_logprobs, atol=1e-4)
 
 
-def test_completions_are_decoded_without_eos_and_padding(lab):
-    _, tok = lab
+def test_completions_are_decoded_without_eos_and_padding(untrained):
+    _, tok = untrained
     ids = torch.tensor([[tok.convert_tokens_to_ids("7"), tok.eos_token_id, tok.pad_token_id]])
     assert s.decode_completions(tok, ids, s.response_mask_from_positions(ids, [tok.eos_token_id])
                                 ) == ["7"]
@@ -102,21 +104,21 @@ def test_templates_must_keep_their_fields():
 
 
 def test_lab_rewards_and_feedback():
-    assert s.number_reward("42 is it", {"answer": "42"}) == 1.0
-    assert s.number_feedback("40", {"answer": "42"}) == "Your answer 40 is too small."
-    assert s.mcq_reward("<answer>A</answer> no, <answer>C</answer>",
-                        {"answer": "<answer>C</answer>"}) == 1.0
-    assert s.mcq_reward("C", {"answer": "<answer>C</answer>"}) == 1.0   # no tag: the whole text
-    assert s.mcq_reward("<answer>c</answer>", {"answer": "C"}) == 0.0   # case-sensitive
-    assert s.tool_feedback("send(ann,3,hi,mon)", {"answer": "send(ann,4,hi,mon)"}) == \
+    assert lab.number_reward("42 is it", {"answer": "42"}) == 1.0
+    assert lab.number_feedback("40", {"answer": "42"}) == "Your answer 40 is too small."
+    assert data.mcq_reward("<answer>A</answer> no, <answer>C</answer>",
+                           {"answer": "<answer>C</answer>"}) == 1.0
+    assert data.mcq_reward("C", {"answer": "<answer>C</answer>"}) == 1.0   # no tag: the whole text
+    assert data.mcq_reward("<answer>c</answer>", {"answer": "C"}) == 0.0   # case-sensitive
+    assert lab.tool_feedback("send(ann,3,hi,mon)", {"answer": "send(ann,4,hi,mon)"}) == \
         "Argument 2 ('3') is wrong."
-    assert s.string_feedback("abd", {"answer": "abc"}) == \
+    assert lab.string_feedback("abd", {"answer": "abc"}) == \
         "Test failed: the output is wrong at position 3."
 
 
 def test_lab_tasks_have_unique_test_prompts_right_answers_and_wrong_habits():
-    for name in s.LAB_FAMILIES:
-        task = s.make_lab_task(name, n_train=50, n_test=40)
+    for name in lab.LAB_FAMILIES:
+        task = lab.make_lab_task(name, n_train=50, n_test=40)
         assert len(set(task.test["prompt"])) == 40
         for ex in task.test:                        # the gold answer earns 1, the habit 0
             assert task.reward(ex["answer"], ex) == 1.0

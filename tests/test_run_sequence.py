@@ -5,6 +5,7 @@ import json
 import pytest
 
 import run_sequence
+from harness import lab
 
 TINY = ["--tasks", "math,code", "--probes", "tool", "--steps", "2", "--lab-steps", "30",
         "--methods", "grpo,sdpo", "--set", "prompts_per_step=4", "eval_examples=10"]
@@ -97,7 +98,7 @@ def test_a_copied_run_folder_resumes(run, capsys, tmp_path):
 def test_grpo_takes_four_optimizer_steps_per_batch_and_grpo_one_step_one():
     import sdpo_cl as sc
     settings = {"prompts_per_step": 32}
-    four = run_sequence.method_config("grpo", settings, {}, sc.lab_config)
-    one = run_sequence.method_config("grpo_one_step", settings, {}, sc.lab_config)
+    four = run_sequence.method_config("grpo", settings, {}, lab.lab_config)
+    one = run_sequence.method_config("grpo_one_step", settings, {}, lab.lab_config)
     assert len(sc.minibatches(four, 32 * four.group_size)) == 4
     assert len(sc.minibatches(one, 32 * one.group_size)) == 1

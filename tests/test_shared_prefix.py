@@ -4,13 +4,14 @@ import pytest
 import torch
 
 import sdpo_cl as s
+from harness import lab
 
 
 def prefixes_and_responses():
     """Three left-padded teacher prefixes of different lengths and five responses (two ending
     early with EOS) on a randomly initialised lab model."""
-    tok = s.build_lab_tokenizer()
-    model = s.build_lab_model(tok, seed=3)
+    tok = lab.build_lab_tokenizer()
+    model = lab.build_lab_model(tok, seed=3)
     prefix_ids, prefix_mask = s.tokenize_prompts(tok, ["12+5=\nCorrect: 17\n", "7+1=", "a"], "cpu")
     torch.manual_seed(0)
     response_ids = torch.randint(5, 60, (5, 6))
@@ -25,7 +26,7 @@ def test_shared_prefix_scoring_equals_one_forward_per_sequence():
     model, p_ids, p_mask, rows, r_ids, r_mask = prefixes_and_responses()
     with torch.no_grad():
         full = model(**s.sequence_inputs(p_ids[rows], p_mask[rows], r_ids, r_mask)).logits[:, :-1]
-    shared = s.response_logits(model, p_ids, p_mask, rows, r_ids, r_mask)
+    shared = s.shared_prefix_logits(model, p_ids, p_mask, rows, r_ids, r_mask)
     assert shared.shape == full.shape == (5, 6, model.config.vocab_size)
     valid = r_mask.bool()
     assert torch.allclose(shared[valid], full[valid], atol=1e-5)
@@ -36,17 +37,17 @@ def test_shared_prefix_scoring_of_a_one_token_response():
     with torch.no_grad():
         full = model(**s.sequence_inputs(p_ids[rows], p_mask[rows], r_ids[:, :1], r_mask[:, :1])
                      ).logits[:, :-1]
-    shared = s.response_logits(model, p_ids, p_mask, rows, r_ids[:, :1], r_mask[:, :1])
+    shared = s.shared_prefix_logits(model, p_ids, p_mask, rows, r_ids[:, :1], r_mask[:, :1])
     assert torch.allclose(shared, full, atol=1e-5)
 
 
 def test_a_training_policy_with_gradient_checkpointing_still_scores_with_its_prefix():
     """The live teacher is the policy in training mode; the prefix cache must not be dropped."""
     model, p_ids, p_mask, rows, r_ids, r_mask = prefixes_and_responses()
-    expected = s.response_logits(model, p_ids, p_mask, rows, r_ids, r_mask)
+    expected = s.shared_prefix_logits(model, p_ids, p_mask, rows, r_ids, r_mask)
     model.gradient_checkpointing_enable()
     model.train()
-    got = s.response_logits(model, p_ids, p_mask, rows, r_ids, r_mask)
+    got = s.shared_prefix_logits(model, p_ids, p_mask, rows, r_ids, r_mask)
     assert model.training
     assert torch.allclose(got, expected, atol=1e-6)
 

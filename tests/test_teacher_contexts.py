@@ -92,7 +92,7 @@ QWEN3_LIKE_TEMPLATE = (
 
 
 def qwen3_like_tokenizer():
-    from sdpo_cl import build_lab_tokenizer
+    from harness.lab import build_lab_tokenizer
     tok = build_lab_tokenizer()
     tok.chat_template = QWEN3_LIKE_TEMPLATE
     return tok

@@ -71,7 +71,7 @@ def test_reset_reinitialises_the_teacher_from_the_policy():
 
 
 def test_teacher_path_mixes_a_checkpoint_into_the_teacher(tmp_path):
-    from sdpo_cl import build_lab_model, build_lab_tokenizer
+    from harness.lab import build_lab_model, build_lab_tokenizer
     tok = build_lab_tokenizer()
     student, ckpt = build_lab_model(tok, seed=0), build_lab_model(tok, seed=1)
     ckpt.save_pretrained(tmp_path)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import sdpo_cl as s
+from harness import lab
 
 LENGTHS = [6, 3, 1, 4, 2]           # a ragged batch of 5 responses
 HAS_CONTEXT = [1, 0, 1, 1, 0]       # two of them without a teacher context
@@ -66,13 +67,13 @@ def test_grpo_micro1_token_mean_equals_verl_one_sequence_at_a_time():
     assert torch.allclose(ours.grad, theirs.grad, atol=1e-6)
 
 
-RECIPE = s.LabRecipe(families=("math", "code"), steps=40)    # the tiny base test_training uses
+RECIPE = lab.LabRecipe(families=("math", "code"), steps=40)    # the tiny base test_training uses
 
 
 @pytest.fixture(scope="module")
 def base():
-    model, tok = s.lab_base(RECIPE, verbose=False)
-    task = s.make_lab_task("math")
+    model, tok = lab.lab_base(RECIPE, verbose=False)
+    task = lab.make_lab_task("math")
     task.reward = lambda c, ex: float(len(c) <= 2)   # mixed rewards whatever the model says
     return model, tok, task
 
@@ -97,41 +98,41 @@ def flat(model):
 @pytest.mark.parametrize("loss_mode", ["grpo", "sdpo"])
 def test_one_sequence_per_micro_batch_gives_the_same_update(base, loss_mode):
     """micro_batch_size=1 is literally verl's setting; the default runs the mini-batch at once."""
-    cfg = s.lab_config(loss_mode=loss_mode, prompts_per_step=4)
+    cfg = lab.lab_config(loss_mode=loss_mode, prompts_per_step=4)
     teacher = (lambda m: s.Teacher(m, cfg)) if loss_mode == "sdpo" else None
     whole, m1, _ = one_step(base, cfg, "sgd", lr=1.0, teacher=teacher)
-    ones, m2, _ = one_step(base, s.lab_config(loss_mode=loss_mode, prompts_per_step=4,
-                                              micro_batch_size=1), "sgd", lr=1.0, teacher=teacher)
+    ones, m2, _ = one_step(base, lab.lab_config(loss_mode=loss_mode, prompts_per_step=4,
+                                                micro_batch_size=1), "sgd", lr=1.0, teacher=teacher)
     assert (flat(whole) - flat(base[0])).abs().max() > 1e-4
     assert torch.allclose(flat(whole), flat(ones), atol=1e-5)
     assert m1["loss"] == pytest.approx(m2["loss"], abs=1e-6)
 
 
 def test_a_single_mini_batch_is_one_on_policy_update(base):
-    cfg = s.lab_config(loss_mode="grpo", prompts_per_step=8)
+    cfg = lab.lab_config(loss_mode="grpo", prompts_per_step=8)
     default, metrics, _ = one_step(base, cfg)
-    explicit, _, _ = one_step(base, s.lab_config(loss_mode="grpo", prompts_per_step=8,
-                                                 ppo_mini_batch_size=8))
+    explicit, _, _ = one_step(base, lab.lab_config(loss_mode="grpo", prompts_per_step=8,
+                                                   ppo_mini_batch_size=8))
     assert torch.equal(flat(default), flat(explicit))
     assert metrics["updates"] == 1 and metrics["clip_frac"] == 0.0
     assert metrics["ratio_mean"] == pytest.approx(1.0, abs=1e-4)
 
 
 def test_four_mini_batches_take_four_steps_and_clip_from_the_second(base):
-    cfg = s.lab_config(loss_mode="grpo", prompts_per_step=8, ppo_mini_batch_size=2)
+    cfg = lab.lab_config(loss_mode="grpo", prompts_per_step=8, ppo_mini_batch_size=2)
     _, metrics, _ = one_step(base, cfg, lr=0.05)        # large steps: the ratio leaves the clip
     assert metrics["updates"] == 4
     assert metrics["clip_frac"] > 0 and metrics["ratio_mean"] != pytest.approx(1.0, abs=1e-3)
 
 
 def test_ppo_epochs_repeat_the_mini_batches(base):
-    cfg = s.lab_config(loss_mode="grpo", prompts_per_step=8, ppo_mini_batch_size=4, ppo_epochs=2)
+    cfg = lab.lab_config(loss_mode="grpo", prompts_per_step=8, ppo_mini_batch_size=4, ppo_epochs=2)
     assert one_step(base, cfg)[1]["updates"] == 4
 
 
 def test_the_ema_teacher_moves_once_after_all_updates(base):
-    cfg = s.lab_config(loss_mode="sdpo", prompts_per_step=8, ppo_mini_batch_size=2,
-                       teacher_update_rate=0.25)
+    cfg = lab.lab_config(loss_mode="sdpo", prompts_per_step=8, ppo_mini_batch_size=2,
+                         teacher_update_rate=0.25)
     before = flat(base[0])
     student, _, teacher = one_step(base, cfg, teacher=lambda m: s.Teacher(m, cfg))
     assert torch.allclose(flat(teacher.model), before + 0.25 * (flat(student) - before),
@@ -140,14 +141,14 @@ def test_the_ema_teacher_moves_once_after_all_updates(base):
 
 def test_warm_up_starts_at_lr_zero_as_verl(base):
     model, tok, task = base
-    cfg = s.lab_config(loss_mode="grpo", prompts_per_step=4, warmup_steps=4, steps_per_task=3,
-                       lr=1e-3)
+    cfg = lab.lab_config(loss_mode="grpo", prompts_per_step=4, warmup_steps=4, steps_per_task=3,
+                         lr=1e-3)
     history = s.train_task(copy.deepcopy(model), tok, None, task, cfg, rng=s.seed_everything(0))
     assert [h["lr"] for h in history] == pytest.approx([0.0, 2.5e-4, 5e-4])
 
 
 def test_rollouts_in_chunks_are_concatenated_with_padding():
-    tok = s.build_lab_tokenizer()
+    tok = lab.build_lab_tokenizer()
     a = s.Rollout(torch.tensor([[5, 6]]), torch.ones(1, 2), torch.tensor([[7]]), torch.ones(1, 1),
                   torch.tensor([[-0.5]]), ["x"])
     b = s.Rollout(torch.tensor([[5]]), torch.ones(1, 1), torch.tensor([[8, 9]]), torch.ones(1, 2),

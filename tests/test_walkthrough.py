@@ -6,14 +6,17 @@ import copy
 import pytest
 import torch
 
+import run_sequence
 import sdpo_cl as s
+from harness import lab
+from harness.walkthrough import walkthrough
 
 
 @pytest.fixture(scope="module")
 def walk(tmp_path_factory):
     out = tmp_path_factory.mktemp("docs")
     printed = []
-    result = s.walkthrough(prompts=4, group_size=8, out=out, echo=printed.append)
+    result = walkthrough(prompts=4, group_size=8, out=out, echo=printed.append)
     return result, printed, out
 
 
@@ -29,10 +32,10 @@ def test_it_writes_the_page_and_the_figure(walk):
 @pytest.mark.parametrize("mode", ["grpo", "sdpo"])
 def test_its_losses_are_the_training_steps_on_the_same_batch(walk, mode):
     result, _, _ = walk
-    model, tok = s.load_policy("lab")
-    task = s.make_lab_task("math")
-    cfg = s.lab_config(loss_mode=mode, prompts_per_step=4, group_size=8, warmup_steps=0,
-                       ppo_mini_batch_size=1 if mode == "grpo" else 0)
+    model, tok = run_sequence.load_policy("lab")
+    task = lab.make_lab_task("math")
+    cfg = lab.lab_config(loss_mode=mode, prompts_per_step=4, group_size=8, warmup_steps=0,
+                         ppo_mini_batch_size=1 if mode == "grpo" else 0)
     policy = copy.deepcopy(model).train()
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
@@ -45,5 +48,5 @@ def test_its_losses_are_the_training_steps_on_the_same_batch(walk, mode):
 def test_the_same_command_prints_the_same_trace(walk, tmp_path):
     _, printed, _ = walk
     again = []
-    s.walkthrough(prompts=4, group_size=8, out=tmp_path, echo=again.append)
+    walkthrough(prompts=4, group_size=8, out=tmp_path, echo=again.append)
     assert again == printed

@@ -1,0 +1,190 @@
+"""Run folders: atomic writes, strict JSON, per-stage checkpoints with manifests (a resume
+recomputes a damaged stage rather than trusting it), and one writer per folder."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+
+def strict_json(obj):
+    """obj with every non-finite float replaced by None, so that json.dumps writes strict JSON
+    (a bare NaN is not JSON, and other readers refuse it)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
+def atomic_write(path, content):
+    """Write a file so that a crash leaves the old file or the new one, never half of one:
+    content (text, or a function that writes a given path) goes to a temporary file that is then
+    renamed over the target. save_stage does the same for a whole folder."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    content(tmp) if callable(content) else tmp.write_text(content)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj):
+    """Strict JSON (no bare NaN), written atomically."""
+    atomic_write(path, json.dumps(strict_json(obj), indent=1, allow_nan=False))
+def file_digests(folder: Path) -> dict:
+    """SHA-256 of every file under folder, by relative path."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "manifest.json"}
+
+
+def stage_problem(stage: Path) -> str | None:
+    """What is wrong with a finished stage's folder (a missing or changed file), or None."""
+    try:
+        manifest = json.loads((stage / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return "its manifest.json is missing or damaged"
+    found = file_digests(stage)
+    for name, digest in manifest.items():
+        if name not in found:
+            return f"{name} is missing"
+        if found[name] != digest:
+            return f"{name} was changed or damaged"
+    return None
+
+
+def last_finished_stage(folder, on_damage=None) -> int:
+    """The index k of the last stage such that stages 0..k are finished and intact, or -1. A
+    stage is finished when its folder exists (stages are renamed into place when complete), and
+    intact when every file matches its manifest; on_damage(k, problem) hears of the first one
+    that does not, which is then recomputed with everything after it."""
+    k = -1
+    while folder is not None and (Path(folder) / f"stage{k + 1}").is_dir():
+        problem = stage_problem(Path(folder) / f"stage{k + 1}")
+        if problem:
+            if on_damage:
+                on_damage(k + 1, problem)
+            break
+        k += 1
+    return k
+
+
+def save_stage(folder, k, record, policy, tokenizer, teacher, extra=None):
+    """Write stage k atomically: a temporary folder renamed into place, so a crash leaves either
+    the whole stage or nothing, with a manifest of its files' digests that a resume checks. The
+    teacher is saved with the policy: resuming needs it. extra: more JSON files, {name: obj}."""
+    final, tmp = Path(folder) / f"stage{k}", Path(folder) / f"stage{k}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.save_pretrained(tmp / "policy")
+    tokenizer.save_pretrained(tmp / "policy")
+    if teacher is not None and teacher.weights is not None:
+        teacher.weights.save_pretrained(tmp / "teacher")
+    for name, obj in (extra or {}).items():
+        (tmp / name).write_text(json.dumps(obj))
+    (tmp / "stage.json").write_text(json.dumps(strict_json(record), indent=1, allow_nan=False))
+    (tmp / "manifest.json").write_text(json.dumps(file_digests(tmp), indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+def load_stage_weights(folder, k, policy, teacher):
+    """Stage k's weights, loaded in place into the policy and the teacher (if it has weights)."""
+    from transformers import AutoModelForCausalLM
+
+    stage = Path(folder) / f"stage{k}"
+    with torch.no_grad():
+        for target, sub in ((policy, "policy"), (teacher and teacher.weights, "teacher")):
+            if target is not None:
+                saved = AutoModelForCausalLM.from_pretrained(stage / sub)
+                target.load_state_dict(saved.state_dict())
+
+
+def stage_records(folder, done) -> list:
+    """The records (stage.json) of stages 0..done of a run folder."""
+    return [json.loads((Path(folder) / f"stage{k}" / "stage.json").read_text())
+            for k in range(done + 1)]
+
+
+def stored_row0(folder) -> dict:
+    """Row 0 of a run folder as sdpo_cl.base_row() returns it: its record and the base's answers
+    that response drift is measured on."""
+    sequences = json.loads((Path(folder) / "stage0" / "base_sequences.json").read_text())
+    return {"record": stage_records(folder, 0)[0], "sequences": sequences}
+
+
+def resume_from(folder, done):
+    """resume(policy, teacher) for sdpo_cl.continual_sequence: the records of stages 0..done,
+    with stage done's weights loaded into the policy and the teacher."""
+    def resume(policy, teacher):
+        records = stage_records(folder, done)
+        if done > 0:
+            load_stage_weights(folder, done, policy, teacher)
+        return records
+    return resume
+
+
+def checkpoint_to(folder, tokenizer, base_sequences):
+    """on_stage(k, record, policy, teacher) for sdpo_cl.continual_sequence: each finished stage
+    saved; stage 0 also keeps the base's answers, for response drift after a resume."""
+    def on_stage(k, record, policy, teacher):
+        save_stage(folder, k, record, policy, tokenizer, teacher,
+                   {"base_sequences.json": base_sequences} if k == 0 else None)
+    return on_stage
+
+
+def keep_log_lines(path: Path, keep):
+    """Drop the log lines of stages that will be run again (an interrupted stage)."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if keep(json.loads(line))]
+    if len(kept) != len(lines):
+        atomic_write(path, "".join(line + "\n" for line in kept))
+
+
+class RunLock:
+    """One writer per run folder: a lock file holding the owner's pid. A second process is
+    refused; a lock left by a process that no longer runs is taken over, with a note."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / ".lock"
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                os.write(fd, str(os.getpid()).encode())
+                os.close(fd)
+                return self
+            except FileExistsError:
+                try:
+                    owner = int(self.path.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    owner = 0
+                if owner and process_alive(owner):
+                    raise ValueError(f"run folder {self.path.parent} is in use by process "
+                                     f"{owner}; wait for it to finish or stop it (a second "
+                                     f"writer would corrupt the run)") from None
+                print(f"note: taking over the lock of process {owner or '?'}, which no longer "
+                      f"runs")
+                self.path.unlink(missing_ok=True)
+        raise ValueError(f"could not lock run folder {self.path.parent}")
+
+    def __exit__(self, *exc):
+        self.path.unlink(missing_ok=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

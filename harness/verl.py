@@ -1,0 +1,140 @@
+"""The verl bridge: the same settings as command lines for the official implementation
+(`python -m verl.trainer.main_ppo`, one per method and stage), and the tasks as the parquet rows
+verl reads. Option names as in ../shared ALGORITHMS.md §7 and the official actor.yaml."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import sdpo_cl as sc
+from harness.lab import LAB_FAMILIES
+
+VERL_KEYS = {   # this project's Config fields -> the official verl override keys
+    "prompts_per_step": "data.train_batch_size",
+    "group_size": "actor_rollout_ref.rollout.n",
+    "ppo_epochs": "actor_rollout_ref.actor.ppo_epochs",
+    "max_new_tokens": "data.max_response_length",
+    "temperature": "actor_rollout_ref.rollout.temperature",
+    "lr": "actor_rollout_ref.actor.optim.lr",
+    "warmup_steps": "actor_rollout_ref.actor.optim.lr_warmup_steps",
+    "weight_decay": "actor_rollout_ref.actor.optim.weight_decay",
+    "grad_clip": "actor_rollout_ref.actor.grad_clip",
+    "norm_adv_by_std_in_grpo": "algorithm.norm_adv_by_std_in_grpo",
+    "clip_ratio_low": "actor_rollout_ref.actor.clip_ratio_low",
+    "clip_ratio_high": "actor_rollout_ref.actor.clip_ratio_high",
+    "clip_ratio_c": "actor_rollout_ref.actor.clip_ratio_c",
+    "enable_thinking": "data.apply_chat_template_kwargs.enable_thinking",
+    "eval_temperature": "actor_rollout_ref.rollout.val_kwargs.temperature",
+    "eval_top_p": "actor_rollout_ref.rollout.val_kwargs.top_p",
+}
+SELF_DISTILLATION_KEYS = (   # declared in the official actor config (SDPO's verl, actor.yaml)
+    "alpha", "full_logit_distillation", "distillation_topk", "distillation_add_tail", "is_clip",
+    "success_reward_threshold", "teacher_regularization", "teacher_update_rate",
+    "dont_reprompt_on_self_success", "remove_thinking_from_demonstration",
+    "include_environment_feedback", "environment_feedback_only_without_solution")
+SDPO_CL_KEYS = ("mask_ratio", "teacher_path", "teacher_init_alpha")   # SDPO-CL's, undeclared: +key
+
+
+def verl_value(v) -> str:
+    return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def verl_overrides(cfg: sc.Config, model_path: str, steps: int, stage: int, base_model: str,
+                   data=None) -> list:
+    """key=value overrides for `python -m verl.trainer.main_ppo` equivalent to `cfg` at stage
+    `stage` (1-based) of a sequence that starts from `base_model`."""
+    sd = "actor_rollout_ref.actor.self_distillation."
+    out = [f"actor_rollout_ref.model.path={model_path}", "algorithm.adv_estimator=grpo",
+           "actor_rollout_ref.actor.ppo_mini_batch_size="
+           f"{cfg.ppo_mini_batch_size or cfg.prompts_per_step}",
+           "actor_rollout_ref.actor.policy_loss.loss_mode="
+           + ("sdpo" if cfg.loss_mode == "sdpo" else "vanilla"),
+           f"trainer.total_training_steps={steps}"]
+    out += [f"{key}={verl_value(getattr(cfg, name))}" for name, key in VERL_KEYS.items()]
+    if cfg.loss_agg_mode == "micro1-token-mean":   # verl's token-mean, one sequence at a time
+        out += ["actor_rollout_ref.actor.loss_agg_mode=token-mean",
+                "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=1",
+                "actor_rollout_ref.actor.use_dynamic_bsz=false"]
+    else:
+        out.append(f"actor_rollout_ref.actor.loss_agg_mode={cfg.loss_agg_mode}")
+    sample = cfg.eval_mode == "sample"
+    out += [f"actor_rollout_ref.rollout.val_kwargs.do_sample={verl_value(sample)}",
+            f"actor_rollout_ref.rollout.val_kwargs.n={cfg.eval_samples if sample else 1}"]
+    if cfg.kl_loss_coef > 0:
+        out += ["actor_rollout_ref.actor.use_kl_loss=true",
+                "actor_rollout_ref.actor.kl_loss_type=low_var_kl",
+                f"actor_rollout_ref.actor.kl_loss_coef={cfg.kl_loss_coef}"]
+    else:
+        out.append("actor_rollout_ref.actor.use_kl_loss=false")
+    if cfg.loss_mode == "sdpo":
+        kind = cfg.teacher_regularization
+        # frozen = ema at rate 0 in verl; live has no verl key (ema at rate 1 comes closest)
+        values = {"teacher_regularization": "ema" if kind in ("frozen", "live") else kind,
+                  "teacher_update_rate": {"frozen": 0.0, "live": 1.0}.get(
+                      kind, cfg.teacher_update_rate)}
+        out += [f"{sd}{name}={verl_value(values.get(name, getattr(cfg, name)))}"
+                for name in SELF_DISTILLATION_KEYS]
+        teacher_path = cfg.teacher_path
+        frozen = values["teacher_update_rate"] == 0 and not cfg.reset_teacher_each_task
+        if frozen and stage > 1 and teacher_path is None:
+            teacher_path = base_model   # each verl run re-creates its teacher from model.path
+        for name in SDPO_CL_KEYS:
+            value = teacher_path if name == "teacher_path" else getattr(cfg, name)
+            if value != dataclasses.asdict(sc.Config())[name]:
+                out.append(f"+{sd}{name}={verl_value(value)}")
+    if data is not None:
+        out += [f"data.train_files={data / 'train.parquet'}",
+                f"data.val_files={data / 'test.parquet'}"]
+    return out
+
+
+def print_verl(methods, configs, names, steps, model, data_dir=None):
+    """One command per method and stage; a stage starts from the previous stage's checkpoint."""
+    for m in methods:
+        cfg = next(c for (mm, _), c in configs.items() if mm == m)
+        notes = []
+        if cfg.loss_mode == "sdpo" and cfg.distillation_weight < 1:
+            notes.append(f"distillation_weight={cfg.distillation_weight} (the GRPO+SDPO hybrid) "
+                         "has no verl key; verl runs pure SDPO")
+        if cfg.teacher_regularization == "live":
+            notes.append("the live teacher has no verl key; shown as ema at rate 1.0")
+        if cfg.loss_mode == "sdpo" and cfg.teacher_update_rate > 0 and len(names) > 1:
+            notes.append("verl re-creates the EMA teacher from each stage's starting checkpoint; "
+                         "this project carries it over (set reset_teacher_each_task for verl's)")
+        print(f"# {m}" + "".join(f"\n# note: {n}" for n in notes))
+        for k, (name, n_steps) in enumerate(zip(names, steps), 1):
+            path = model if k == 1 else f"<checkpoint of stage {k - 1}>"
+            data = Path(data_dir) / Path(name).name if data_dir else None
+            config_name = "sdpo" if cfg.loss_mode == "sdpo" else "baseline_grpo"
+            print(f"# stage {k}: {name}" + ("" if data else " (data: add --export-verl-data DIR)"))
+            print(f"python -m verl.trainer.main_ppo --config-name {config_name} \\\n    "
+                  + " \\\n    ".join(verl_overrides(cfg, path, n_steps, k, model, data)))
+        print()
+
+
+def export_verl_data(tasks, out_dir) -> list:
+    """Each task's train and test split as the parquet rows verl's RL dataset reads: the prompt
+    as a chat message list, data_source, ability, reward_model {style, ground_truth} and
+    extra_info. Returns the files written."""
+    from datasets import Dataset
+    written = []
+    for task in tasks:
+        folder = Path(out_dir) / task.name
+        folder.mkdir(parents=True, exist_ok=True)
+        for split, data in (("train", task.train), ("test", task.test)):
+            rows = []
+            for i, ex in enumerate(data):
+                kind = ex.get("kind") or ("lab" if task.name in LAB_FAMILIES else "")
+                messages = ([{"role": "system", "content": ex["system"]}]
+                            if ex.get("system") else []) + [{"role": "user",
+                                                             "content": ex["prompt"]}]
+                truth = ex["tests"] if kind == "code" else ex["answer"]
+                rows.append({"data_source": ex.get("dataset") or kind or task.name,
+                             "prompt": messages, "ability": kind,
+                             "reward_model": {"style": kind, "ground_truth": truth},
+                             "extra_info": {"split": split, "index": str(i),
+                                            "problem": ex["prompt"]}})
+            path = folder / f"{split}.parquet"
+            Dataset.from_list(rows).to_parquet(str(path))
+            written.append(path)
+    return written
