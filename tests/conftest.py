@@ -1,6 +1,26 @@
+"""What several test files share: a private model cache; the command line of a tiny run, and one
+such run (smoke_run) made once; a task in the official data layout; the shipped lab policy, a
+tiny lab base and a random lab model, each loaded once; a reward that mixes every group whatever
+the model samples; a small rollout batch of a model with its loss targets; flat parameters and
+gradients."""
+import contextlib
+import io
+import itertools
+import json
 import os
+import zlib
+from types import SimpleNamespace
 
 import pytest
+import torch
+
+import run_sequence
+import sdpo_cl as s
+from harness import lab
+
+# The lab's matrices are tiny (width 96): a second thread only adds synchronisation, and on a busy
+# 2-core machine OpenMP's waiting threads make every operation an order of magnitude slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -8,3 +28,137 @@ def private_cache(tmp_path_factory):
     """Tests build their own lab models in a temporary cache, never reading the user's."""
     os.environ["SDPO_CL_CACHE"] = str(tmp_path_factory.mktemp("sdpo_cl_cache"))
     os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+# --- The command line of a tiny run ---------------------------------------------------------------
+
+TINY_LAB_STEPS = 10      # pre-training steps of the tiny lab base (`--lab-steps`); one per session
+TINY_FLAGS = {"tasks": "math", "probes": "", "steps": "1", "lab_steps": str(TINY_LAB_STEPS),
+              "methods": "grpo"}
+TINY_SETS = ("prompts_per_step=4", "eval_examples=4")
+
+
+def tiny_argv(*sets, **flags) -> list:
+    """run_sequence.py's arguments for a run small enough for a test: TINY_FLAGS updated by
+    `flags` (lab_steps for --lab-steps; None leaves a flag out), then --set TINY_SETS and `sets`
+    (last, as --set takes every word after it)."""
+    merged = {**TINY_FLAGS, **flags}
+    argv = [word for key, value in merged.items() if value is not None
+            for word in (f"--{key.replace('_', '-')}", str(value))]
+    return argv + ["--set", *TINY_SETS, *sets]
+
+
+SMOKE_ARGV = tiny_argv("eval_examples=10", tasks="math,code", probes="tool", steps="2",
+                       methods="grpo,sdpo")
+
+
+def coin_reward(completion, example):
+    """1 or 0 by a hash of the completion's text: right or wrong at random, but the same for the
+    same answer on every machine. A tiny base seldom answers right; varied answers scored by
+    this one make mixed groups, so every stage trains."""
+    return float(zlib.crc32(completion.encode()) % 2)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """run_sequence.py on SMOKE_ARGV, once per session (math then code, probe tool, grpo and
+    sdpo, two rollout batches per task), every task scored by coin_reward: (its run folder, the
+    results it returned, what it printed)."""
+    load_task = run_sequence.load_task
+
+    def scored_by_coin(name):
+        task = load_task(name)
+        task.reward = coin_reward
+        return task
+    out, printed = tmp_path_factory.mktemp("runs"), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
+        patch.setattr(run_sequence, "load_task", scored_by_coin)
+        results = run_sequence.main(SMOKE_ARGV + ["--out", str(out), "--name", "smoke"])
+    return out / "smoke", results, printed.getvalue()
+
+
+# --- A task in the official data layout -----------------------------------------------------------
+
+MCQ_ROWS = [{"prompt": f"Which letter is {c}? A) a B) b C) c D) d", "answer": c.upper(),
+             "system": "Answer with <answer>X</answer>.", "kind": "mcq"} for c in "abcd"]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture
+def official_task(tmp_path):
+    """A folder 'letters' in the official SDPO layout: the four MCQ_ROWS to train on, two to
+    test."""
+    folder = tmp_path / "letters"
+    folder.mkdir()
+    write_jsonl(folder / "train.json", MCQ_ROWS)
+    write_jsonl(folder / "test.json", MCQ_ROWS[:2])
+    return folder
+
+
+# --- Models ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def shipped_lab():
+    """(model, tokenizer): the shipped lab base, loaded once. Tests that train deep-copy it."""
+    return run_sequence.load_policy("lab")
+
+
+@pytest.fixture(scope="session")
+def tiny_base():
+    """(model, tokenizer): a lab base pre-trained for TINY_LAB_STEPS steps on this machine, the
+    one that tiny_argv()'s --lab-steps loads from the session's cache. What it samples differs
+    from CPU to CPU: tests on it assert properties, never what it answers."""
+    return lab.lab_base(lab.LabRecipe(steps=TINY_LAB_STEPS), verbose=False)
+
+
+@pytest.fixture(scope="session")
+def random_lab():
+    """(model, tokenizer): an untrained lab model (seed 0): cheap, and its samples are varied.
+    Shared: tests that train it deep-copy it first."""
+    tok = lab.build_lab_tokenizer()
+    return lab.build_lab_model(tok, seed=0), tok
+
+
+# --- Rewards --------------------------------------------------------------------------------------
+
+def alternating_reward():
+    """A reward that answers 1, 0, 1, 0, ... in the order it is asked, whatever the completion:
+    sample_rollout scores a batch in order, so every group of an even size is half solved
+    (mixed GRPO advantages, a demonstration for every sample) on any machine. Make a fresh one
+    for each run that must see the same rewards as another."""
+    flips = itertools.cycle([1.0, 0.0])
+    return lambda completion, example: next(flips)
+
+
+# --- A rollout batch of the random lab model ------------------------------------------------------
+
+def rollout_batch(policy, tokenizer, cfg, n_prompts=2, seed=0):
+    """n_prompts lab math prompts x cfg.group_size samples drawn at cfg.temperature by
+    sample_rollout, cut to ragged lengths (T, T - 2, T - 4, T, ...: a random model seldom ends an
+    answer), alternating rewards, and the loss targets of cfg: what micro_batch_loss takes.
+    rows: every row (one mini-batch)."""
+    task = lab.make_lab_task("math", n_train=n_prompts, n_test=1)
+    task.reward = alternating_reward()
+    examples = [task.train[i] for i in range(n_prompts)]
+    torch.manual_seed(seed)
+    rollout, samples, rewards = s.sample_rollout(policy, tokenizer, task, examples, cfg)
+    T = rollout.response_ids.shape[1]
+    lengths = torch.tensor([max(1, T - 2 * (i % 3)) for i in range(len(rewards))])
+    rollout.response_mask = rollout.response_mask * (torch.arange(T)[None] < lengths[:, None])
+    rollout.old_logprobs = rollout.old_logprobs * rollout.response_mask
+    targets = s.loss_targets(rollout, samples, rewards, task, tokenizer, cfg)
+    return SimpleNamespace(task=task, rollout=rollout, samples=samples, rewards=rewards,
+                           targets=targets, rows=torch.arange(len(rewards)))
+
+
+def flat_grad(model):
+    """Every parameter's gradient in one vector (zeros where there is none)."""
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                      for p in model.parameters()])
+
+
+def flat_params(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])

@@ -6,9 +6,9 @@ import pytest
 
 import eval_forgetting
 import run_sequence
+from conftest import tiny_argv
 
-TINY = ["--tasks", "math", "--probes", "", "--steps", "1", "--lab-steps", "30",
-        "--set", "prompts_per_step=4", "eval_examples=4"]
+TINY = tiny_argv()
 
 
 def rows(path, items):
@@ -52,28 +52,33 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_bad_flags_and_settings(tmp_path, capsys, case):
-    args, message = CASES[case]
+def refused(main, argv, capsys) -> str:
+    """What main(argv) says on stderr, after checking that it exits with code 2."""
     with pytest.raises(SystemExit) as stop:
-        run_sequence.main(TINY + args + ["--out", str(tmp_path)])
+        main(argv)
     assert stop.value.code == 2
-    assert message in capsys.readouterr().err
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_flags_and_settings_are_refused_before_anything_is_written(tmp_path, capsys, case):
+    args, message = CASES[case]
+    assert message in refused(run_sequence.main, TINY + args + ["--out", str(tmp_path)], capsys)
     assert list(tmp_path.iterdir()) == []                     # nothing written
 
 
 def test_a_file_that_is_not_utf8_is_named(tmp_path, capsys):
     folder = official_task(tmp_path, test="café".encode("latin-1"))
-    with pytest.raises(SystemExit):
-        run_sequence.main(TINY[:-2] + ["--tasks", folder, "--out", str(tmp_path / "runs")])
-    assert "test.json: not UTF-8 text" in capsys.readouterr().err
+    err = refused(run_sequence.main, tiny_argv(tasks=folder) + ["--out", str(tmp_path / "runs")],
+                  capsys)
+    assert "test.json: not UTF-8 text" in err and not (tmp_path / "runs").exists()
 
 
-def test_a_mcq_answer_that_is_not_a_letter(tmp_path, capsys):
+def test_a_mcq_answer_that_is_not_a_letter_is_refused(tmp_path, capsys):
     folder = official_task(tmp_path, train=[{"prompt": "6*7?", "answer": "42", "kind": "mcq"}])
-    with pytest.raises(SystemExit):
-        run_sequence.main(TINY[:-2] + ["--tasks", folder, "--out", str(tmp_path / "runs")])
-    assert "line 1: a mcq answer must be one capital letter" in capsys.readouterr().err
+    err = refused(run_sequence.main, tiny_argv(tasks=folder) + ["--out", str(tmp_path / "runs")],
+                  capsys)
+    assert "line 1: a mcq answer must be one capital letter" in err
     assert not (tmp_path / "runs").exists()
 
 
@@ -81,25 +86,23 @@ def test_a_prompt_longer_than_the_context_is_reported_when_the_task_loads(tmp_pa
     long = [{"prompt": "x" * 100_000, "answer": "A", "kind": "mcq"}]
     folder = official_task(tmp_path, train=long + [{"prompt": "ok?", "answer": "B",
                                                      "kind": "mcq"}] * 3)
-    argv = TINY[:-2] + ["--tasks", folder, "--out", str(tmp_path / "runs")]
-    with pytest.raises(SystemExit):
-        run_sequence.main(argv)
-    err = capsys.readouterr().err
+    err = refused(run_sequence.main, tiny_argv(tasks=folder) + ["--out", str(tmp_path / "runs")],
+                  capsys)
     assert "1 of 4 train prompts do not fit the model's context (512 positions" in err
     assert "--long-prompts drop" in err and not (tmp_path / "runs").exists()
 
 
 def test_eval_forgetting_names_a_truncated_results_file(tmp_path, capsys):
     (tmp_path / "results.json").write_text('{"tasks": ["a"], "trai')
-    with pytest.raises(SystemExit) as stop:
-        eval_forgetting.main([str(tmp_path)])
-    assert stop.value.code == 2 and "results.json is damaged or truncated" in \
-        capsys.readouterr().err
+    err = refused(eval_forgetting.main, [str(tmp_path)], capsys)
+    assert "results.json is damaged or truncated" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]       # no report written
 
 
-def test_a_damaged_config_json_is_named(tmp_path, capsys):
+def test_a_damaged_config_json_is_named_and_left_as_it_was(tmp_path, capsys):
     (tmp_path / "quick").mkdir()
     (tmp_path / "quick" / "config.json").write_text("garbage")
-    with pytest.raises(SystemExit) as stop:
-        run_sequence.main(TINY + ["--out", str(tmp_path)])
-    assert stop.value.code == 2 and "has a damaged config.json" in capsys.readouterr().err
+    err = refused(run_sequence.main, TINY + ["--out", str(tmp_path)], capsys)
+    assert "has a damaged config.json" in err
+    assert [p.name for p in (tmp_path / "quick").iterdir()] == ["config.json"]
+    assert (tmp_path / "quick" / "config.json").read_text() == "garbage"

@@ -1,30 +1,71 @@
 """Every finding of the paper is one command: a preset that runs the experiment it needs and
 writes a report section with its figure. Tiny settings here; the README has the real runs."""
 import json
+import re
 
 import pytest
 
 import eval_forgetting
 import run_sequence
+from conftest import tiny_argv
 
-TINY = ["--seeds", "0", "--steps", "2", "--lab-steps", "30", "--set", "prompts_per_step=4",
-        "eval_examples=4", "eval_every=1"]
+TINY = tiny_argv("eval_every=1", tasks=None, probes=None, methods=None, steps="2") + [
+    "--seeds", "0"]
+
+# What the paper reports for each finding, in its own words: the help must say it.
+PAPER_SAYS = {"teacher-stability": "a stable teacher", "ood": "an inverted U",
+              "continual": "SDPO accumulates forgetting", "drift": "moves the model further",
+              "collapse": "amplified a formatting artifact", "cot": "chain of thought"}
 
 
-def test_help_says_what_each_finding_reports_and_what_to_look_at(capsys):
+def test_help_says_what_each_finding_reports(capsys):
     with pytest.raises(SystemExit):
         run_sequence.main(["--help"])
-    text = "".join(capsys.readouterr().out.split())     # help wraps lines, also at hyphens
-    for name, finding in eval_forgetting.FINDINGS.items():
-        assert name in text and "".join(finding["paper"].split()) in text
+    text = re.sub(r"-\s+", "-", " ".join(capsys.readouterr().out.split()))   # wraps, at hyphens too
+    assert set(PAPER_SAYS) == set(eval_forgetting.FINDINGS)
+    for name, words in PAPER_SAYS.items():
+        said = text.split(f"{name}: the paper: ")[1].split(". Look at")[0]
+        assert words in said, name
 
 
-@pytest.mark.parametrize("finding, figure", [("teacher-stability", "curves.png"),
-                                             ("collapse", "collapse.png")])
-def test_a_finding_writes_its_section_and_figure(tmp_path, finding, figure):
-    results = run_sequence.main(["--finding", finding, "--out", str(tmp_path)] + TINY)
+@pytest.fixture
+def planned(monkeypatch):
+    """main(argv) -> the arguments it would plan the run from (nothing runs)."""
+    seen = []
+    monkeypatch.setattr(run_sequence, "plan_run", lambda args: seen.append(args))
+    return lambda argv: (run_sequence.main(argv), seen[-1])[1]
+
+
+def test_a_finding_sets_the_experiment_it_needs(planned):
+    args = planned(["--finding", "ood"])
+    assert (args.methods, args.tasks, args.probes, args.steps, args.seeds) == (
+        "grpo,sdpo", "math", "mcq_math,math_words", "15", "0,1,2")
+    assert args.set == ["eval_every=3"] and args.name == "ood"
+    continual = planned(["--finding", "continual"])
+    assert continual.tasks == "math,science,tool,code" and continual.steps is None
+    assert planned(["--finding", "teacher-stability"]).methods == (
+        "grpo,sdpo_frozen,sdpo,sdpo_trust_region,sdpo_live")
+    collapse = planned(["--finding", "collapse"])
+    assert (collapse.methods, collapse.tasks, collapse.steps) == ("grpo,sdpo_ema50,sdpo_live",
+                                                                   "tool", "40")
+
+
+def test_flags_given_with_a_finding_win_and_sets_add_up(planned):
+    args = planned(["--finding", "ood", "--methods", "sdpo", "--seeds", "7", "--set",
+                    "alpha=1.0", "eval_every=5"])
+    assert (args.methods, args.seeds, args.tasks) == ("sdpo", "7", "math")
+    assert args.set == ["eval_every=3", "alpha=1.0", "eval_every=5"]    # the last one wins
+
+
+@pytest.mark.parametrize("finding, figure, methods", [
+    ("teacher-stability", "curves.png", "grpo,sdpo_live"),
+    ("collapse", "collapse.png", "grpo,sdpo_ema50")])
+def test_a_finding_writes_its_section_and_figure(tmp_path, finding, figure, methods):
+    """Two of the finding's methods (its full list is checked above), two rollout batches."""
+    results = run_sequence.main(["--finding", finding, "--out", str(tmp_path),
+                                 "--methods", methods] + TINY)
     folder = tmp_path / finding
-    assert set(results["runs"]) == set(eval_forgetting.FINDINGS[finding]["methods"].split(","))
+    assert set(results["runs"]) == set(methods.split(","))
     report = (folder / "report.md").read_text()
     assert f"## Finding: {finding}" in report and f"![{figure[:-4]}]({figure})" in report
     assert (folder / figure).is_file()

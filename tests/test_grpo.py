@@ -50,7 +50,7 @@ def test_asymmetric_clip_bounds():
     assert per_token(0.1, -1.0, clip_low=0.3) == pytest.approx(0.7)
 
 
-def test_k3_kl_to_reference():
+def test_beta_adds_the_k3_estimate_of_kl_to_the_reference():
     logp = torch.tensor([[0.0, 0.0]])
     ref = torch.tensor([[0.0, math.log(2.0)]])          # d = ref - logp = 0 and log 2
     loss, metrics = grpo_loss(logp, logp, torch.zeros(1), torch.ones(1, 2), ref_logprobs=ref,

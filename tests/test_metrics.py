@@ -1,5 +1,6 @@
-"""Continual-learning metrics on hand-made accuracy matrices: GEM (ACC, BWT, FWT) and the
-forgetting measure of Chaudhry et al."""
+"""Continual-learning metrics on hand-made accuracy matrices: GEM (ACC, BWT, FWT), the forgetting
+measure of Chaudhry et al., plasticity, the paper's relative change, mean and std over seeds, and
+Pearson's r of RL's Razor. (The paired comparison of methods: test_paired_comparison.py.)"""
 import math
 
 import pytest
@@ -64,21 +65,10 @@ def test_relative_change_with_a_zero_base_falls_back_to_points():
     assert rel[1] == pytest.approx([50.0, 20.0]) and absolute == [1]
 
 
-def test_mean_std_over_seeds():
+def test_mean_and_sample_std_over_seeds_ignore_missing_values():
     assert mean_std([1.0, 3.0]) == pytest.approx((2.0, 2 ** 0.5))
     assert mean_std([4.0]) == (4.0, 0.0)
     assert mean_std([None]) == (None, None)
-
-
-def test_a_paired_difference_has_a_t_interval():
-    from eval_forgetting import paired_difference, verdict
-    d = paired_difference([3.0, 5.0, 7.0], [2.0, 3.0, 4.0])      # differences 1, 2, 3
-    half = 4.303 * 1.0 / 3 ** 0.5                                # t(0.975, 2) * sd / sqrt(n)
-    assert d["mean"] == pytest.approx(2.0)
-    assert (d["low"], d["high"]) == pytest.approx((2.0 - half, 2.0 + half))
-    assert verdict(d) == "within noise"
-    assert verdict(paired_difference([5.0, 6.0, 7.0], [1.0, 1.0, 1.0])) == "beyond noise"
-    assert paired_difference([1.0], [0.0])["low"] is None         # one seed: no interval
 
 
 def test_forgetting_stage_by_stage():

@@ -5,7 +5,6 @@ import json
 
 import pytest
 
-import sdpo_cl as s
 from harness import data
 
 MCQ = {"kind": "mcq", "answer": "A"}

@@ -1,27 +1,25 @@
-"""End to end: run_sequence.py on a tiny setting writes a complete run folder, resumes, and
-refuses bad input before training."""
+"""End to end: run_sequence.py on a tiny setting (the conftest's smoke_run: math then code, probe
+tool, grpo and sdpo) writes a complete run folder whose numbers agree with each other: the
+accuracy matrix is the stage records', row 0 is the base model's evaluation, the log is the
+stages' training, the checkpoint is the model the stage measured, and the report and the printed
+summary show the matrix's metrics, computed here by hand."""
 import json
 
 import pytest
+from transformers import AutoModelForCausalLM
 
-import run_sequence
+import eval_forgetting
+import sdpo_cl as s
 from harness import lab
+from conftest import coin_reward
 
-TINY = ["--tasks", "math,code", "--probes", "tool", "--steps", "2", "--lab-steps", "30",
-        "--methods", "grpo,sdpo", "--set", "prompts_per_step=4", "eval_examples=10"]
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    results = run_sequence.main(TINY + ["--out", str(out), "--name", "smoke"])
-    return out / "smoke", results
+TASKS, SAMPLES = ["math", "code", "tool"], 10 * 4       # eval_examples x eval_samples
 
 
-def test_run_folder_has_every_output(run):
-    folder, _ = run
-    for name in ("config.json", "results.json", "log.jsonl", "report.md", "accuracy.png",
-                 "drift.png"):
+def test_run_folder_has_every_output(smoke_run):
+    folder, _, _ = smoke_run
+    for name in ("config.json", "results.json", "signal.json", "log.jsonl", "report.md",
+                 "accuracy.png", "drift.png"):
         assert (folder / name).is_file(), name
     for method in ("grpo", "sdpo"):
         for k in range(3):
@@ -30,75 +28,93 @@ def test_run_folder_has_every_output(run):
     assert not (folder / "grpo" / "seed0" / "stage2" / "teacher").exists()
 
 
-def test_log_has_one_line_per_step(run):
-    folder, _ = run
-    lines = [json.loads(l) for l in (folder / "log.jsonl").read_text().splitlines()]
-    assert len(lines) == 2 * 2 * 2                      # methods x stages x steps
-    assert {(l["method"], l["stage"], l["step"]) for l in lines} == {
-        (m, k, s) for m in ("grpo", "sdpo") for k in (1, 2) for s in (0, 1)}
-    assert all("reward" in l and "seconds" in l for l in lines)
-    assert all("distill_frac" in l for l in lines if l["method"] == "sdpo")
+def test_the_accuracy_matrix_is_the_stage_records(smoke_run):
+    folder, results, _ = smoke_run
+    assert results["tasks"] == TASKS and results["trained"] == [0, 1]
+    assert json.loads((folder / "results.json").read_text())["runs"] == results["runs"]
+    for method in ("grpo", "sdpo"):
+        run = results["runs"][method]["0"]
+        assert [r["task"] for r in run["records"]] == ["base", "math", "code"]
+        for k, record in enumerate(run["records"]):
+            assert run["R"][k] == [record["accuracy"][t] for t in TASKS]
+            assert run["SE"][k] == [record["stderr"][t] for t in TASKS]
+            assert all(round(a * SAMPLES) == pytest.approx(a * SAMPLES) for a in run["R"][k])
 
 
-def test_results_hold_the_accuracy_matrix_and_measures(run):
-    _, results = run
-    assert results["tasks"] == ["math", "code", "tool"] and results["trained"] == [0, 1]
-    r = results["runs"]["sdpo"]["0"]
-    assert len(r["R"]) == 3 and all(len(row) == 3 for row in r["R"])
-    last = r["records"][-1]
-    for key in ("param_drift", "response_kl", "artifacts", "stderr"):
-        assert key in last
-    assert last["param_drift"]["overall"] > 0
-    assert set(r["records"][0]["teacher_lift"]) == {"math", "code", "tool"}
-    assert r["records"][0] == results["runs"]["grpo"]["0"]["records"][0]   # row 0 is shared
+def test_row_0_is_the_base_models_evaluation_shared_by_every_method(smoke_run, tiny_base):
+    _, results, _ = smoke_run
+    cfg = lab.lab_config(prompts_per_step=4, eval_examples=10, steps_per_task=2)
+    tasks = [lab.make_lab_task(name) for name in TASKS]
+    for task in tasks:
+        task.reward = coin_reward
+    again = s.base_row(tiny_base[0], tiny_base[1], tasks, cfg)["record"]
+    for method in ("grpo", "sdpo"):
+        row0 = results["runs"][method]["0"]["records"][0]
+        assert row0["accuracy"] == again["accuracy"] and row0["stderr"] == again["stderr"]
+        assert row0["teacher_lift"] == pytest.approx(again["teacher_lift"])
 
 
-def test_report_compares_the_methods(run):
-    folder, _ = run
-    text = (folder / "report.md").read_text()
-    assert "| grpo | 1 |" in text and "| sdpo | 1 |" in text and "accuracy.png" in text
+def test_the_log_is_the_stages_training(smoke_run):
+    folder, results, _ = smoke_run
+    lines = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+    assert [(x["method"], x["stage"], x["step"]) for x in lines] == [
+        (m, k, step) for m in ("grpo", "sdpo") for k in (1, 2) for step in (0, 1)]
+    for m in ("grpo", "sdpo"):
+        records = results["runs"][m]["0"]["records"]
+        for k in (1, 2):
+            rewards = [x["reward"] for x in lines if x["method"] == m and x["stage"] == k]
+            assert records[k]["train"]["series"]["reward"] == rewards
+            assert all(round(r * 32) == pytest.approx(r * 32) for r in rewards)  # 4 x 8 samples
+    # scored by the coin, every step of either method has something to learn from
+    assert all(x["distill_frac"] > 0 for x in lines if x["method"] == "sdpo")
+    assert all(x["zero_adv_groups"] < 1 for x in lines if x["method"] == "grpo")
+    assert all(x["updates"] == 4 for x in lines if x["method"] == "grpo")      # 4 mini-batches
 
 
-def test_eval_forgetting_pairs_against_any_method_that_ran(run, tmp_path, capsys):
-    import eval_forgetting
-    folder, _ = run
+def test_the_last_checkpoint_is_the_model_whose_drift_was_measured(smoke_run, tiny_base):
+    folder, results, _ = smoke_run
+    policy = AutoModelForCausalLM.from_pretrained(folder / "sdpo" / "seed0" / "stage2" / "policy")
+    drift = eval_forgetting.parameter_drift(policy, tiny_base[0])
+    recorded = results["runs"]["sdpo"]["0"]["records"][2]["param_drift"]
+    assert drift["overall"] > 0 and drift["overall"] == pytest.approx(recorded["overall"])
+
+
+def cells(table, method):
+    row = next(line for line in table.splitlines() if line.startswith(f"| {method} |"))
+    return [c.strip() for c in row.strip("|").split("|")]
+
+
+def by_hand(R):
+    """ACC, BWT, forgetting, FWT, plasticity and OOD of a two-task run with one probe."""
+    return [(R[2][0] + R[2][1]) / 2, R[2][0] - R[1][0], R[1][0] - R[2][0], R[1][1] - R[0][1],
+            ((R[1][0] - R[0][0]) + (R[2][1] - R[1][1])) / 2, R[2][2] - R[0][2]]
+
+
+def test_the_report_and_the_printed_summary_show_the_matrixs_metrics(smoke_run):
+    folder, results, printed = smoke_run
+    report = (folder / "report.md").read_text()
+    for method in ("grpo", "sdpo"):
+        row = cells(report, method)
+        assert row[1] == "1" and cells(printed, method) == row      # one seed; printed the same
+        shown = [float(cell.split(" ± ")[0]) for cell in row[2:8]]
+        expected = [100 * v for v in by_hand(results["runs"][method]["0"]["R"])]
+        assert shown == pytest.approx(expected, abs=0.051)
+
+
+def test_the_paired_difference_is_sdpo_minus_grpo(smoke_run):
+    folder, results, printed = smoke_run
+    forgetting = [by_hand(results["runs"][m]["0"]["R"])[2] for m in ("sdpo", "grpo")]
+    row = cells(printed.split("paired differences against grpo")[1], "sdpo")
+    assert row[1] == "1" and float(row[3]) == pytest.approx(
+        100 * (forgetting[0] - forgetting[1]), abs=0.051)                 # one seed: no interval
+
+
+def test_eval_forgetting_pairs_against_any_method_that_ran(smoke_run, tmp_path, capsys):
+    folder, _, _ = smoke_run
     eval_forgetting.main([str(folder), "--out", str(tmp_path), "--baselines", "grpo,sdpo"])
     text = (tmp_path / "report.md").read_text()
     assert "| method − grpo |" in text and "| method − sdpo |" in text
+    assert cells(text.split("| method − sdpo |")[1], "grpo")[1] == "1"
     with pytest.raises(SystemExit):
         eval_forgetting.main([str(folder), "--out", str(tmp_path), "--baselines", "ppo"])
     assert "['ppo'] did not run here" in capsys.readouterr().err
-
-
-def test_the_same_command_resumes_without_retraining(run, capsys):
-    folder, results = run
-    again = run_sequence.main(TINY + ["--out", str(folder.parent), "--name", "smoke"])
-    assert "finished earlier" in capsys.readouterr().out
-    assert again["runs"] == json.loads(json.dumps(results["runs"]))
-
-
-def test_a_folder_with_other_settings_is_not_overwritten(run, capsys):
-    folder, _ = run
-    with pytest.raises(SystemExit):
-        run_sequence.main(TINY[:-2] + ["eval_examples=5", "--out", str(folder.parent),
-                                       "--name", "smoke"])
-    err = capsys.readouterr().err
-    assert "holds a run with other settings" in err and "eval_examples: was 10, now 5" in err
-
-
-def test_a_copied_run_folder_resumes(run, capsys, tmp_path):
-    import shutil
-    folder, results = run
-    shutil.copytree(folder, tmp_path / "copy")
-    again = run_sequence.main(TINY + ["--out", str(tmp_path), "--name", "copy"])
-    assert "finished earlier" in capsys.readouterr().out
-    assert again["runs"] == json.loads(json.dumps(results["runs"]))
-
-
-def test_grpo_takes_four_optimizer_steps_per_batch_and_grpo_one_step_one():
-    import sdpo_cl as sc
-    settings = {"prompts_per_step": 32}
-    four = run_sequence.method_config("grpo", settings, {}, lab.lab_config)
-    one = run_sequence.method_config("grpo_one_step", settings, {}, lab.lab_config)
-    assert len(sc.minibatches(four, 32 * four.group_size)) == 4
-    assert len(sc.minibatches(one, 32 * one.group_size)) == 1

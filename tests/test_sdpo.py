@@ -40,6 +40,28 @@ def test_jsd_at_one_half_on_a_hand_made_pair():
     assert generalized_jsd(s.log(), t.log(), 0.5).item() == pytest.approx(expected, abs=1e-6)
 
 
+def test_jsd_at_one_quarter_weighs_the_student_three_times_the_teacher():
+    s, t = torch.tensor([0.5, 0.5]), torch.tensor([0.9, 0.1])
+    # alpha = 0.25: the mixture m = 0.75 s + 0.25 t = [0.6, 0.4]
+    expected = 0.75 * (0.5 * math.log(0.5 / 0.6) + 0.5 * math.log(0.5 / 0.4)) \
+        + 0.25 * (0.9 * math.log(0.9 / 0.6) + 0.1 * math.log(0.1 / 0.4))
+    assert generalized_jsd(s.log(), t.log(), 0.25).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_swapping_student_and_teacher_is_swapping_alpha_and_one_minus_alpha():
+    s, t = S_LOGITS.log_softmax(-1), T_LOGITS.log_softmax(-1)
+    assert torch.allclose(generalized_jsd(s, t, 0.25), generalized_jsd(t, s, 0.75), atol=1e-6)
+    assert not torch.allclose(generalized_jsd(s, t, 0.25), generalized_jsd(s, t, 0.75), atol=1e-3)
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.25, 0.8])
+def test_the_loss_at_any_alpha_is_the_mean_generalised_jsd(alpha):
+    p_s, p_t = S_LOGITS.softmax(-1), T_LOGITS.softmax(-1)
+    m = (1 - alpha) * p_s + alpha * p_t
+    expected = ((1 - alpha) * kl(p_s, m) + alpha * kl(p_t, m)).mean().item()
+    assert full(alpha) == pytest.approx(expected, abs=1e-6)
+
+
 def test_jsd_is_zero_for_identical_distributions_and_positive_otherwise():
     assert sdpo_loss(S_LOGITS, S_LOGITS, IDS, MASK, topk=None)[0].item() == pytest.approx(0, abs=1e-6)
     assert full(0.5) > 0
@@ -103,7 +125,7 @@ def test_empty_mask_gives_a_graph_connected_zero():
     assert s_logits.grad is not None and torch.all(s_logits.grad == 0)
 
 
-def test_mask_excludes_tokens():
+def test_masked_tokens_do_not_count():
     mask = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
     only_first = sdpo_loss(S_LOGITS[:1, :1], T_LOGITS[:1, :1], IDS[:1, :1], torch.ones(1, 1),
                            topk=None)[0]

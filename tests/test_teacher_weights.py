@@ -1,9 +1,15 @@
-"""Where the SDPO teacher's weights come from: EMA, frozen, live, trust-region, a reset, and
-SDPO-CL's teacher_path mixed in by teacher_init_alpha."""
+"""Where the SDPO teacher's weights come from: EMA, frozen, live, trust-region, a reset (at each
+task with reset_teacher_each_task), and SDPO-CL's teacher_path mixed in by teacher_init_alpha."""
+import copy
+
 import pytest
 import torch
 
+import run_sequence
+import sdpo_cl as s
+from harness import lab
 from sdpo_cl import Config, Teacher, ema_update_, trust_region_logits
+from conftest import alternating_reward, flat_params
 
 
 def tiny_linear(value):
@@ -12,7 +18,7 @@ def tiny_linear(value):
     return layer
 
 
-def test_ema_update_formula():
+def test_the_ema_update_moves_the_teacher_tau_of_the_way_to_the_student():
     teacher, student = tiny_linear(0.0), tiny_linear(1.0)
     ema_update_(teacher, student, 0.05)
     assert torch.allclose(teacher.weight, torch.full((1, 2), 0.05))
@@ -71,10 +77,31 @@ def test_reset_reinitialises_the_teacher_from_the_policy():
 
 
 def test_teacher_path_mixes_a_checkpoint_into_the_teacher(tmp_path):
-    from harness.lab import build_lab_model, build_lab_tokenizer
-    tok = build_lab_tokenizer()
-    student, ckpt = build_lab_model(tok, seed=0), build_lab_model(tok, seed=1)
+    tok = lab.build_lab_tokenizer()
+    student, ckpt = lab.build_lab_model(tok, seed=0), lab.build_lab_model(tok, seed=1)
     ckpt.save_pretrained(tmp_path)
     teacher = Teacher(student, Config(teacher_path=str(tmp_path), teacher_init_alpha=0.25))
-    for t, s, c in zip(teacher.model.parameters(), student.parameters(), ckpt.parameters()):
-        assert torch.allclose(t, 0.25 * c + 0.75 * s, atol=1e-6)
+    for t, st, c in zip(teacher.model.parameters(), student.parameters(), ckpt.parameters()):
+        assert torch.allclose(t, 0.25 * c + 0.75 * st, atol=1e-6)
+
+
+@pytest.mark.parametrize("method, restarted", [("sdpo_frozen", False), ("stable_sdpo", True)])
+def test_stable_sdpo_restarts_the_frozen_teacher_from_the_policy_at_each_task(random_lab, method,
+                                                                              restarted):
+    """Over two tasks: the teacher of stage 1 is the base; with reset_teacher_each_task (what
+    stable_sdpo sets) stage 2's is the policy as stage 1 left it, else still the base."""
+    model, tok = random_lab
+    settings = dict(prompts_per_step=2, group_size=2, steps_per_task=1, max_new_tokens=3,
+                    eval_examples=2, eval_samples=1, warmup_steps=0, lr=1e-2)
+    cfg = run_sequence.method_config(method, settings, {}, lab.lab_config)
+    tasks = [lab.make_lab_task(name, n_train=4, n_test=2) for name in ("math", "code")]
+    for task in tasks:
+        task.reward = alternating_reward()
+    after = {}
+    s.continual_sequence(cfg, copy.deepcopy(model), tok, tasks, on_stage=lambda k, record,
+                         policy, teacher: after.update({k: (flat_params(policy),
+                                                             flat_params(teacher.model))}))
+    base, (policy_1, teacher_1), (_, teacher_2) = flat_params(model), after[1], after[2]
+    assert not torch.equal(policy_1, base)                      # stage 1 trained the policy
+    assert torch.equal(teacher_1, base)
+    assert torch.equal(teacher_2, policy_1 if restarted else base)

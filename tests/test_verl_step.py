@@ -1,7 +1,7 @@
 """One training step as the paper's verl runs compute it: each sequence aggregated on its own and
 scaled by 1/N (ppo_micro_batch_size_per_gpu = 1), several optimizer steps per rollout batch for
 the GRPO baseline with the PPO ratio and clip acting from the second, verl's warm-up from lr 0,
-and the EMA teacher moving once per rollout batch."""
+and the EMA teacher moving once per rollout batch. The step itself runs on the tiny lab base."""
 import copy
 
 import pytest
@@ -9,6 +9,7 @@ import torch
 
 import sdpo_cl as s
 from harness import lab
+from conftest import alternating_reward, flat_grad, flat_params
 
 LENGTHS = [6, 3, 1, 4, 2]           # a ragged batch of 5 responses
 HAS_CONTEXT = [1, 0, 1, 1, 0]       # two of them without a teacher context
@@ -67,20 +68,13 @@ def test_grpo_micro1_token_mean_equals_verl_one_sequence_at_a_time():
     assert torch.allclose(ours.grad, theirs.grad, atol=1e-6)
 
 
-RECIPE = lab.LabRecipe(families=("math", "code"), steps=40)    # the tiny base test_training uses
-
-
-@pytest.fixture(scope="module")
-def base():
-    model, tok = lab.lab_base(RECIPE, verbose=False)
-    task = lab.make_lab_task("math")
-    task.reward = lambda c, ex: float(len(c) <= 2)   # mixed rewards whatever the model says
-    return model, tok, task
-
-
 def one_step(base, cfg, optimizer="adam", lr=1e-3, teacher=None):
-    model, tok, task = base
+    """train_step from a copy of the tiny lab base on cfg.prompts_per_step math prompts with the
+    alternating reward: (the stepped model, its metrics, its teacher)."""
+    model, tok = base
     model = copy.deepcopy(model)
+    task = lab.make_lab_task("math", n_train=cfg.prompts_per_step, n_test=1)
+    task.reward = alternating_reward()
     opt = (torch.optim.AdamW(model.parameters(), lr=lr) if optimizer == "adam"
            else torch.optim.SGD(model.parameters(), lr=lr))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
@@ -91,72 +85,76 @@ def one_step(base, cfg, optimizer="adam", lr=1e-3, teacher=None):
     return model, metrics, teacher
 
 
-def flat(model):
-    return torch.cat([p.detach().flatten() for p in model.parameters()])
-
-
 @pytest.mark.parametrize("loss_mode", ["grpo", "sdpo"])
-def test_one_sequence_per_micro_batch_gives_the_same_update(base, loss_mode):
+def test_one_sequence_per_micro_batch_gives_the_same_update(tiny_base, loss_mode):
     """micro_batch_size=1 is literally verl's setting; the default runs the mini-batch at once."""
     cfg = lab.lab_config(loss_mode=loss_mode, prompts_per_step=4)
     teacher = (lambda m: s.Teacher(m, cfg)) if loss_mode == "sdpo" else None
-    whole, m1, _ = one_step(base, cfg, "sgd", lr=1.0, teacher=teacher)
-    ones, m2, _ = one_step(base, lab.lab_config(loss_mode=loss_mode, prompts_per_step=4,
-                                                micro_batch_size=1), "sgd", lr=1.0, teacher=teacher)
-    assert (flat(whole) - flat(base[0])).abs().max() > 1e-4
-    assert torch.allclose(flat(whole), flat(ones), atol=1e-5)
+    whole, m1, _ = one_step(tiny_base, cfg, "sgd", lr=1.0, teacher=teacher)
+    ones, m2, _ = one_step(tiny_base, lab.lab_config(loss_mode=loss_mode, prompts_per_step=4,
+                                                     micro_batch_size=1), "sgd", lr=1.0,
+                           teacher=teacher)
+    assert (flat_params(whole) - flat_params(tiny_base[0])).abs().max() > 1e-4
+    assert torch.allclose(flat_params(whole), flat_params(ones), atol=1e-5)
     assert m1["loss"] == pytest.approx(m2["loss"], abs=1e-6)
 
 
-def test_a_single_mini_batch_is_one_on_policy_update(base):
-    cfg = lab.lab_config(loss_mode="grpo", prompts_per_step=8)
-    default, metrics, _ = one_step(base, cfg)
-    explicit, _, _ = one_step(base, lab.lab_config(loss_mode="grpo", prompts_per_step=8,
-                                                   ppo_mini_batch_size=8))
-    assert torch.equal(flat(default), flat(explicit))
+def test_one_mini_batch_is_the_on_policy_policy_gradient(tiny_base):
+    """The whole rollout batch in one optimizer step: the ratio is 1 and nothing is clipped, so
+    the SGD update is -lr times the gradient of -(1/N) sum_i A_i mean_t log pi(y_i,t), written out
+    here on the same rollout, drawn again."""
+    model, tok = tiny_base
+    cfg = lab.lab_config(loss_mode="grpo", prompts_per_step=4, grad_clip=1e6)
+    stepped, metrics, _ = one_step(tiny_base, cfg, "sgd", lr=1.0)
     assert metrics["updates"] == 1 and metrics["clip_frac"] == 0.0
     assert metrics["ratio_mean"] == pytest.approx(1.0, abs=1e-4)
+    policy = copy.deepcopy(model)
+    task = lab.make_lab_task("math", n_train=4, n_test=1)
+    task.reward = alternating_reward()
+    torch.manual_seed(0)
+    ro, _, rewards = s.sample_rollout(policy, tok, task, [task.train[i] for i in range(4)], cfg)
+    groups = rewards.view(-1, cfg.group_size)
+    advantages = (groups - groups.mean(1, keepdim=True)).flatten()            # +-0.5
+    logits = policy(**s.sequence_inputs(ro.prompt_ids, ro.prompt_mask, ro.response_ids,
+                                        ro.response_mask)).logits[:, :-1]
+    logp = torch.log_softmax(logits, -1).gather(-1, ro.response_ids[..., None]).squeeze(-1)
+    mask = ro.response_mask
+    objective = -(advantages * (logp * mask).sum(1) / mask.sum(1)).mean()
+    objective.backward()
+    expected = flat_params(model) - 1.0 * flat_grad(policy)
+    assert (expected - flat_params(model)).abs().max() > 1e-4
+    assert torch.allclose(flat_params(stepped), expected, atol=1e-6)
 
 
-def test_four_mini_batches_take_four_steps_and_clip_from_the_second(base):
+def test_four_mini_batches_take_four_steps_and_clip_from_the_second(tiny_base):
     cfg = lab.lab_config(loss_mode="grpo", prompts_per_step=8, ppo_mini_batch_size=2)
-    _, metrics, _ = one_step(base, cfg, lr=0.05)        # large steps: the ratio leaves the clip
+    _, metrics, _ = one_step(tiny_base, cfg, lr=0.05)   # large steps: the ratio leaves the clip
     assert metrics["updates"] == 4
     assert metrics["clip_frac"] > 0 and metrics["ratio_mean"] != pytest.approx(1.0, abs=1e-3)
 
 
-def test_ppo_epochs_repeat_the_mini_batches(base):
-    cfg = lab.lab_config(loss_mode="grpo", prompts_per_step=8, ppo_mini_batch_size=4, ppo_epochs=2)
-    assert one_step(base, cfg)[1]["updates"] == 4
+def test_mini_batches_are_consecutive_groups_of_prompts_repeated_each_epoch():
+    cfg = lab.lab_config(prompts_per_step=4, group_size=2, ppo_mini_batch_size=2, ppo_epochs=2)
+    steps = [rows.tolist() for rows in s.minibatches(cfg, 8)]
+    assert steps == [[0, 1, 2, 3], [4, 5, 6, 7]] * 2
+    whole = lab.lab_config(prompts_per_step=4, group_size=2)               # 0: all prompts
+    assert [rows.tolist() for rows in s.minibatches(whole, 8)] == [list(range(8))]
 
 
-def test_the_ema_teacher_moves_once_after_all_updates(base):
+def test_the_ema_teacher_moves_once_after_all_updates(tiny_base):
     cfg = lab.lab_config(loss_mode="sdpo", prompts_per_step=8, ppo_mini_batch_size=2,
                          teacher_update_rate=0.25)
-    before = flat(base[0])
-    student, _, teacher = one_step(base, cfg, teacher=lambda m: s.Teacher(m, cfg))
-    assert torch.allclose(flat(teacher.model), before + 0.25 * (flat(student) - before),
-                          atol=1e-6)
+    before = flat_params(tiny_base[0])
+    student, metrics, teacher = one_step(tiny_base, cfg, teacher=lambda m: s.Teacher(m, cfg))
+    assert metrics["updates"] == 4
+    assert torch.allclose(flat_params(teacher.model), before + 0.25 * (flat_params(student)
+                                                                      - before), atol=1e-6)
 
 
-def test_warm_up_starts_at_lr_zero_as_verl(base):
-    model, tok, task = base
-    cfg = lab.lab_config(loss_mode="grpo", prompts_per_step=4, warmup_steps=4, steps_per_task=3,
-                         lr=1e-3)
+def test_warm_up_starts_at_lr_zero_as_verl(tiny_base):
+    model, tok = tiny_base
+    task = lab.make_lab_task("math", n_train=8, n_test=1)
+    cfg = lab.lab_config(loss_mode="grpo", prompts_per_step=2, group_size=2, warmup_steps=4,
+                         steps_per_task=3, lr=1e-3)
     history = s.train_task(copy.deepcopy(model), tok, None, task, cfg, rng=s.seed_everything(0))
     assert [h["lr"] for h in history] == pytest.approx([0.0, 2.5e-4, 5e-4])
-
-
-def test_rollouts_in_chunks_are_concatenated_with_padding():
-    tok = lab.build_lab_tokenizer()
-    a = s.Rollout(torch.tensor([[5, 6]]), torch.ones(1, 2), torch.tensor([[7]]), torch.ones(1, 1),
-                  torch.tensor([[-0.5]]), ["x"])
-    b = s.Rollout(torch.tensor([[5]]), torch.ones(1, 1), torch.tensor([[8, 9]]), torch.ones(1, 2),
-                  torch.tensor([[-0.1, -0.2]]), ["yz"])
-    r = s.concat_rollouts([a, b], tok.pad_token_id)
-    pad = tok.pad_token_id
-    assert r.prompt_ids.tolist() == [[5, 6], [pad, 5]]
-    assert r.prompt_mask.tolist() == [[1, 1], [0, 1]]
-    assert r.response_ids.tolist() == [[7, pad], [8, 9]]
-    assert r.response_mask.tolist() == [[1, 0], [1, 1]] and r.completions == ["x", "yz"]
-    assert torch.allclose(r.old_logprobs, torch.tensor([[-0.5, 0.0], [-0.1, -0.2]]))

@@ -1,23 +1,70 @@
-"""`python sdpo_cl.py` walks through one rollout batch with the module's own functions: the
-losses it prints are the ones the training step computes on the same batch, and the same
-command prints the same trace."""
+"""`python sdpo_cl.py` walks through one rollout batch: the advantage, the per-token divergence
+and the two losses it prints are those of its batch, recomputed here independently (one full
+forward per sequence, the divergence and the clipped GRPO loss with its four optimizer steps
+written out), and the same command prints the same trace."""
 import copy
 
 import pytest
 import torch
 
-import run_sequence
 import sdpo_cl as s
 from harness import lab
 from harness.walkthrough import walkthrough
+
+PROMPTS, G = 4, 8
 
 
 @pytest.fixture(scope="module")
 def walk(tmp_path_factory):
     out = tmp_path_factory.mktemp("docs")
     printed = []
-    result = walkthrough(prompts=4, group_size=8, out=out, echo=printed.append)
+    result = walkthrough(prompts=PROMPTS, group_size=G, out=out, echo=printed.append)
     return result, printed, out
+
+
+@pytest.fixture(scope="module")
+def batch(shipped_lab):
+    """The walkthrough's rollout batch, drawn again from the shipped base with its seed."""
+    model, tok = shipped_lab
+    task = lab.make_lab_task("math")
+    cfg = lab.lab_config(loss_mode="sdpo", prompts_per_step=PROMPTS, group_size=G,
+                         warmup_steps=0)
+    examples = [task.train[i] for i in range(PROMPTS)]
+    s.seed_everything(0, "walkthrough")
+    rollout, samples, rewards = s.sample_rollout(model, tok, task, examples, cfg)
+    return model, tok, cfg, rollout, samples, rewards
+
+
+def logits_after(model, prompt_ids, response_ids):
+    """Logits [T, V] of a response after a prompt (unpadded id lists), one full forward."""
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([prompt_ids + response_ids])).logits[
+            0, len(prompt_ids) - 1:-1]
+
+
+def divergences(batch, i):
+    """Per-token JSD (alpha 0.5) of answer i on the student's top-20 plus a tail bucket, between
+    the student after the prompt and the teacher after the prompt with the first successful
+    sibling as demonstration; None without a sibling."""
+    model, tok, cfg, ro, samples, rewards = batch
+    group = range(i - i % G, i - i % G + G)
+    demos = [j for j in group if rewards[j] >= 0.5 and j != i]
+    if not demos:
+        return None
+    n = int(ro.response_mask[i].sum())
+    response = ro.response_ids[i, :n].tolist()
+    prompt = ro.prompt_ids[i][ro.prompt_mask[i] > 0].tolist()
+    teacher_text = s.format_prompt(tok, s.teacher_prompt(samples[i]["prompt"], cfg,
+                                                         ro.completions[demos[0]]))
+    teacher = tok(teacher_text, add_special_tokens=False).input_ids
+    p_s = logits_after(model, prompt, response).softmax(-1)                 # [n, V]
+    p_t = logits_after(model, teacher, response).softmax(-1)
+    top = p_s.topk(20, dim=-1).indices
+    p_s = torch.cat([p_s.gather(-1, top), 1 - p_s.gather(-1, top).sum(-1, keepdim=True)], -1)
+    p_t = torch.cat([p_t.gather(-1, top), 1 - p_t.gather(-1, top).sum(-1, keepdim=True)], -1)
+    m = (p_s + p_t) / 2
+    kl = lambda p, q: (p * (p / q).log()).sum(-1)
+    return 0.5 * kl(p_s, m) + 0.5 * kl(p_t, m)
 
 
 def test_it_writes_the_page_and_the_figure(walk):
@@ -29,24 +76,52 @@ def test_it_writes_the_page_and_the_figure(walk):
         assert any(line.startswith(part) for line in printed), part
 
 
-@pytest.mark.parametrize("mode", ["grpo", "sdpo"])
-def test_its_losses_are_the_training_steps_on_the_same_batch(walk, mode):
+def test_the_advantage_and_divergence_it_shows_are_those_of_its_answer(walk, batch):
     result, _, _ = walk
-    model, tok = run_sequence.load_policy("lab")
-    task = lab.make_lab_task("math")
-    cfg = lab.lab_config(loss_mode=mode, prompts_per_step=4, group_size=8, warmup_steps=0,
-                         ppo_mini_batch_size=1 if mode == "grpo" else 0)
+    i, rewards = result["answer"], batch[5]
+    group = rewards[i - i % G:i - i % G + G]
+    assert result["advantage"] == pytest.approx((rewards[i] - group.mean()).item(), abs=1e-6)
+    assert result["divergence"] == pytest.approx(divergences(batch, i).tolist(), abs=2e-6)
+
+
+def test_its_sdpo_loss_is_the_mean_divergence_over_every_answer(walk, batch):
+    """One on-policy step (importance weight 1): the mean over the answers with a teacher of their
+    mean per-token divergence, divided by all N answers (micro1-token-mean)."""
+    per_answer = [divergences(batch, i) for i in range(PROMPTS * G)]
+    expected = sum(d.mean().item() for d in per_answer if d is not None) / (PROMPTS * G)
+    assert expected > 0
+    assert walk[0]["sdpo"]["loss"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_its_grpo_loss_is_four_clipped_steps_one_per_quarter_of_the_batch(walk, batch):
+    model, tok, cfg, ro, _, rewards = batch
     policy = copy.deepcopy(model).train()
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, fused=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    s.seed_everything(0, "walkthrough")               # the walkthrough's rollout, drawn again
-    metrics = s.train_step(policy, tok, s.Teacher(policy, cfg) if mode == "sdpo" else None,
-                           optimizer, scheduler, task, [task.train[i] for i in range(4)], cfg)
-    assert metrics["loss"] == pytest.approx(result[mode]["loss"], abs=1e-6)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
+    groups = rewards.view(-1, G)
+    advantages = (groups - groups.mean(1, keepdim=True)).flatten()
+    losses = []
+    for g in range(PROMPTS):                              # one prompt's group per mini-batch
+        rows = slice(g * G, (g + 1) * G)
+        logits = policy(**s.sequence_inputs(ro.prompt_ids[rows], ro.prompt_mask[rows],
+                                            ro.response_ids[rows], ro.response_mask[rows])
+                        ).logits[:, :-1]
+        logp = torch.log_softmax(logits, -1).gather(-1, ro.response_ids[rows, :, None])[..., 0]
+        ratio, A, mask = (logp - ro.old_logprobs[rows]).exp(), advantages[rows, None], \
+            ro.response_mask[rows]
+        per_token = torch.maximum(-A * ratio, -A * ratio.clamp(1 - 0.2, 1 + 0.28))
+        per_token = torch.where(A < 0, torch.minimum(per_token, -3.0 * A), per_token)
+        loss = ((per_token * mask).sum(1) / mask.sum(1)).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(0.0, abs=1e-5)      # on-policy: the centred advantages
+    assert walk[0]["grpo"]["loss"] == pytest.approx(sum(losses) / PROMPTS, abs=1e-6)
 
 
 def test_the_same_command_prints_the_same_trace(walk, tmp_path):
     _, printed, _ = walk
     again = []
-    walkthrough(prompts=4, group_size=8, out=tmp_path, echo=again.append)
+    walkthrough(prompts=PROMPTS, group_size=G, out=tmp_path, echo=again.append)
     assert again == printed
