@@ -115,11 +115,11 @@ FINDINGS = {
               "rises, then falls (an inverted U)",
         look="the held-out probes' accuracy during and after one stage"),
     "continual": dict(
-        methods="grpo,sdpo,sdpo_frozen", seeds="0,1,2",
+        methods="grpo,sdpo,sdpo_frozen", steps="paper", seeds="0,1,2",
         paper="SDPO accumulates forgetting across sequential domains; GRPO preserves more",
         look="forgetting and BWT, their paired differences and intervals"),
     "drift": dict(
-        methods="grpo,sdpo,sdpo_frozen", seeds="0,1,2",
+        methods="grpo,sdpo,sdpo_frozen", steps="paper", seeds="0,1,2",
         paper="denser supervision moves the model further, in parameters (relative L2, principal "
               "angles of the weight matrices) and in responses (KL, similarity to the base's)",
         look="the drift figure, and response KL against forgetting"),
@@ -182,6 +182,35 @@ def signal_check(model, tokenizer, task, cfg, teacher_lift=None) -> dict:
                                      with_demonstration=True)["accuracy"] - plain
     signal = {**rollout_signal(model, tokenizer, task, cfg), "teacher_lift": teacher_lift}
     return {**signal, "warnings": signal_warnings(signal)}
+
+
+@torch.no_grad()
+def teacher_departure(model, tokenizer, task, cfg, n_prompts=32) -> dict:
+    """Where the self-teacher pulls toward the demonstration's path rather than toward
+    correctness: on n_prompts training prompts, G samples each at the training temperature, every
+    right sample that has a teacher context (a right sibling as its demonstration, chosen as in
+    training) is scored by the model in that context; `departure` is the share of its answer
+    tokens where the teacher's most likely token is not the student's own (right) token.
+    `same_path` is the share of those samples whose demonstration is word for word the same
+    answer (where no departure is to be expected)."""
+    examples = [task.train[i] for i in range(min(n_prompts, len(task.train)))]
+    rollout, samples, rewards = sc.sample_rollout(model, tokenizer, task, examples, cfg)
+    contexts = sc.teacher_contexts([ex["prompt"] for ex in samples], rollout.completions,
+                                   rewards.tolist(), [None] * len(samples), cfg.group_size, cfg)
+    rows = [i for i, c in enumerate(contexts)
+            if c is not None and rewards[i] >= cfg.success_reward_threshold]
+    if not rows:
+        return {"departure": None, "same_path": None, "scored": 0}
+    texts = [sc.format_prompt(tokenizer, contexts[i]) for i in rows]
+    prompt_ids, prompt_mask = sc.tokenize_prompts(tokenizer, texts, model.device)
+    ids, mask = rollout.response_ids[rows], rollout.response_mask[rows]
+    top = sc.response_scores(model, prompt_ids, prompt_mask, ids, mask).argmax(-1)   # [R, T]
+    departed = ((top != ids).float() * mask).sum() / mask.sum()
+    G, done = cfg.group_size, rewards >= cfg.success_reward_threshold
+    demo = {i: next(j for j in range(i - i % G, i - i % G + G) if done[j] and not (
+        cfg.dont_reprompt_on_self_success and j == i)) for i in rows}   # as teacher_contexts
+    same = sum(rollout.completions[demo[i]] == rollout.completions[i] for i in rows)
+    return {"departure": departed.item(), "same_path": same / len(rows), "scored": len(rows)}
 
 
 # ================================================================================================

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -84,8 +85,8 @@ METHOD_HELP = {
     "grpo_multitask": "GRPO on all tasks mixed from the start",
 }
 
-DEFAULTS = dict(methods="grpo,sdpo", seeds="0", tasks=",".join(lab.LAB_SEQUENCE),
-                probes=",".join(lab.LAB_PROBES), steps=None, set=[])
+DEFAULTS = dict(methods="grpo,sdpo", seeds="0", tasks=",".join(lab.LABS["lab"].sequence),
+                probes=",".join(lab.LABS["lab"].probes), steps=None, set=[])
 
 
 def method_config(method, settings, overrides, make_config):
@@ -149,21 +150,25 @@ def build_parser():
         f"{k}: {v}" for k, v in METHOD_HELP.items()))
     ap.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2 (default 0)")
     ap.add_argument("--tasks", help="the training sequence, in order (default "
-                    f"{','.join(lab.LAB_SEQUENCE)}): lab families, gsm8k, or folders in the "
-                    "official SDPO layout")
+                    f"{','.join(lab.LABS['lab'].sequence)}): lab families, gsm8k, or folders in "
+                    "the official SDPO layout")
     ap.add_argument("--probes", help="held-out tasks, evaluated but never trained (default "
-                    f"{','.join(lab.LAB_PROBES)})")
+                    f"{','.join(lab.LABS['lab'].probes)})")
     ap.add_argument("--steps", default=None,
-                    help="rollout batches per task: one number, or one per task (e.g. "
-                         "50,50,50,20); default 15 on the lab, 50 on a real model")
-    ap.add_argument("--model", default="lab", help="'lab' (the built-in tiny model, default), a "
-                    "hub id, a local folder, or a .gguf file")
+                    help="rollout batches per task: one number, one per task (e.g. "
+                         "50,50,50,20), or 'paper': the paper's 50,50,50,20 (scaled by "
+                         f"{lab.LABS['lab'].paper_scale} on the lab); default "
+                         f"{','.join(map(str, lab.LABS['lab'].quick_steps))} on the lab, 50 on "
+                         "a real model")
+    ap.add_argument("--model", default="lab", help="'lab' (the built-in tiny model in the "
+                    "paper's regime, default), 'lab-short' (the first lab: answers of 2-4 "
+                    "tokens), a hub id, a local folder, or a .gguf file")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                     help="where to train: auto (default) runs the lab on the CPU, where it is "
                     "fastest, and a real model on CUDA when there is one")
-    ap.add_argument("--lab-steps", type=int, default=lab.LabRecipe.steps,
-                    help="pre-training steps of the lab base model (%(default)s; fewer for a "
-                    "smoke run: the base is cached per recipe)")
+    ap.add_argument("--lab-steps", type=int, default=None,
+                    help="pre-training steps of the lab base model (default: the shipped "
+                    "base's; fewer for a smoke run: the base is cached per recipe)")
     ap.add_argument("--name", help="run folder name under --out (default: quick, or the "
                     "finding's name)")
     ap.add_argument("--out", default="runs", help="parent folder of runs (%(default)s)")
@@ -182,27 +187,51 @@ def build_parser():
     return ap
 
 
-def load_task(name: str) -> sc.Task:
-    """A task by name: a lab family, `gsm8k` (from the hub), or a folder in the official SDPO
-    layout (train.json and test.json)."""
-    if name in lab.LAB_FAMILIES:
-        return lab.make_lab_task(name)
+def load_task(name: str, model: str = "lab") -> sc.Task:
+    """A task by name: a family of the lab `model` runs on (the trace lab's families for a real
+    model), `gsm8k` (from the hub), or a folder in the official SDPO layout (train.json and
+    test.json)."""
+    families = lab.LABS[model if model in lab.LABS else "lab"].families
+    if name in families:
+        return lab.make_lab_task(name, model if model in lab.LABS else "lab")
     if name == "gsm8k":
         return data.load_gsm8k()
     if Path(name).is_dir():
         return data.load_official_task(name)
     raise ValueError(f"unknown task {name!r}: allowed are the lab families "
-                     f"{', '.join(lab.LAB_FAMILIES)}, 'gsm8k', or a folder with train.json and "
+                     f"{', '.join(families)}, 'gsm8k', or a folder with train.json and "
                      f"test.json")
 
 
-def load_policy(name: str, device: str = "cpu", recipe: lab.LabRecipe | None = None):
-    """(model, tokenizer) for 'lab' (the shipped base, or one pre-trained from `recipe`), a hub
-    id, a local folder, or a .gguf file."""
-    if name == "lab":
-        model, tokenizer = lab.lab_base(recipe or lab.LabRecipe())
+def load_policy(name: str, device: str = "cpu", lab_steps: int | None = None):
+    """(model, tokenizer) for a lab (its shipped base, or one pre-trained for `lab_steps`
+    steps), a hub id, a local folder, or a .gguf file."""
+    if name in lab.LABS:
+        recipe = lab.LABS[name].recipe
+        if lab_steps is not None:
+            recipe = dataclasses.replace(recipe, steps=lab_steps)
+        model, tokenizer = lab.lab_base(recipe)
         return model.to(device), tokenizer
     return models.load_pretrained(name, device)
+
+
+def stage_steps(text, model, n_tasks) -> list:
+    """--steps: one number, one per task, or 'paper' (the paper's 50,50,50,20, scaled on a lab);
+    by default the lab's quick stages, or the official 50 per task on a real model."""
+    spec = lab.LABS.get(model)
+    if text == "paper":
+        if n_tasks != len(lab.PAPER_STEPS):
+            raise ValueError(f"--steps paper: the paper's stages are for {len(lab.PAPER_STEPS)} "
+                             f"tasks (math, science, tool, code), this sequence has {n_tasks}")
+        return [max(1, round(n * (spec.paper_scale if spec else 1.0))) for n in lab.PAPER_STEPS]
+    if text is None:
+        quick = list(spec.quick_steps) if spec else [sc.Config().steps_per_task]
+        return quick if len(quick) == n_tasks else [quick[0]] * n_tasks
+    steps = parse_list("--steps", text, int)
+    if len(steps) not in (1, n_tasks) or min(steps) < 1:
+        raise ValueError(f"--steps {text!r}: give one positive number, one per task ({n_tasks} "
+                         f"tasks), or 'paper'")
+    return steps * n_tasks if len(steps) == 1 else steps
 
 
 @dataclass
@@ -231,13 +260,10 @@ def plan_configs(args, names):
         raise ValueError(f"--methods {args.methods!r}: unknown {unknown}; allowed: "
                          f"{', '.join(METHODS)}")
     seeds = parse_list("--seeds", args.seeds, int)
-    # the lab has its scaled-down settings; a real model starts from the official ones
-    make_config = lab.lab_config if args.model == "lab" else sc.Config
-    steps = parse_list("--steps", args.steps or str(make_config().steps_per_task), int)
-    if len(steps) not in (1, len(names)) or min(steps) < 1:
-        raise ValueError(f"--steps {args.steps!r}: give one positive number or one per task "
-                         f"({len(names)} tasks)")
-    steps = steps * len(names) if len(steps) == 1 else steps
+    # a lab has its scaled-down settings; a real model starts from the official ones
+    make_config = (functools.partial(lab.lab_config, args.model) if args.model in lab.LABS
+                   else sc.Config)
+    steps = stage_steps(args.steps, args.model, len(names))
     sets = parse_sets(args.set)
     configs = {(m, s): method_config(m, {**sets, "seed": s, "steps_per_task": steps[0]}, sets,
                                      make_config)
@@ -252,8 +278,8 @@ def plan_run(args) -> RunPlan | None:
     names = parse_list("--tasks", args.tasks)
     probe_names = parse_list("--probes", args.probes, allow_empty=True)
     methods, seeds, steps, configs, sets = plan_configs(args, names)
-    tasks = [load_task(n) for n in names]
-    probes = [load_task(n) for n in probe_names if n not in names]
+    tasks = [load_task(n, args.model) for n in names]
+    probes = [load_task(n, args.model) for n in probe_names if n not in names]
     if args.export_verl_data:
         for path in verl.export_verl_data(tasks + probes, args.export_verl_data):
             print(f"wrote {path}")
@@ -262,7 +288,7 @@ def plan_run(args) -> RunPlan | None:
     if args.print_verl or args.export_verl_data:
         return None
     device = models.resolve_device(args.device, args.model)
-    base, tokenizer = load_policy(args.model, device, lab.LabRecipe(steps=args.lab_steps))
+    base, tokenizer = load_policy(args.model, device, args.lab_steps)
     cfg = next(iter(configs.values()))
     any_sdpo = any(c.loss_mode == "sdpo" for c in configs.values())
     for i, task in enumerate(tasks + probes):

@@ -1,6 +1,7 @@
 """Everything around the methods of sdpo_cl.py, one concern per module:
 
-    lab.py          the built-in lab: task families, tokenizer, model, the shipped base, its recipe
+    lab.py          the built-in labs: tokenizer, model, the shipped bases, their recipes, settings
+    lab_families.py the labs' task families: generators, solutions and habits, rewards
     data.py         the paper's data: the official layout, the official rewards by kind, GSM8K
     sandbox.py      running model-written code for the code reward
     models.py       loading models (hub id, folder, GGUF), offline checks, prompts that do not fit

@@ -1,10 +1,15 @@
-"""The built-in lab: a tiny model, synthetic task families and a shipped base model, so that the
-default experiment runs offline on a CPU in minutes and measures forgetting.
+"""The built-in labs: a tiny Llama with a character tokenizer that is a real transformers tokenizer,
+synthetic task families (harness/lab_families.py) and a base model pre-trained on them and shipped
+as a file, so that the experiment runs offline on a CPU in minutes and measures forgetting.
 
-Four trained families mirror the paper's Math -> Science -> ToolUse -> Code sequence; two held-out
-probes share a format or a content with them (the out-of-distribution columns), and one family
-with a short worked solution serves the chain-of-thought finding. docs/lab.md reports the lab's
-measured properties.
+Two labs, each with its own families, settings and shipped base (docs/lab.md has both):
+
+    lab        the paper's regime (the default): answers with a reasoning trace (about 26 tokens)
+               and a final answer in the family's wrapper, several valid traces per prompt, a
+               self-teacher that follows a demonstration only part of the time; stages in the
+               paper's proportions (50/50/50/20 batches, scaled)
+    lab-short  the regime where SDPO's targets are reliable: answers of 2-4 tokens, a teacher
+               right every time with a demonstration, 15-batch stages (the first instrument)
 """
 from __future__ import annotations
 
@@ -22,211 +27,110 @@ import torch
 from tqdm.auto import tqdm
 
 from sdpo_cl import Config, Task, base_row, format_prompt, pad_cat, teacher_prompt
-from harness.data import mcq_reward, normalize
+from harness import lab_families
 from harness.models import cache_dir
 from harness.runs import atomic_write
 
-
-# --- Families and their rewards ----------------------------------------------------------------
-
-
-def first_number(text: str) -> int | None:
-    m = re.search(r"-?\d+", text)
-    return int(m.group()) if m else None
-
-
-def number_reward(completion: str, example: dict) -> float:
-    return float(first_number(completion) == int(example["answer"]))
-
-
-def number_feedback(completion: str, example: dict) -> str | None:
-    guess, gold = first_number(completion), int(example["answer"])
-    if guess is None:
-        return "Your answer contains no number."
-    if guess == gold:
-        return None
-    return f"Your answer {guess} is too {'small' if guess < gold else 'large'}."
-
-
-def exact_reward(completion: str, example: dict) -> float:
-    return float(normalize(completion) == normalize(example["answer"]))
-
-
-def tool_feedback(completion: str, example: dict) -> str | None:
-    """Names the first wrong argument of a call `name(a,b,c)`, never its right value."""
-    got = re.fullmatch(r"\s*(\w+)\(([^()]*)\)\s*", completion)
-    want = re.fullmatch(r"(\w+)\(([^()]*)\)", example["answer"])
-    if got is None:
-        return "Your answer is not a call of the form name(arg,arg,arg)."
-    if got.group(1) != want.group(1):
-        return f"Unknown tool '{got.group(1)}'."
-    got_args, want_args = got.group(2).split(","), want.group(2).split(",")
-    if len(got_args) != len(want_args):
-        return f"The call has {len(got_args)} arguments; the tool takes {len(want_args)}."
-    for i, (g, w) in enumerate(zip(got_args, want_args)):
-        if g.strip() != w:
-            return f"Argument {i + 1} ('{g.strip()}') is wrong."
-    return None
-
-
-def string_feedback(completion: str, example: dict) -> str | None:
-    """Like a failing unit test: the first wrong position, not the expected output."""
-    got, want = completion.strip(), example["answer"]
-    if got == want:
-        return None
-    if len(got) != len(want):
-        return f"Test failed: the output has {len(got)} characters, expected {len(want)}."
-    i = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
-    return f"Test failed: the output is wrong at position {i + 1}."
-
-
-def final_answer_reward(completion: str, example: dict) -> float:
-    """A worked answer `... #12` is right iff the number after the last '#' is right."""
-    return float(first_number(completion.split("#")[-1]) == first_number(
-        example["answer"].split("#")[-1]) and "#" in completion)
-
-
-# --- The lab's synthetic task families ----------------------------------------------------------
-# Four trained domains mirror the paper's Math -> Science -> ToolUse -> Code sequence; two held-out
-# probes share a format or a content with them (the out-of-distribution columns), and one family
-# with a short worked solution serves the chain-of-thought finding. Each family is a generator
-# `make(rng) -> {"prompt", "answer", "habit"}` with a reward and, where natural, rich feedback.
-# `habit` is a plausible wrong answer made by a systematic slip (an off-by-one sum, the first
-# option, the arguments in prompt order, the string left unreversed). The base model is
-# pre-trained on the habit in half of the plain examples of every family, so that, like a real base
-# model, it holds a right and a wrong behaviour side by side and samples both: RL and self-
-# distillation then have something to select, which missing skills would not give them in a few
-# dozen steps. Every family's skill itself is small enough for the tiny model to master, so the
-# choice between the two behaviours, not the skill, is what a stage can change.
-
-NAMES = ("ann", "bob", "cai", "dan", "eve", "fay")
-DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
-
-
-def make_math(rng):                       # Math: single-digit addition
-    a, b = rng.randrange(10), rng.randrange(10)
-    return {"prompt": f"{a}+{b}=", "answer": str(a + b), "habit": str(a + b + 1)}
-
-
-def _mcq(rng, question, right, wrong):
-    """The question, then the options; the answer is the chosen option inside <answer> tags (the
-    official multiple-choice format, with the option itself where the official data has its
-    letter: a model this small does not learn to map an option to its letter within the lab's
-    budget). The right option is never the first one; the habit answers the first one."""
-    options = list(wrong)
-    options.insert(rng.randrange(1, len(options) + 1), right)
-    return {"prompt": f"{question} " + " ".join(map(str, options)),
-            "answer": f"<answer>{right}</answer>", "habit": f"<answer>{options[0]}</answer>"}
-
-
-def make_science(rng):                    # Science: multiple choice with an <answer> tag
-    want_even = rng.random() < 0.5        # the one even digit among odd ones, or the reverse
-    right = rng.choice([d for d in range(10) if (d % 2 == 0) == want_even])
-    wrong = rng.sample([d for d in range(10) if (d % 2 == 0) != want_even], 3)
-    return _mcq(rng, "even?" if want_even else "odd?", right, wrong)
-
-
-def make_tool(rng):                       # ToolUse: arguments in any order -> a canonical call
-    to, at, on = rng.choice(NAMES), rng.randrange(1, 13), rng.choice(DAYS)
-    canonical = [f"to {to}", f"at {at}", f"on {on}"]
-    parts = list(canonical)
-    while parts == canonical:             # never the canonical order: the habit is always wrong
-        rng.shuffle(parts)
-    return {"prompt": "send " + " ".join(parts), "answer": f"send({to},{at},{on})",
-            "habit": "send(" + ",".join(p.split(" ")[1] for p in parts) + ")"}
-
-
-def make_code(rng):                       # Code: a string program, checked by its output
-    s = ""
-    while s == s[::-1]:                   # no palindromes: the habit must be wrong
-        s = "".join(rng.choice("abcdefgh") for _ in range(rng.randrange(3, 5)))
-    return {"prompt": f"rev({s})", "answer": s[::-1], "habit": s}
-
-
-def make_mcq_math(rng):                   # probe: Science's format with Math's content
-    a, b = rng.randrange(10), rng.randrange(10)
-    return _mcq(rng, f"{a}+{b}?", a + b, rng.sample([v for v in range(19) if v != a + b], 3))
-
-
-def make_math_words(rng):                 # probe: Math's content in words
-    a, b = rng.randrange(10), rng.randrange(10)
-    return {"prompt": f"add {a} and {b}", "answer": str(a + b), "habit": str(a + b + 1)}
-
-
-def make_math_cot(rng):                   # chain of thought: three numbers, a worked solution
-    a, b, c = rng.randrange(10), rng.randrange(10), rng.randrange(10)
-    ab, abc = a + b, a + b + c
-    return {"prompt": f"{a}+{b}+{c}=", "answer": f"{a}+{b}={ab},{ab}+{c}={abc}#{abc}",
-            "habit": f"{a}+{b}={a + b + 1},{a + b + 1}+{c}={a + b + c + 1}#{a + b + c + 1}"}
-
-
-LAB_FAMILIES = {
-    # name: (generator, reward, feedback, max_new_tokens)
-    "math": (make_math, number_reward, number_feedback, 4),
-    "science": (make_science, mcq_reward, None, 5),
-    "tool": (make_tool, exact_reward, tool_feedback, 20),
-    "code": (make_code, exact_reward, string_feedback, 8),
-    "mcq_math": (make_mcq_math, mcq_reward, None, 5),
-    "math_words": (make_math_words, number_reward, number_feedback, 4),
-    "math_cot": (make_math_cot, final_answer_reward, None, 22),
-}
-LAB_FORMATS = {   # an answer of the family's form, right or wrong (the format-artifact measure)
-    "math": r"\d+", "science": r"<answer>\d+</answer>", "tool": r"send\(\w+,\w+,\w+\)",
-    "code": r"[a-h]+", "mcq_math": r"<answer>\d+</answer>", "math_words": r"\d+",
-    "math_cot": r"\d+\+\d+=\d+,\d+\+\d+=\d+#\d+"}
-LAB_SEQUENCE = ("math", "science", "tool", "code")
-LAB_PROBES = ("mcq_math", "math_words")
-
-
-def make_lab_task(name: str, n_train: int = 2000, n_test: int = 100, seed: int = 0) -> Task:
-    """Draw a family's train and test sets independently from its generator (test prompts are
-    unique). A family is a skill drill: the small ones (math has 100 distinct prompts) repeat
-    their test prompts in training, the large ones (tool, code) mostly do not."""
-    make, reward, feedback, max_new = LAB_FAMILIES[name]
-    rng = random.Random(f"{name}-{seed}")
-    test = {}
-    for _ in range(100 * n_test):
-        if len(test) == n_test:
-            break
-        ex = make(rng)
-        test.setdefault(ex["prompt"], ex)
-    train = [make(rng) for _ in range(n_train)]
-    from datasets import Dataset
-    form = re.compile(LAB_FORMATS[name])
-    return Task(name, Dataset.from_list(train), Dataset.from_list(list(test.values())),
-                reward, feedback, max_new,
-                well_formed=lambda completion, _: form.fullmatch(completion.strip()) is not None)
-
-
-# --- The tokenizer, the model and the base -----------------------------------------------------
-
-
-LAB_CHAT_TEMPLATE = (
+HERE = Path(__file__).resolve().parent
+CHAT_TEMPLATE = (
     "{% for m in messages %}"
     "{% if m['role'] == 'system' %}<|system|>{{ m['content'] }}"
     "{% elif m['role'] == 'user' %}<|user|>{{ m['content'] }}"
     "{% else %}<|assistant|>{{ m['content'] }}<|end|>{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-LAB_SPECIAL_TOKENS = ("<pad>", "<unk>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>")
-LAB_WORD_TOKENS = ("<answer>", "</answer>")   # plain text, but one token each (as in most LLMs)
+SPECIAL_TOKENS = ("<pad>", "<unk>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>")
+PAPER_STEPS = (50, 50, 50, 20)      # the paper's stages: math, science, tool use, code
 
 
-def build_lab_tokenizer():
+@dataclass(frozen=True)
+class LabRecipe:
+    """How a lab's base model is made: supervised pre-training on a mixture of its families. A
+    plain example's target is the family's habit with probability `habit_fraction`, else a right
+    solution; `reprompt_fraction` of the batches are in the SDPO teacher's format (a right
+    solution as the demonstration in context), where the target is the demonstration with
+    probability `copy_fraction` and the model's own behaviour otherwise (right, by another path,
+    or the habit): the self-teacher then uses a demonstration as an instruction-tuned LLM does,
+    often but not always."""
+    lab: str = "lab"
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 2e-3
+    reprompt_fraction: float = 0.3
+    habit_fraction: float = 0.5
+    copy_fraction: float = 0.55
+    seed: int = 0
+
+    def key(self) -> str:
+        blob = json.dumps(dataclasses.asdict(self), sort_keys=True) + LABS[self.lab].version
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class Lab:
+    """One lab: its families, the order they are trained in, the held-out probes, the words its
+    tokenizer keeps whole, its base's recipe and shipped file (with what was recorded when the
+    file was written), its settings (lab_config) and its stage lengths."""
+    families: dict
+    sequence: tuple
+    probes: tuple
+    word_tokens: tuple
+    recipe: LabRecipe
+    base_file: Path
+    base_sha256: str
+    base_accuracy: dict
+    settings: dict
+    quick_steps: tuple            # the default run's stages
+    paper_scale: float            # --steps paper: PAPER_STEPS times this
+    version: str                  # bump when the tokenizer, model or families change
+
+
+LABS = {
+    "lab": Lab(
+        lab_families.TRACES, ("math", "science", "tool", "code"), ("mcq_math", "math_words"),
+        ("<answer>", "</answer>", "\\boxed{", "```", "<think>", "</think>"), LabRecipe(),
+        HERE / "lab_base.safetensors",
+        # written by write_lab_base("lab") (963 s on 2 cores of an AMD EPYC, AVX2 only); the
+        # accuracies as base_row() measures them (100 test prompts x 4 samples at T 0.6, seeded)
+        "ad198c00e61d7512386ff566523445d4bcdb63731bb7bd90ef971f04aafb9085",
+        {"math": 0.5725, "science": 0.4975, "tool": 0.24, "code": 0.3375, "mcq_math": 0.495,
+         "math_words": 0.5125},
+        dict(prompts_per_step=32, group_size=8, max_new_tokens=48, lr=1e-4, warmup_steps=2,
+             distillation_topk=20, steps_per_task=10, eval_examples=100, eval_samples=4,
+             answer_marker="</think>"),
+        (10, 10, 10, 4), 0.5, "trace-1"),
+    "lab-short": Lab(
+        lab_families.SHORT, ("math", "science", "tool", "code"), ("mcq_math", "math_words"),
+        ("<answer>", "</answer>"),
+        LabRecipe(lab="lab-short", steps=1500, copy_fraction=1.0),
+        HERE / "lab_short_base.safetensors",
+        # written by write_lab_base("lab-short") (454 s on 2 cores of an AMD EPYC, AVX2 only)
+        "502496388d0c8fc76dec7f687cc0a593e81c07fe45748aa325591f2e8d269033",
+        {"math": 0.4575, "science": 0.395, "tool": 0.45, "code": 0.4375, "mcq_math": 0.23,
+         "math_words": 0.5475},
+        dict(prompts_per_step=32, group_size=8, max_new_tokens=24, lr=3e-4, warmup_steps=2,
+             distillation_topk=20, steps_per_task=15, eval_examples=100, eval_samples=4),
+        (15, 15, 15, 15), 0.3, "4"),
+}
+
+
+def build_lab_tokenizer(lab: str = "lab"):
     """A character-level tokenizer that is a real transformers tokenizer (chat template, pad and
-    eos tokens, save_pretrained), so the lab runs through exactly the code path of a hub model."""
+    eos tokens, save_pretrained), so the lab runs through exactly the code path of a hub model.
+    The lab's word tokens (<answer>, \\boxed{, ```) are one token each, as in most LLMs."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
+    words = LABS[lab].word_tokens
     chars = [c for c in string.printable if c not in "\t\r\x0b\x0c"]   # 95 printable + "\n"
-    vocab = {tok: i for i, tok in enumerate(LAB_SPECIAL_TOKENS + LAB_WORD_TOKENS + tuple(chars))}
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + words + tuple(chars))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    tok.add_special_tokens(list(LAB_SPECIAL_TOKENS))
-    tok.add_tokens([AddedToken(w, normalized=False) for w in LAB_WORD_TOKENS])
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    tok.add_tokens([AddedToken(w, normalized=False) for w in words])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
-                                   eos_token="<|end|>", chat_template=LAB_CHAT_TEMPLATE)
+                                   eos_token="<|end|>", chat_template=CHAT_TEMPLATE)
 
 
 def build_lab_model(tokenizer, seed: int = 0):
@@ -243,44 +147,48 @@ def build_lab_model(tokenizer, seed: int = 0):
     return LlamaForCausalLM(cfg)
 
 
-@dataclass
-class LabRecipe:
-    """How the lab's base model is made: supervised pre-training on a mixture of every lab family.
-    In plain examples the target is the family's habit with probability `habit_fraction`, else
-    the right answer; a `reprompt_fraction` of the batches are in the SDPO teacher's format (the
-    gold answer as a demonstration in context), so the self-teacher can use a demonstration the
-    way an instruction-tuned LLM does."""
-    families: tuple = tuple(LAB_FAMILIES)
-    steps: int = 1500
-    batch_size: int = 64
-    lr: float = 2e-3
-    reprompt_fraction: float = 0.3
-    habit_fraction: float = 0.5
-    seed: int = 0
+def make_lab_task(name: str, lab: str = "lab", n_train: int = 2000, n_test: int = 100,
+                  seed: int = 0) -> Task:
+    """Draw a family's train and test sets independently from its generator (test prompts are
+    unique). A family is a skill drill: the small ones repeat their test prompts in training,
+    the large ones mostly do not."""
+    if name not in LABS[lab].families:
+        raise ValueError(f"unknown {lab} family {name!r}: allowed are "
+                         f"{', '.join(LABS[lab].families)}")
+    family = LABS[lab].families[name]
+    rng = random.Random(f"{name}-{seed}")
+    test = {}
+    for _ in range(100 * n_test):
+        if len(test) == n_test:
+            break
+        ex = family.make(rng)
+        test.setdefault(ex["prompt"], ex)
+    train = [family.make(rng) for _ in range(n_train)]
+    from datasets import Dataset
+    form = re.compile(family.form)
+    return Task(name, Dataset.from_list(train), Dataset.from_list(list(test.values())),
+                family.reward, family.feedback, family.max_new_tokens,
+                well_formed=lambda completion, _: form.fullmatch(completion.strip()) is not None)
 
-    def key(self) -> str:
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True) + LAB_VERSION
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
-
-LAB_VERSION = "4"   # bump when the lab's tokenizer, model or families change
-
-
-def lab_pretraining_batch(tokenizer, tasks, rng, recipe):
-    """A right-padded batch of (chat prompt, answer + EOS); loss only on the answer tokens.
+def pretraining_batch(tokenizer, families, tasks, rng, recipe):
+    """A right-padded batch of (chat prompt, target + EOS); loss only on the target tokens.
     A batch is either all plain or all re-prompt format: mixing them would pad every short row
     to the long re-prompt length and double the cost of a step."""
     rows = []
     reprompt = rng.random() < recipe.reprompt_fraction
     cfg = Config()                                     # the official teacher templates
     for _ in range(recipe.batch_size):
-        task = tasks[rng.randrange(len(tasks))]
-        ex = task.train[rng.randrange(len(task.train))]
-        prompt, target = ex["prompt"], ex["answer"]
+        k = rng.randrange(len(tasks))
+        family, ex = families[k], tasks[k].train[rng.randrange(len(tasks[k].train))]
+        prompt = ex["prompt"]
         if reprompt:                                   # the teacher's view: a demo in context
-            prompt = teacher_prompt(prompt, cfg, demonstration=ex["answer"])
-        elif rng.random() < recipe.habit_fraction:
-            target = ex["habit"]                       # the wrong habit the base also learns
+            demo = family.solve(ex, rng, False)
+            prompt = teacher_prompt(prompt, cfg, demonstration=demo)
+        if reprompt and (recipe.copy_fraction >= 1 or rng.random() < recipe.copy_fraction):
+            target = demo
+        else:                                          # its own: right, or the habit
+            target = family.solve(ex, rng, rng.random() < recipe.habit_fraction)
         p = tokenizer(format_prompt(tokenizer, prompt), add_special_tokens=False).input_ids
         a = tokenizer(target, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
         rows.append((p, a))
@@ -290,22 +198,24 @@ def lab_pretraining_batch(tokenizer, tasks, rng, recipe):
 
 
 def pretrain_lab_base(recipe: LabRecipe, verbose: bool = True):
-    """Run the recipe: a fresh lab model pre-trained on the family mixture. Deterministic for a
-    given machine; another CPU rounds differently and gets a slightly different model, which is
-    why the default base is shipped as a file rather than rebuilt (see `lab_base`)."""
-    tokenizer = build_lab_tokenizer()
+    """Run the recipe: a fresh lab model pre-trained on its lab's family mixture (every family,
+    probes included). Deterministic for a given machine; another CPU rounds differently and gets
+    a slightly different model, which is why the default bases are shipped as files."""
+    families = LABS[recipe.lab].families
+    tokenizer = build_lab_tokenizer(recipe.lab)
     model = build_lab_model(tokenizer, recipe.seed)
-    tasks = [make_lab_task(name) for name in recipe.families]
+    tasks = [make_lab_task(name, recipe.lab) for name in families]
     rng = random.Random(recipe.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(   # 5% warm-up, then cosine to 10%
         opt, lambda s: min(1.0, (s + 1) / (0.05 * recipe.steps))
         * (0.55 + 0.45 * math.cos(math.pi * s / recipe.steps)))
     model.train()
-    bar = tqdm(range(recipe.steps), desc="pre-training a lab base model",
+    bar = tqdm(range(recipe.steps), desc=f"pre-training a {recipe.lab} base model",
                disable=None if verbose else True)
     for _ in bar:
-        ids, labels, attn = lab_pretraining_batch(tokenizer, tasks, rng, recipe)
+        ids, labels, attn = pretraining_batch(tokenizer, list(families.values()), tasks, rng,
+                                              recipe)
         loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
         opt.zero_grad()
         loss.backward()
@@ -316,76 +226,69 @@ def pretrain_lab_base(recipe: LabRecipe, verbose: bool = True):
     return model.eval(), tokenizer
 
 
-LAB_BASE_FILE = Path(__file__).resolve().with_name("lab_base.safetensors")
-# Recorded when the shipped file was written by write_lab_base() (pre-training took 454 s on 2
-# cores of an AMD EPYC with AVX2 only): its SHA-256, and its accuracy on each family as
-# sdpo_cl.base_row() measures it (100 test prompts x 4 samples at temperature 0.6, seeded).
-LAB_BASE_SHA256 = "502496388d0c8fc76dec7f687cc0a593e81c07fe45748aa325591f2e8d269033"
-LAB_BASE_ACCURACY = {"math": 0.4575, "science": 0.395, "tool": 0.45, "code": 0.4375,
-                     "mcq_math": 0.23, "math_words": 0.5475}
-
-
 def save_lab_weights(model, path: Path, recipe: LabRecipe):
     """The weights (the tied output matrix once) and the recipe, in one safetensors file."""
     from safetensors.torch import save_file
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={
-        "recipe": json.dumps(dataclasses.asdict(recipe)), "lab_version": LAB_VERSION}))
+        "recipe": json.dumps(dataclasses.asdict(recipe)),
+        "lab_version": LABS[recipe.lab].version}))
 
 
-def load_lab_weights(path: Path):
-    """(model, tokenizer, recipe dict) from a file written by save_lab_weights."""
+def load_lab_weights(path: Path, lab: str):
+    """(model, tokenizer) from a file written by save_lab_weights for `lab`."""
     from safetensors import safe_open
     from safetensors.torch import load_file
     with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
-    tokenizer = build_lab_tokenizer()
+        version = f.metadata().get("lab_version")
+    if version != LABS[lab].version:
+        raise ValueError(f"{path} holds a lab base of version {version!r}; this code's {lab} "
+                         f"is version {LABS[lab].version!r}")
+    tokenizer = build_lab_tokenizer(lab)
     model = build_lab_model(tokenizer)
     missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
     if unexpected or set(missing) - {"lm_head.weight"}:
-        raise ValueError(f"{path} does not hold lab weights of this version (missing {missing}, "
-                         f"unexpected {unexpected})")
+        raise ValueError(f"{path} does not hold {lab} weights (missing {missing}, unexpected "
+                         f"{unexpected})")
     model.tie_weights()
-    return model.eval(), tokenizer, json.loads(meta["recipe"]) | {"version": meta["lab_version"]}
+    return model.eval(), tokenizer
 
 
-def write_lab_base(path: Path = LAB_BASE_FILE) -> dict:
-    """Rebuild the shipped base from the default recipe; returns what to record above. Run it
-    only when the lab itself changes (then bump LAB_VERSION): another machine rounds
-    differently, so its file, hash and accuracies will differ a little from the shipped ones."""
-    model, tokenizer = pretrain_lab_base(LabRecipe())
-    save_lab_weights(model, path, LabRecipe())
-    tasks = [make_lab_task(name) for name in LAB_SEQUENCE + LAB_PROBES]
-    record = base_row(model, tokenizer, tasks, lab_config())["record"]
-    return {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+def lab_config(lab: str = "lab", **overrides) -> Config:
+    """The official settings scaled down to a lab (Lab.settings): the paper's 32 prompts x 8
+    rollouts, a learning rate for a 0.45M-parameter model, a short warm-up, a generation budget
+    for the lab's answers, top-20 distillation (the vocabulary has about 110 tokens, so top-100
+    would be all of it), and 100 test prompts x 4 samples per evaluation. Everything else
+    stays official."""
+    return Config(**{**LABS[lab].settings, **overrides})
+
+
+def write_lab_base(lab: str = "lab") -> dict:
+    """Rebuild a lab's shipped base from its recipe; returns what to record in LABS. Run it only
+    when the lab itself changes (then bump its version): another machine rounds differently, so
+    its file, hash and accuracies will differ a little from the shipped ones."""
+    spec = LABS[lab]
+    model, _ = pretrain_lab_base(spec.recipe)
+    save_lab_weights(model, spec.base_file, spec.recipe)
+    model, tokenizer = load_lab_weights(spec.base_file, lab)          # as runs will see it
+    tasks = [make_lab_task(name, lab) for name in spec.sequence + spec.probes]
+    record = base_row(model, tokenizer, tasks, lab_config(lab))["record"]
+    return {"sha256": hashlib.sha256(spec.base_file.read_bytes()).hexdigest(),
             "accuracy": {k: round(v, 4) for k, v in record["accuracy"].items()}}
 
 
-def lab_base(recipe: LabRecipe = LabRecipe(), verbose: bool = True):
-    """The lab's base model. The default recipe loads the file shipped with the code, so every
-    machine starts from the same weights: the lab's greedy choices between a right answer and a
-    habit sit close together, and a rebuild on another CPU (other float rounding) would move
-    them. Any other recipe is pre-trained once and cached on disk, keyed by the recipe."""
-    if recipe == LabRecipe() and LAB_BASE_FILE.exists():
-        model, tokenizer, _ = load_lab_weights(LAB_BASE_FILE)
-        return model, tokenizer
-    path = cache_dir() / f"lab-{recipe.key()}.safetensors"
-    if path.exists():
-        model, tokenizer, _ = load_lab_weights(path)
-        return model, tokenizer
-    model, tokenizer = pretrain_lab_base(recipe, verbose)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_lab_weights(model, path, recipe)
-    return model, tokenizer
-
-
-def lab_config(**overrides) -> Config:
-    """The official settings scaled down to the tiny lab: the paper's 32 prompts x 8 rollouts, a
-    learning rate for a 0.45M-parameter model (3e-4), a short warm-up, 15 steps per task, short
-    answers, top-20 distillation (the vocabulary has 104 tokens, so top-100 would be all of it),
-    and 100 test prompts x 4 samples per evaluation. Everything else stays official."""
-    settings = dict(prompts_per_step=32, group_size=8, max_new_tokens=24, lr=3e-4,
-                    warmup_steps=2, distillation_topk=20, steps_per_task=15, eval_examples=100,
-                    eval_samples=4)
-    settings.update(overrides)
-    return Config(**settings)
+def lab_base(recipe: LabRecipe | str = "lab", verbose: bool = True):
+    """A lab's base model: its default recipe loads the file shipped with the code, so every
+    machine starts from the same weights (a rebuild on another CPU, other float rounding, would
+    move the lab's close choices between a right answer and a habit). Any other recipe is
+    pre-trained once and cached on disk, keyed by the recipe."""
+    recipe = LABS[recipe].recipe if isinstance(recipe, str) else recipe
+    spec = LABS[recipe.lab]
+    if recipe == spec.recipe and spec.base_file.exists():
+        return load_lab_weights(spec.base_file, recipe.lab)
+    path = cache_dir() / f"{recipe.lab}-{recipe.key()}.safetensors"
+    if not path.exists():
+        model, _ = pretrain_lab_base(recipe, verbose)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_lab_weights(model, path, recipe)
+    return load_lab_weights(path, recipe.lab)

@@ -7,7 +7,9 @@ import dataclasses
 from pathlib import Path
 
 import sdpo_cl as sc
-from harness.lab import LAB_FAMILIES
+from harness.lab import LABS
+
+LAB_NAMES = {name for spec in LABS.values() for name in spec.families}
 
 VERL_KEYS = {   # this project's Config fields -> the official verl override keys
     "prompts_per_step": "data.train_batch_size",
@@ -124,7 +126,7 @@ def export_verl_data(tasks, out_dir) -> list:
         for split, data in (("train", task.train), ("test", task.test)):
             rows = []
             for i, ex in enumerate(data):
-                kind = ex.get("kind") or ("lab" if task.name in LAB_FAMILIES else "")
+                kind = ex.get("kind") or ("lab" if task.name in LAB_NAMES else "")
                 messages = ([{"role": "system", "content": ex["system"]}]
                             if ex.get("system") else []) + [{"role": "user",
                                                              "content": ex["prompt"]}]

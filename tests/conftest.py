@@ -4,6 +4,7 @@ tiny lab base and a random lab model, each loaded once; a reward that mixes ever
 the model samples; a small rollout batch of a model with its loss targets; flat parameters and
 gradients."""
 import contextlib
+import dataclasses
 import io
 import itertools
 import json
@@ -33,8 +34,8 @@ def private_cache(tmp_path_factory):
 # --- The command line of a tiny run ---------------------------------------------------------------
 
 TINY_LAB_STEPS = 10      # pre-training steps of the tiny lab base (`--lab-steps`); one per session
-TINY_FLAGS = {"tasks": "math", "probes": "", "steps": "1", "lab_steps": str(TINY_LAB_STEPS),
-              "methods": "grpo"}
+TINY_FLAGS = {"model": "lab-short", "tasks": "math", "probes": "", "steps": "1",
+              "lab_steps": str(TINY_LAB_STEPS), "methods": "grpo"}
 TINY_SETS = ("prompts_per_step=4", "eval_examples=4")
 
 
@@ -102,8 +103,15 @@ def official_task(tmp_path):
 
 @pytest.fixture(scope="session")
 def shipped_lab():
-    """(model, tokenizer): the shipped lab base, loaded once. Tests that train deep-copy it."""
+    """(model, tokenizer): the shipped base of the lab in the paper's regime, loaded once."""
     return run_sequence.load_policy("lab")
+
+
+@pytest.fixture(scope="session")
+def short_lab():
+    """(model, tokenizer): the shipped lab-short base (answers of 2-4 tokens: the cheap model the
+    mechanics are tested on), loaded once. Tests that train deep-copy it."""
+    return run_sequence.load_policy("lab-short")
 
 
 @pytest.fixture(scope="session")
@@ -111,7 +119,8 @@ def tiny_base():
     """(model, tokenizer): a lab base pre-trained for TINY_LAB_STEPS steps on this machine, the
     one that tiny_argv()'s --lab-steps loads from the session's cache. What it samples differs
     from CPU to CPU: tests on it assert properties, never what it answers."""
-    return lab.lab_base(lab.LabRecipe(steps=TINY_LAB_STEPS), verbose=False)
+    recipe = dataclasses.replace(lab.LABS["lab-short"].recipe, steps=TINY_LAB_STEPS)
+    return lab.lab_base(recipe, verbose=False)
 
 
 @pytest.fixture(scope="session")

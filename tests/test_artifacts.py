@@ -9,15 +9,8 @@ import eval_forgetting
 from harness import data, lab
 
 
-@pytest.mark.parametrize("family", list(lab.LAB_FAMILIES))
-def test_every_lab_answer_and_habit_is_well_formed(family):
-    task = lab.make_lab_task(family, n_train=50, n_test=5)
-    assert all(task.well_formed(ex["answer"], ex) and task.well_formed(ex["habit"], ex)
-               for ex in task.train)
-
-
 def test_a_tag_leaked_into_a_tool_call_is_malformed():
-    tool = lab.make_lab_task("tool", n_train=5, n_test=5)
+    tool = lab.make_lab_task("tool", "lab-short", n_train=5, n_test=5)
     assert tool.well_formed("send(dan,10,sun)", {})
     assert not tool.well_formed("send(dan,10,<answer>10</answer>", {})
 

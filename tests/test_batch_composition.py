@@ -17,7 +17,7 @@ def task(name, n=40, budget=None):
 
 
 def test_replay_draws_its_share_from_earlier_tasks_and_the_rest_in_order():
-    cfg = lab.lab_config(prompts_per_step=32, replay_fraction=0.25)
+    cfg = lab.lab_config("lab-short", prompts_per_step=32, replay_fraction=0.25)
     current, earlier = task("cur"), [task("old1", budget=4), task("old2", budget=9)]
     order = []
     examples, batch_task = s.next_batch(current, earlier, cfg, random.Random(0), order)
@@ -28,14 +28,14 @@ def test_replay_draws_its_share_from_earlier_tasks_and_the_rest_in_order():
 
 
 def test_without_replay_the_batch_is_the_task_alone():
-    cfg = lab.lab_config(prompts_per_step=8)
+    cfg = lab.lab_config("lab-short", prompts_per_step=8)
     current = task("cur")
     examples, batch_task = s.next_batch(current, [task("old")], cfg, random.Random(0), [])
     assert batch_task is current and all("task" not in ex for ex in examples)
 
 
 def test_multitask_draws_every_prompt_from_all_tasks():
-    cfg = lab.lab_config(prompts_per_step=400, multitask=True)
+    cfg = lab.lab_config("lab-short", prompts_per_step=400, multitask=True)
     everything = [task("a"), task("b"), task("c")]
     examples, _ = s.next_batch(everything[0], everything, cfg, random.Random(0), [])
     counts = {n: sum(ex["task"] == n for ex in examples) for n in "abc"}

@@ -14,7 +14,7 @@ ANSWERS = ["3+4=7#7", "1#2#5", "no marker", "#1"]       # two groups of two, eve
 def hand_batch(tok, answers, **cfg_kw):
     """A hand-made batch of the lab's prompt '3+4=' with the given answers as responses, every
     reward 1 (so each sample's sibling is its demonstration), and its loss targets."""
-    cfg = lab.lab_config(loss_mode="sdpo", group_size=2, prompts_per_step=len(answers) // 2,
+    cfg = lab.lab_config("lab-short", loss_mode="sdpo", group_size=2, prompts_per_step=len(answers) // 2,
                          **cfg_kw)
     prompts = [s.format_prompt(tok, "3+4=")] * len(answers)
     prompt_ids, prompt_mask = s.tokenize_prompts(tok, prompts, "cpu")

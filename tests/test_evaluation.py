@@ -20,7 +20,7 @@ OUTCOMES = [[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 1.0, 0.0]]
 def scripted_task():
     """The lab's math family with 3 test prompts, whose reward gives the i-th sample of the j-th
     prompt OUTCOMES[j][i], whatever the completion."""
-    task = lab.make_lab_task("math", n_train=1, n_test=3)
+    task = lab.make_lab_task("math", "lab-short", n_train=1, n_test=3)
     index = {ex["prompt"]: j for j, ex in enumerate(task.test)}
     asked = collections.Counter()
 
@@ -35,7 +35,7 @@ def scripted_task():
 @pytest.mark.parametrize("batch_size", [100, 2])
 def test_accuracy_and_standard_error_are_over_the_per_prompt_means(random_lab, batch_size):
     model, tok = random_lab
-    cfg = lab.lab_config(eval_examples=3, eval_samples=4, max_new_tokens=2)
+    cfg = lab.lab_config("lab-short", eval_examples=3, eval_samples=4, max_new_tokens=2)
     result = s.task_accuracy(model, tok, scripted_task(), cfg, batch_size=batch_size)
     # per-prompt means 1, 0, 0.5: mean 0.5, sample variance (0.25 + 0.25 + 0) / 2
     assert result["accuracy"] == pytest.approx(0.5)
@@ -53,21 +53,21 @@ def test_evaluation_samples_with_the_evaluation_settings(random_lab, monkeypatch
     model, tok = random_lab
     calls, generate = [], s.generate
     monkeypatch.setattr(s, "generate", lambda *a, **kw: calls.append(kw) or generate(*a, **kw))
-    cfg = lab.lab_config(eval_mode=mode, eval_examples=3, eval_samples=4, max_new_tokens=2,
+    cfg = lab.lab_config("lab-short", eval_mode=mode, eval_examples=3, eval_samples=4, max_new_tokens=2,
                          temperature=1.7, eval_temperature=0.3, eval_top_p=0.8)
-    result = s.task_accuracy(model, tok, lab.make_lab_task("math", n_train=1, n_test=3), cfg)
+    result = s.task_accuracy(model, tok, lab.make_lab_task("math", "lab-short", n_train=1, n_test=3), cfg)
     assert calls == [expected]
     assert len(result["completions"]) == 3 * expected["num_return_sequences"]
 
 
 def test_evaluating_during_a_stage_leaves_the_training_unchanged(random_lab):
     model, tok = random_lab
-    held_out = lab.make_lab_task("math", n_train=1, n_test=4)
+    held_out = lab.make_lab_task("math", "lab-short", n_train=1, n_test=4)
     params = []
     for every in (0, 1):
-        task = lab.make_lab_task("math", n_train=8, n_test=1)
+        task = lab.make_lab_task("math", "lab-short", n_train=8, n_test=1)
         task.reward = alternating_reward()                # asked by the training only
-        cfg = lab.lab_config(loss_mode="grpo", steps_per_task=2, prompts_per_step=2,
+        cfg = lab.lab_config("lab-short", loss_mode="grpo", steps_per_task=2, prompts_per_step=2,
                              group_size=4, max_new_tokens=4, eval_every=every, eval_examples=4,
                              warmup_steps=0, lr=1e-2)
         policy = copy.deepcopy(model)

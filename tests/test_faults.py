@@ -35,11 +35,11 @@ def weights(stage_folder):
 def test_a_non_finite_gradient_stops_before_the_optimizer_step():
     tok = lab.build_lab_tokenizer()
     model = lab.build_lab_model(tok)
-    task = lab.make_lab_task("math")
+    task = lab.make_lab_task("math", "lab-short")
     task.reward = alternating_reward()
     before = [p.detach().clone() for p in model.parameters()]
     next(model.parameters()).register_hook(lambda g: g * float("nan"))   # finite loss, NaN grad
-    cfg = lab.lab_config(loss_mode="grpo", prompts_per_step=4, warmup_steps=0, steps_per_task=2)
+    cfg = lab.lab_config("lab-short", loss_mode="grpo", prompts_per_step=4, warmup_steps=0, steps_per_task=2)
     with pytest.raises(FloatingPointError, match="stage x: step 0: non-finite gradient norm"):
         s.train_task(model, tok, None, task, cfg, rng=s.seed_everything(0), desc="stage x")
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -18,7 +18,7 @@ def losses(random_lab):
     """{w: (metrics, gradient)} of micro_batch_loss at w = 0.25, 0 and 1 on the same off-policy
     batch (old log-probs shifted, so that GRPO's loss is not 0 and its ratios not 1)."""
     model, tok = random_lab
-    cfg = lab.lab_config(loss_mode="sdpo", distillation_weight=W, prompts_per_step=2,
+    cfg = lab.lab_config("lab-short", loss_mode="sdpo", distillation_weight=W, prompts_per_step=2,
                          group_size=4, max_new_tokens=6)
     batch = rollout_batch(model, tok, cfg)
     shift = 0.3 * (batch.rows % 2 * 2 - 1).float()                     # +-0.3 by row

@@ -28,7 +28,7 @@ def moved(model, scale=0.05, seed=1):
 
 
 def config(mode, beta):
-    return lab.lab_config(loss_mode=mode, prompts_per_step=2, group_size=4, max_new_tokens=6,
+    return lab.lab_config("lab-short", loss_mode=mode, prompts_per_step=2, group_size=4, max_new_tokens=6,
                           temperature=TEMPERATURE, kl_loss_coef=beta)
 
 
@@ -91,7 +91,7 @@ def test_the_anchor_is_zero_with_a_zero_gradient_where_the_policy_is_the_referen
 def test_a_step_with_an_anchor_needs_the_reference(random_lab):
     model, tok = random_lab
     cfg = dataclasses.replace(config("grpo", BETA), prompts_per_step=1)
-    task = lab.make_lab_task("math", n_train=1, n_test=1)
+    task = lab.make_lab_task("math", "lab-short", n_train=1, n_test=1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     with pytest.raises(ValueError, match="kl_loss_coef > 0 needs the frozen reference"):

@@ -1,48 +1,69 @@
-"""The lab is an instrument. Every run loads the same shipped base (a file the code records by
-hash), and that base has the properties a measurement of forgetting needs, fixed before any
-method is compared: a training signal at temperature 1 in every trained family, and a real
-self-teacher (a correct demonstration in the prompt lifts accuracy). Every sampled number is
-checked with a tolerance of 3 standard errors, so the checks hold on any CPU."""
+"""The labs are instruments. Every run of a lab loads the same shipped base (a file the code records
+by hash), and that base has the properties a measurement of forgetting needs, fixed before any
+method is compared: a training signal at temperature 1 in every trained family and a real
+self-teacher (a correct demonstration in the prompt lifts accuracy); in the paper's regime, also
+a teacher that is no oracle and that departs from a right student's own path. Every sampled
+number is checked with a tolerance of 3 standard errors, so the checks hold on any CPU."""
 import hashlib
 import math
+import statistics
 
 import pytest
 import torch
 
+import eval_forgetting
 import sdpo_cl as s
 from harness import lab
-import eval_forgetting
+
+# The bounds each lab was built to (docs/lab.md): the first-step reward at temperature 1, the
+# largest share of groups all alike, the smallest teacher lift, the smallest share of groups with
+# a success, and (the paper's regime) the largest mean accuracy of the teacher.
+BOUNDS = {"lab": dict(reward=(0.2, 0.6), alike=0.4, lift=0.15, solved=0.5, teacher=0.9),
+          "lab-short": dict(reward=(0.2, 0.7), alike=0.5, lift=0.2, solved=0.5, teacher=1.0)}
 
 
 @pytest.fixture(scope="module")
-def base_record(shipped_lab):
-    """Row 0 of the default run: the shipped base on every lab task (100 test prompts x 4
-    samples at temperature 0.6, seeded), with the teacher lift."""
-    tasks = [lab.make_lab_task(name) for name in lab.LAB_SEQUENCE + lab.LAB_PROBES]
-    return s.base_row(*shipped_lab, tasks, lab.lab_config())["record"]
+def models(shipped_lab, short_lab):
+    return {"lab": shipped_lab, "lab-short": short_lab}
 
 
-def test_the_shipped_base_is_the_recorded_file():
-    assert lab.LAB_BASE_FILE.stat().st_size <= 2_000_000
-    assert hashlib.sha256(lab.LAB_BASE_FILE.read_bytes()).hexdigest() == lab.LAB_BASE_SHA256
+@pytest.fixture(scope="module")
+def base_records(models):
+    """Row 0 of a default run of each lab: the shipped base on every lab task (100 test prompts x
+    4 samples at temperature 0.6, seeded), with the teacher lift."""
+    out = {}
+    for name, spec in lab.LABS.items():
+        tasks = [lab.make_lab_task(t, name) for t in spec.sequence + spec.probes]
+        out[name] = s.base_row(*models[name], tasks, lab.lab_config(name))["record"]
+    return out
 
 
-def test_every_lab_run_starts_from_the_shipped_weights(shipped_lab):
+@pytest.mark.parametrize("name", lab.LABS)
+def test_the_shipped_base_is_the_recorded_file(name):
+    spec = lab.LABS[name]
+    assert spec.base_file.stat().st_size <= 2_000_000
+    assert hashlib.sha256(spec.base_file.read_bytes()).hexdigest() == spec.base_sha256
+
+
+@pytest.mark.parametrize("name", lab.LABS)
+def test_every_lab_run_starts_from_the_shipped_weights(models, name):
     from safetensors.torch import load_file
-    state = shipped_lab[0].state_dict()
-    shipped = load_file(str(lab.LAB_BASE_FILE))
-    assert all(torch.equal(state[name], tensor) for name, tensor in shipped.items())
+    state = models[name][0].state_dict()
+    shipped = load_file(str(lab.LABS[name].base_file))
+    assert all(torch.equal(state[key], tensor) for key, tensor in shipped.items())
     assert torch.equal(state["lm_head.weight"], shipped["model.embed_tokens.weight"])   # tied
 
 
-def test_the_shipped_base_has_its_recorded_accuracies(base_record):
+@pytest.mark.parametrize("name", lab.LABS)
+def test_the_shipped_base_has_its_recorded_accuracies(base_records, name):
     """Another CPU (or another transformers) draws other samples from the same distributions:
     the recorded and the measured accuracy are then two estimates with a standard error se each
     (over the 100 prompts), their difference sqrt(2) se. Allowed: 3 standard errors of it."""
-    assert set(base_record["accuracy"]) == set(lab.LAB_BASE_ACCURACY)
-    for name, recorded in lab.LAB_BASE_ACCURACY.items():
-        tolerance = 3 * math.sqrt(2) * base_record["stderr"][name]
-        assert abs(base_record["accuracy"][name] - recorded) <= tolerance, name
+    record, recorded = base_records[name], lab.LABS[name].base_accuracy
+    assert set(record["accuracy"]) == set(recorded)
+    for task, value in recorded.items():
+        tolerance = 3 * math.sqrt(2) * record["stderr"][task]
+        assert abs(record["accuracy"][task] - value) <= tolerance, task
 
 
 def at_least(value, bound, se):
@@ -51,23 +72,48 @@ def at_least(value, bound, se):
     return value >= bound - 3 * se
 
 
-@pytest.mark.parametrize("name", lab.LAB_SEQUENCE)
-def test_each_trained_family_gives_both_methods_a_signal(shipped_lab, base_record, name):
-    """At temperature 1 on 64 training prompts x 8 samples: mixed rewards (GRPO has advantages),
-    groups with a success (SDPO has demonstrations), and a teacher a demonstration helps. Each
-    bound with 3 standard errors of slack: over the 64 prompts for the reward (at most
-    sqrt(r (1 - r) / 64)) and the shares of groups, over the 100 test prompts for the lift (its
-    plain accuracy's, and at most 0.05 for the one with a demonstration)."""
+@pytest.mark.parametrize("name, family", [(n, f) for n, spec in lab.LABS.items()
+                                          for f in spec.sequence])
+def test_each_trained_family_gives_both_methods_a_signal(models, base_records, name, family):
+    """At temperature 1 on 64 training prompts x 8 samples: a first-step reward in the lab's
+    range (GRPO has advantages), few groups all alike, groups with a success (SDPO has
+    demonstrations), and a teacher a demonstration helps. Each bound with 3 standard errors of
+    slack: over the 64 prompts for the reward (at most sqrt(r (1 - r) / 64)) and the shares of
+    groups, over the 100 test prompts for the lift (its plain accuracy's, and at most 0.05 for
+    the one with a demonstration)."""
+    bounds, record = BOUNDS[name], base_records[name]
     torch.manual_seed(0)
-    check = eval_forgetting.signal_check(*shipped_lab, lab.make_lab_task(name), lab.lab_config(),
-                                         base_record["teacher_lift"][name])
-    share_se = lambda p: math.sqrt(max(p * (1 - p), 1 / 64) / 64)
+    check = eval_forgetting.signal_check(*models[name], lab.make_lab_task(family, name),
+                                         lab.lab_config(name), record["teacher_lift"][family])
+    share_se = lambda p: math.sqrt(max(p * (1 - p), 1 / 64) / 64)       # noqa: E731
     reward, se_reward = check["reward"], math.sqrt(check["reward"] * (1 - check["reward"]) / 64)
-    assert at_least(reward, 0.2, se_reward) and at_least(0.7, reward, se_reward)
-    assert at_least(0.5, check["zero_adv_groups"], share_se(check["zero_adv_groups"]))
-    assert at_least(check["solved_groups"], 0.5, share_se(check["solved_groups"]))
-    se_lift = math.sqrt(base_record["stderr"][name] ** 2 + 0.05 ** 2)
-    assert at_least(check["teacher_lift"], 0.2, se_lift)
+    low, high = bounds["reward"]
+    assert at_least(reward, low, se_reward) and at_least(high, reward, se_reward)
+    assert at_least(bounds["alike"], check["zero_adv_groups"], share_se(check["zero_adv_groups"]))
+    assert at_least(check["solved_groups"], bounds["solved"], share_se(check["solved_groups"]))
+    se_lift = math.sqrt(record["stderr"][family] ** 2 + 0.05 ** 2)
+    assert at_least(check["teacher_lift"], bounds["lift"], se_lift)
+
+
+def test_the_paper_regime_teacher_is_no_oracle(base_records):
+    """With a correct demonstration in the prompt, the base is right at most 90% of the time,
+    averaged over the trained families (the standard error of a mean of four accuracies, each
+    at most 0.05)."""
+    record, spec = base_records["lab"], lab.LABS["lab"]
+    teacher = [record["accuracy"][f] + record["teacher_lift"][f] for f in spec.sequence]
+    assert at_least(BOUNDS["lab"]["teacher"], statistics.mean(teacher),
+                    0.05 / math.sqrt(len(teacher)))
+
+
+@pytest.mark.parametrize("family", lab.LABS["lab"].sequence)
+def test_the_paper_regime_teacher_departs_from_right_answers(shipped_lab, family):
+    """A right student answer, scored by the teacher shown a right sibling: somewhere the
+    teacher's most likely token is not the student's own, the pull toward the demonstration's
+    path that a right answer does not need."""
+    torch.manual_seed(0)
+    out = eval_forgetting.teacher_departure(*shipped_lab, lab.make_lab_task(family),
+                                            lab.lab_config())
+    assert out["scored"] >= 10 and out["departure"] > 0
 
 
 def test_the_signal_check_warns_where_a_method_would_have_almost_no_signal():

@@ -1,9 +1,16 @@
-"""The lab's tokenizer and task families: a character-level tokenizer with a chat template,
-unique test prompts, a right answer that earns 1 and a wrong habit that earns 0, the rewards and
-their feedback."""
+"""The labs' tokenizer and task families: a character-level tokenizer with a chat template,
+unique test prompts, right solutions that earn 1 and a wrong habit that earns 0, in the family's
+form; in the paper's-regime lab, answers that are a trace and a final answer in the family's
+own wrapper, with more than one valid trace per prompt; the short lab's feedback."""
+import random
+import statistics
+
+import pytest
+
 import sdpo_cl as s
-from harness import data
-from harness import lab
+from harness import data, lab, lab_families
+
+FAMILIES = [(name, family) for name, spec in lab.LABS.items() for family in spec.families]
 
 
 def test_lab_tokenizer_is_character_level_with_a_chat_template(random_lab):
@@ -15,23 +22,75 @@ def test_lab_tokenizer_is_character_level_with_a_chat_template(random_lab):
     assert tok.decode(ids, skip_special_tokens=True) == "3+4=7"
 
 
-def test_lab_rewards_score_answers_and_feedback_names_the_first_error():
-    assert lab.number_reward("42 is it", {"answer": "42"}) == 1.0
-    assert lab.number_feedback("40", {"answer": "42"}) == "Your answer 40 is too small."
+def test_the_wrappers_are_one_token_each(random_lab):
+    _, tok = random_lab
+    for word in ("\\boxed{", "<answer>", "</answer>", "```", "<think>", "</think>"):
+        assert len(tok(word, add_special_tokens=False).input_ids) == 1, word
+
+
+@pytest.mark.parametrize("lab_name, name", FAMILIES)
+def test_right_solutions_earn_1_and_the_habit_0_both_in_the_familys_form(lab_name, name):
+    family = lab.LABS[lab_name].families[name]
+    task = lab.make_lab_task(name, lab_name, n_train=50, n_test=40)
+    assert len(set(task.test["prompt"])) == 40
+    rng = random.Random(0)
+    for ex in task.test:
+        right, habit = family.solve(ex, rng, False), family.solve(ex, rng, True)
+        assert task.reward(right, ex) == 1.0 and task.reward(habit, ex) == 0.0, (right, habit)
+        assert task.well_formed(right, ex) and task.well_formed(habit, ex), (right, habit)
+
+
+@pytest.mark.parametrize("name", lab.LABS["lab"].families)
+def test_a_paper_regime_answer_has_several_valid_traces(name):
+    """Ten right solutions of a prompt: at least two different ones for most prompts (the
+    demonstration's path often differs from the student's), all with the same final answer."""
+    family = lab.LABS["lab"].families[name]
+    task = lab.make_lab_task(name, n_train=1, n_test=40)
+    rng = random.Random(0)
+    several = 0
+    for ex in task.test:
+        traces = {family.solve(ex, rng, False) for _ in range(10)}
+        several += len(traces) >= 2
+    assert several >= 0.9 * len(task.test)
+
+
+def test_paper_regime_answers_are_long_and_the_final_answer_a_small_part(random_lab):
+    _, tok = random_lab
+    lengths, finals = [], []
+    for name in lab.LABS["lab"].sequence:
+        for ex in lab.make_lab_task(name, n_train=1, n_test=50).test:
+            lengths.append(len(tok(ex["answer"], add_special_tokens=False).input_ids))
+            finals.append(len(tok(ex["final"], add_special_tokens=False).input_ids))
+    assert statistics.mean(lengths) >= 20
+    assert statistics.mean(finals) <= 0.4 * statistics.mean(lengths)
+
+
+@pytest.mark.parametrize("name, leaked", [
+    ("math", "1+2=3,3+4=7,7+1=8 <answer>8</answer>"),           # science's tag on math
+    ("science", "1 odd,3 odd,4 even,5 odd \\boxed{4}"),         # math's box on science
+    ("tool", "to=ann,at=3,on=mon \\boxed{send(ann,3,mon)}"),     # the paper's artifact
+])
+def test_another_familys_wrapper_is_out_of_form(name, leaked):
+    task = lab.make_lab_task(name, n_train=1, n_test=1)
+    assert not task.well_formed(leaked, {})
+
+
+def test_the_trace_lab_reward_reads_only_the_final_answer_in_its_wrapper():
+    row = {"final": "12"}
+    math = lab.LABS["lab"].families["math"].reward
+    assert math("3+4=8,8+2=10,10+2=12 \\boxed{12}", row) == 1.0      # a slip in the trace
+    assert math("3+4=7,7+2=9,9+3=12 12", row) == 0.0                    # no box
+    assert math("\\boxed{11} then \\boxed{12}", row) == 1.0          # the last box counts
+
+
+def test_short_lab_rewards_score_answers_and_feedback_names_the_first_error():
+    assert lab_families.number_reward("42 is it", {"answer": "42"}) == 1.0
+    assert lab_families.number_feedback("40", {"answer": "42"}) == "Your answer 40 is too small."
     assert data.mcq_reward("<answer>A</answer> no, <answer>C</answer>",
                            {"answer": "<answer>C</answer>"}) == 1.0
     assert data.mcq_reward("C", {"answer": "<answer>C</answer>"}) == 1.0   # no tag: the whole text
     assert data.mcq_reward("<answer>c</answer>", {"answer": "C"}) == 0.0   # case-sensitive
-    assert lab.tool_feedback("send(ann,3,hi,mon)", {"answer": "send(ann,4,hi,mon)"}) == \
-        "Argument 2 ('3') is wrong."
-    assert lab.string_feedback("abd", {"answer": "abc"}) == \
+    assert lab_families.tool_feedback("send(ann,3,hi,mon)", {"answer": "send(ann,4,hi,mon)"}) \
+        == "Argument 2 ('3') is wrong."
+    assert lab_families.string_feedback("abd", {"answer": "abc"}) == \
         "Test failed: the output is wrong at position 3."
-
-
-def test_lab_tasks_have_unique_test_prompts_right_answers_and_wrong_habits():
-    for name in lab.LAB_FAMILIES:
-        task = lab.make_lab_task(name, n_train=50, n_test=40)
-        assert len(set(task.test["prompt"])) == 40
-        for ex in task.test:                        # the gold answer earns 1, the habit 0
-            assert task.reward(ex["answer"], ex) == 1.0
-            assert task.reward(ex["habit"], ex) == 0.0

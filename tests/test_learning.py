@@ -12,11 +12,11 @@ from harness import lab
 
 
 @pytest.mark.parametrize("loss_mode", ["grpo", "sdpo"])
-def test_eight_steps_raise_math_accuracy_beyond_noise(shipped_lab, loss_mode):
-    model, tok = shipped_lab
-    cfg = lab.lab_config(loss_mode=loss_mode, steps_per_task=8, seed=0,
+def test_eight_steps_raise_math_accuracy_beyond_noise(short_lab, loss_mode):
+    model, tok = short_lab
+    cfg = lab.lab_config("lab-short", loss_mode=loss_mode, steps_per_task=8, seed=0,
                          ppo_mini_batch_size=8 if loss_mode == "grpo" else 0)
-    records = s.continual_sequence(cfg, copy.deepcopy(model), tok, [lab.make_lab_task("math")])
+    records = s.continual_sequence(cfg, copy.deepcopy(model), tok, [lab.make_lab_task("math", "lab-short")])
     (before, after), (se_before, se_after) = (
         [r[key]["math"] for r in records] for key in ("accuracy", "stderr"))
     noise = 3 * math.sqrt(se_before ** 2 + se_after ** 2)

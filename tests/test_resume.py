@@ -17,11 +17,11 @@ def test_a_sequence_cut_after_stage_1_resumes_to_the_same_result(tiny_base, tmp_
     left; the alternating reward is asked an even number of times per evaluation and step, so it
     answers the resumed stage as it did the uninterrupted one."""
     model, tok = tiny_base
-    cfg = lab.lab_config(loss_mode="sdpo", prompts_per_step=4, steps_per_task=2,
+    cfg = lab.lab_config("lab-short", loss_mode="sdpo", prompts_per_step=4, steps_per_task=2,
                          eval_examples=8, warmup_steps=0)
 
     def sequence():
-        tasks = [lab.make_lab_task(name, n_test=8) for name in ("math", "code")]
+        tasks = [lab.make_lab_task(name, "lab-short", n_test=8) for name in ("math", "code")]
         for task in tasks:
             task.reward = alternating_reward()
         return tasks

@@ -43,8 +43,8 @@ def test_the_accuracy_matrix_is_the_stage_records(smoke_run):
 
 def test_row_0_is_the_base_models_evaluation_shared_by_every_method(smoke_run, tiny_base):
     _, results, _ = smoke_run
-    cfg = lab.lab_config(prompts_per_step=4, eval_examples=10, steps_per_task=2)
-    tasks = [lab.make_lab_task(name) for name in TASKS]
+    cfg = lab.lab_config("lab-short", prompts_per_step=4, eval_examples=10, steps_per_task=2)
+    tasks = [lab.make_lab_task(name, "lab-short") for name in TASKS]
     for task in tasks:
         task.reward = coin_reward
     again = s.base_row(tiny_base[0], tiny_base[1], tasks, cfg)["record"]

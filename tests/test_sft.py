@@ -19,11 +19,11 @@ def test_sft_loss_is_the_mean_negative_log_likelihood_of_the_gold_tokens():
         -math.log(0.5), abs=1e-6)
 
 
-def test_an_sft_step_is_the_mean_nll_of_each_gold_answer_and_its_eos(shipped_lab):
+def test_an_sft_step_is_the_mean_nll_of_each_gold_answer_and_its_eos(short_lab):
     """Each example alone, unpadded: the mean over its answer tokens and the EOS of -log p, then
     the mean over examples (micro1-token-mean), before the step's update."""
-    model, tok = shipped_lab
-    task = lab.make_lab_task("math")
+    model, tok = short_lab
+    task = lab.make_lab_task("math", "lab-short")
     examples = [task.train[i] for i in range(4)]
     expected = []
     with torch.no_grad():
@@ -33,7 +33,7 @@ def test_an_sft_step_is_the_mean_nll_of_each_gold_answer_and_its_eos(shipped_lab
             logits = model(input_ids=torch.tensor([prompt + answer])).logits[0]
             logp = torch.log_softmax(logits[len(prompt) - 1:-1], -1)
             expected.append(-logp.gather(-1, torch.tensor(answer)[:, None]).mean().item())
-    cfg = lab.lab_config(loss_mode="sft", prompts_per_step=4)
+    cfg = lab.lab_config("lab-short", loss_mode="sft", prompts_per_step=4)
     policy = copy.deepcopy(model)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)

@@ -94,7 +94,7 @@ def test_stable_sdpo_restarts_the_frozen_teacher_from_the_policy_at_each_task(ra
     settings = dict(prompts_per_step=2, group_size=2, steps_per_task=1, max_new_tokens=3,
                     eval_examples=2, eval_samples=1, warmup_steps=0, lr=1e-2)
     cfg = run_sequence.method_config(method, settings, {}, lab.lab_config)
-    tasks = [lab.make_lab_task(name, n_train=4, n_test=2) for name in ("math", "code")]
+    tasks = [lab.make_lab_task(name, "lab-short", n_train=4, n_test=2) for name in ("math", "code")]
     for task in tasks:
         task.reward = alternating_reward()
     after = {}

@@ -16,7 +16,7 @@ T = 0.5
 
 
 def config(mode, **kw):
-    return lab.lab_config(loss_mode=mode, prompts_per_step=2, group_size=4, max_new_tokens=6,
+    return lab.lab_config("lab-short", loss_mode=mode, prompts_per_step=2, group_size=4, max_new_tokens=6,
                           temperature=T, **kw)
 
 

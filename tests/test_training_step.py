@@ -16,7 +16,7 @@ PROMPTS = 4
 def one_step(model, tok, cfg, reward=None):
     """train_step with SGD at cfg.lr on PROMPTS math prompts, the alternating reward unless
     another is given (a fresh one per call, so that compared runs see the same rewards)."""
-    task = lab.make_lab_task("math", n_train=PROMPTS, n_test=1)
+    task = lab.make_lab_task("math", "lab-short", n_train=PROMPTS, n_test=1)
     task.reward = reward or alternating_reward()
     teacher = s.Teacher(model, cfg) if cfg.loss_mode == "sdpo" else None
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
@@ -35,7 +35,7 @@ def test_micro_batches_give_the_update_and_loss_of_the_whole_mini_batch(tiny_bas
     params, losses = [], []
     for micro in (0, 8):                                  # 32 rows at once, or 4 x 8
         m = copy.deepcopy(model)
-        cfg = lab.lab_config(prompts_per_step=PROMPTS, micro_batch_size=micro, lr=1.0, **kw)
+        cfg = lab.lab_config("lab-short", prompts_per_step=PROMPTS, micro_batch_size=micro, lr=1.0, **kw)
         losses.append(one_step(m, tok, cfg)["loss"])
         params.append(flat_params(m))
     assert (params[0] - flat_params(model)).abs().max() > 1e-4      # the step did something
@@ -50,7 +50,7 @@ def test_gradient_checkpointing_leaves_the_update_unchanged(tiny_base):
         m = copy.deepcopy(model)
         if checkpointing:
             m.gradient_checkpointing_enable()
-        one_step(m, tok, lab.lab_config(loss_mode="sdpo", prompts_per_step=PROMPTS, lr=1.0))
+        one_step(m, tok, lab.lab_config("lab-short", loss_mode="sdpo", prompts_per_step=PROMPTS, lr=1.0))
         params.append(flat_params(m))
     assert (params[0] - flat_params(model)).abs().max() > 1e-4
     assert torch.allclose(params[0], params[1], atol=1e-6)
@@ -59,7 +59,7 @@ def test_gradient_checkpointing_leaves_the_update_unchanged(tiny_base):
 def test_a_step_reports_its_batch_and_the_distillation(tiny_base):
     """Alternating rewards: half of every group solved, so every sample has a demonstration."""
     model, tok = copy.deepcopy(tiny_base[0]), tiny_base[1]
-    m = one_step(model, tok, lab.lab_config(loss_mode="sdpo", prompts_per_step=PROMPTS))
+    m = one_step(model, tok, lab.lab_config("lab-short", loss_mode="sdpo", prompts_per_step=PROMPTS))
     assert m["reward"] == 0.5 and m["solved_groups"] == 1.0 and m["zero_adv_groups"] == 0.0
     assert m["distill_frac"] == 1.0 and not m["empty_target"] and m["updates"] == 1
     assert m["loss"] == pytest.approx(m["loss_sdpo"]) and m["loss_sdpo"] > 0
@@ -75,7 +75,7 @@ def test_every_teacher_kind_is_the_policy_itself_at_the_first_step(tiny_base):
     for kind in s.TEACHER_KINDS:
         model = copy.deepcopy(tiny_base[0])
         model.gradient_checkpointing_enable()
-        cfg = lab.lab_config(loss_mode="sdpo", teacher_regularization=kind,
+        cfg = lab.lab_config("lab-short", loss_mode="sdpo", teacher_regularization=kind,
                              prompts_per_step=PROMPTS)
         losses.append(one_step(model, tiny_base[1], cfg)["loss_sdpo"])
     assert losses[0] > 0
@@ -85,7 +85,7 @@ def test_every_teacher_kind_is_the_policy_itself_at_the_first_step(tiny_base):
 def test_a_step_without_any_demonstration_is_an_empty_target_step(tiny_base):
     model, tok = copy.deepcopy(tiny_base[0]), tiny_base[1]
     before = flat_params(model)
-    m = one_step(model, tok, lab.lab_config(loss_mode="sdpo", prompts_per_step=PROMPTS, lr=1.0),
+    m = one_step(model, tok, lab.lab_config("lab-short", loss_mode="sdpo", prompts_per_step=PROMPTS, lr=1.0),
                  reward=lambda c, ex: 0.0)
     assert m["empty_target"] and m["distill_frac"] == 0 and m["loss"] == 0
     assert torch.equal(flat_params(model), before)
@@ -93,14 +93,14 @@ def test_a_step_without_any_demonstration_is_an_empty_target_step(tiny_base):
 
 def test_a_non_finite_loss_stops_with_the_step_and_the_last_metrics(tiny_base):
     model, tok = copy.deepcopy(tiny_base[0]), tiny_base[1]
-    task = lab.make_lab_task("math", n_train=8, n_test=1)
+    task = lab.make_lab_task("math", "lab-short", n_train=8, n_test=1)
     calls = []
 
     def nan_from_the_second_step(completion, example):
         calls.append(1)
         return float("nan") if len(calls) > 8 else float(len(calls) % 2)
     task.reward = nan_from_the_second_step
-    cfg = lab.lab_config(loss_mode="grpo", steps_per_task=2, prompts_per_step=2, group_size=4)
+    cfg = lab.lab_config("lab-short", loss_mode="grpo", steps_per_task=2, prompts_per_step=2, group_size=4)
     with pytest.raises(FloatingPointError, match=r"step 1: non-finite loss nan; last finite "
                                                  r"metrics: \{'reward': 0.5"):
         s.train_task(model, tok, None, task, cfg, rng=s.seed_everything(0))

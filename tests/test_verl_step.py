@@ -73,7 +73,7 @@ def one_step(base, cfg, optimizer="adam", lr=1e-3, teacher=None):
     alternating reward: (the stepped model, its metrics, its teacher)."""
     model, tok = base
     model = copy.deepcopy(model)
-    task = lab.make_lab_task("math", n_train=cfg.prompts_per_step, n_test=1)
+    task = lab.make_lab_task("math", "lab-short", n_train=cfg.prompts_per_step, n_test=1)
     task.reward = alternating_reward()
     opt = (torch.optim.AdamW(model.parameters(), lr=lr) if optimizer == "adam"
            else torch.optim.SGD(model.parameters(), lr=lr))
@@ -88,10 +88,10 @@ def one_step(base, cfg, optimizer="adam", lr=1e-3, teacher=None):
 @pytest.mark.parametrize("loss_mode", ["grpo", "sdpo"])
 def test_one_sequence_per_micro_batch_gives_the_same_update(tiny_base, loss_mode):
     """micro_batch_size=1 is literally verl's setting; the default runs the mini-batch at once."""
-    cfg = lab.lab_config(loss_mode=loss_mode, prompts_per_step=4)
+    cfg = lab.lab_config("lab-short", loss_mode=loss_mode, prompts_per_step=4)
     teacher = (lambda m: s.Teacher(m, cfg)) if loss_mode == "sdpo" else None
     whole, m1, _ = one_step(tiny_base, cfg, "sgd", lr=1.0, teacher=teacher)
-    ones, m2, _ = one_step(tiny_base, lab.lab_config(loss_mode=loss_mode, prompts_per_step=4,
+    ones, m2, _ = one_step(tiny_base, lab.lab_config("lab-short", loss_mode=loss_mode, prompts_per_step=4,
                                                      micro_batch_size=1), "sgd", lr=1.0,
                            teacher=teacher)
     assert (flat_params(whole) - flat_params(tiny_base[0])).abs().max() > 1e-4
@@ -104,12 +104,12 @@ def test_one_mini_batch_is_the_on_policy_policy_gradient(tiny_base):
     the SGD update is -lr times the gradient of -(1/N) sum_i A_i mean_t log pi(y_i,t), written out
     here on the same rollout, drawn again."""
     model, tok = tiny_base
-    cfg = lab.lab_config(loss_mode="grpo", prompts_per_step=4, grad_clip=1e6)
+    cfg = lab.lab_config("lab-short", loss_mode="grpo", prompts_per_step=4, grad_clip=1e6)
     stepped, metrics, _ = one_step(tiny_base, cfg, "sgd", lr=1.0)
     assert metrics["updates"] == 1 and metrics["clip_frac"] == 0.0
     assert metrics["ratio_mean"] == pytest.approx(1.0, abs=1e-4)
     policy = copy.deepcopy(model)
-    task = lab.make_lab_task("math", n_train=4, n_test=1)
+    task = lab.make_lab_task("math", "lab-short", n_train=4, n_test=1)
     task.reward = alternating_reward()
     torch.manual_seed(0)
     ro, _, rewards = s.sample_rollout(policy, tok, task, [task.train[i] for i in range(4)], cfg)
@@ -127,22 +127,22 @@ def test_one_mini_batch_is_the_on_policy_policy_gradient(tiny_base):
 
 
 def test_four_mini_batches_take_four_steps_and_clip_from_the_second(tiny_base):
-    cfg = lab.lab_config(loss_mode="grpo", prompts_per_step=8, ppo_mini_batch_size=2)
+    cfg = lab.lab_config("lab-short", loss_mode="grpo", prompts_per_step=8, ppo_mini_batch_size=2)
     _, metrics, _ = one_step(tiny_base, cfg, lr=0.05)   # large steps: the ratio leaves the clip
     assert metrics["updates"] == 4
     assert metrics["clip_frac"] > 0 and metrics["ratio_mean"] != pytest.approx(1.0, abs=1e-3)
 
 
 def test_mini_batches_are_consecutive_groups_of_prompts_repeated_each_epoch():
-    cfg = lab.lab_config(prompts_per_step=4, group_size=2, ppo_mini_batch_size=2, ppo_epochs=2)
+    cfg = lab.lab_config("lab-short", prompts_per_step=4, group_size=2, ppo_mini_batch_size=2, ppo_epochs=2)
     steps = [rows.tolist() for rows in s.minibatches(cfg, 8)]
     assert steps == [[0, 1, 2, 3], [4, 5, 6, 7]] * 2
-    whole = lab.lab_config(prompts_per_step=4, group_size=2)               # 0: all prompts
+    whole = lab.lab_config("lab-short", prompts_per_step=4, group_size=2)               # 0: all prompts
     assert [rows.tolist() for rows in s.minibatches(whole, 8)] == [list(range(8))]
 
 
 def test_the_ema_teacher_moves_once_after_all_updates(tiny_base):
-    cfg = lab.lab_config(loss_mode="sdpo", prompts_per_step=8, ppo_mini_batch_size=2,
+    cfg = lab.lab_config("lab-short", loss_mode="sdpo", prompts_per_step=8, ppo_mini_batch_size=2,
                          teacher_update_rate=0.25)
     before = flat_params(tiny_base[0])
     student, metrics, teacher = one_step(tiny_base, cfg, teacher=lambda m: s.Teacher(m, cfg))
@@ -153,8 +153,8 @@ def test_the_ema_teacher_moves_once_after_all_updates(tiny_base):
 
 def test_warm_up_starts_at_lr_zero_as_verl(tiny_base):
     model, tok = tiny_base
-    task = lab.make_lab_task("math", n_train=8, n_test=1)
-    cfg = lab.lab_config(loss_mode="grpo", prompts_per_step=2, group_size=2, warmup_steps=4,
+    task = lab.make_lab_task("math", "lab-short", n_train=8, n_test=1)
+    cfg = lab.lab_config("lab-short", loss_mode="grpo", prompts_per_step=2, group_size=2, warmup_steps=4,
                          steps_per_task=3, lr=1e-3)
     history = s.train_task(copy.deepcopy(model), tok, None, task, cfg, rng=s.seed_everything(0))
     assert [h["lr"] for h in history] == pytest.approx([0.0, 2.5e-4, 5e-4])

@@ -1,0 +1,346 @@
+"""The lab's task families: two sets, each a generator of rows with a verifier and a habit.
+
+TRACES, the paper's regime: every answer is a reasoning trace and a final answer in the family's
+own wrapper, with more than one valid trace per prompt. Four trained families mirror the paper's
+Math -> Science -> ToolUse -> Code sequence, each with its wrapper (math in \\boxed{}, science in
+<answer> tags, tool use in a call, code in a fenced block), so one family's wrapper can leak into
+another's answers, the artifact the paper saw. The trace's steps come in any order (which numbers
+are added first, which option is checked first, which argument is read first, a string read
+forwards or backwards), so a sibling's demonstration usually takes another path than the
+student's own: a teacher that follows the demonstration pulls toward that path where the two
+part, the token-level target that can mislead. The reward reads only the final answer in its
+wrapper, as the official rewards do.
+
+SHORT, the regime where SDPO's targets are reliable: answers of 2-4 tokens with no trace, the
+project's first instrument (lab-short), kept so that its results can be rerun beside the new lab.
+
+A family's solve(row, rng, slip) writes one valid solution, its steps in a random order, or with
+slip=True the family's habit: a plausible wrong answer made by a systematic slip (an off-by-one
+sum, the first option taken, the arguments in prompt order, the string left as it is). The base
+is pre-trained on both, so it samples a right and a wrong behaviour side by side, as a real base
+model does; RL and self-distillation then have something to select.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+from harness.data import mcq_reward, normalize
+
+BOXED, ANSWER, END_ANSWER, FENCE, THINK, END_THINK = ("\\boxed{", "<answer>", "</answer>",
+                                                      "```", "<think>", "</think>")
+NAMES = ("ann", "bob", "cai", "dan", "eve", "fay")
+DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+@dataclass
+class Family:
+    make: Callable          # make(rng) -> a row: prompt, answer (one right solution), ...
+    solve: Callable         # solve(row, rng, slip) -> a right solution, or the habit with slip
+    reward: Callable        # reward(completion, row) -> 0 or 1
+    form: str               # a completion of the family's form, right or wrong (a regex)
+    max_new_tokens: int
+    feedback: Callable | None = None   # feedback(completion, row) -> what was wrong, or None
+
+
+# ================================================================================================
+# TRACES: the paper's regime
+# ================================================================================================
+
+def last_wrapped(text: str, start: str, end: str) -> str | None:
+    """The text inside the last start...end pair of `text` (pairs read from the left), or None."""
+    found = re.findall(re.escape(start) + "(.*?)" + re.escape(end), text, flags=re.DOTALL)
+    return found[-1] if found else None
+
+
+# --- math: the sum of four numbers, added in any order, in \boxed{} ---------------------------
+
+def sum_steps(numbers, rng, slip) -> str:
+    """'4+5=9,9+3=12,12+2=14': the numbers added in a random order; slip: the first sum one too
+    large, carried through."""
+    order = rng.sample(numbers, len(numbers))
+    total, steps = order[0], []
+    for i, n in enumerate(order[1:]):
+        steps.append(f"{total}+{n}={total + n + (slip and i == 0)}")
+        total += n + (slip and i == 0)
+    return ",".join(steps), total
+
+
+def make_math(rng):
+    numbers = [rng.randrange(1, 6) for _ in range(4)]
+    return {"prompt": "+".join(map(str, numbers)) + "=", "numbers": numbers,
+            "answer": f"{sum_steps(numbers, rng, False)[0]} {BOXED}{sum(numbers)}}}",
+            "final": str(sum(numbers))}
+
+
+def solve_math(row, rng, slip):
+    steps, total = sum_steps(row["numbers"], rng, slip)
+    return f"{steps} {BOXED}{total}}}"
+
+
+def make_math_words(rng):                 # probe: math's content, asked in words
+    row = make_math(rng)
+    return dict(row, prompt="add " + " ".join(map(str, row["numbers"])))
+
+
+def make_math_cot(rng):                   # the CoT finding: math with the trace as thinking
+    row = make_math(rng)
+    return dict(row, prompt="think " + row["prompt"], answer=solve_math_cot(row, rng, False))
+
+
+def solve_math_cot(row, rng, slip):
+    steps, total = sum_steps(row["numbers"], rng, slip)
+    return f"{THINK}{steps}{END_THINK} {BOXED}{total}}}"
+
+
+# --- science: which option has the asked parity, options checked in any order, in <answer> ----
+
+def make_science(rng):
+    want_even = rng.random() < 0.5        # the one even digit among odd ones, or the reverse
+    right = rng.choice([d for d in range(10) if (d % 2 == 0) == want_even])
+    options = rng.sample([d for d in range(10) if (d % 2 == 0) != want_even], 3)
+    options.insert(rng.randrange(1, 4), right)      # never first: the habit takes the first
+    row = {"prompt": f"{'even' if want_even else 'odd'}? " + " ".join(map(str, options)),
+           "options": options, "want_even": want_even, "final": str(right)}
+    return dict(row, answer=solve_science(row, rng, False))
+
+
+def solve_science(row, rng, slip):
+    """'5 odd,0 even,1 odd,3 odd <answer>0</answer>': every option labelled, in a random order;
+    slip: the labels right, and the first option taken."""
+    options = row["options"]
+    order = rng.sample(options, len(options))
+    pick = options[0] if slip else int(row["final"])
+    return (",".join(f"{o} {'even' if o % 2 == 0 else 'odd'}" for o in order)
+            + f" {ANSWER}{pick}{END_ANSWER}")
+
+
+def make_mcq_math(rng):                   # probe: science's format with math's content
+    numbers = [rng.randrange(1, 6) for _ in range(4)]
+    total = sum(numbers)
+    options = [total + 1] + rng.sample([v for v in range(4, 21) if v not in (total, total + 1)], 2)
+    rng.shuffle(options)
+    options.insert(rng.randrange(1, 4), total)       # the habit's off-by-one is an option too
+    row = {"prompt": "+".join(map(str, numbers)) + "? " + " ".join(map(str, options)),
+           "numbers": numbers, "final": str(total)}
+    return dict(row, answer=solve_mcq_math(row, rng, False))
+
+
+def solve_mcq_math(row, rng, slip):
+    steps, total = sum_steps(row["numbers"], rng, slip)
+    return f"{steps} {ANSWER}{total}{END_ANSWER}"
+
+
+# --- tool: the arguments read in any order, then the call in its canonical order ----------------
+
+def make_tool(rng):
+    args = {"to": rng.choice(NAMES), "at": str(rng.randrange(1, 13)), "on": rng.choice(DAYS)}
+    parts = [f"{k} {v}" for k, v in args.items()]
+    while [p.split()[0] for p in parts] == list(args):   # never canonical: the habit is wrong
+        rng.shuffle(parts)
+    row = {"prompt": "send " + " ".join(parts), "args": args,
+           "prompt_order": [p.split()[0] for p in parts],
+           "final": "send({to},{at},{on})".format(**args)}
+    return dict(row, answer=solve_tool(row, rng, False))
+
+
+def solve_tool(row, rng, slip):
+    """'on=fri,to=dan,at=7 send(dan,7,fri)': the arguments read in a random order; slip: read
+    and called in the prompt's order."""
+    args = row["args"]
+    order = row["prompt_order"] if slip else rng.sample(list(args), len(args))
+    call = row["prompt_order"] if slip else list(args)
+    return (",".join(f"{k}={args[k]}" for k in order)
+            + " send(" + ",".join(args[k] for k in call) + ")")
+
+
+# --- code: a string reversed, its letters listed forwards or backwards, in a fenced block --------
+
+def make_code(rng):
+    s = ""
+    while s == s[::-1]:                   # no palindromes: the habit must be wrong
+        s = "".join(rng.choice("abcdefgh") for _ in range(rng.randrange(4, 6)))
+    row = {"prompt": f"rev({s})", "string": s, "final": s[::-1]}
+    return dict(row, answer=solve_code(row, rng, False))
+
+
+def solve_code(row, rng, slip):
+    """'1d,2b,3f,4a ```afbd```' or '4a,3f,2b,1d ```afbd```'; slip: the string as it is."""
+    s = row["string"]
+    listed = [f"{i + 1}{c}" for i, c in enumerate(s)]
+    if rng.random() < 0.5:
+        listed.reverse()
+    return ",".join(listed) + f" {FENCE}{s if slip else s[::-1]}{FENCE}"
+
+
+def final_is(extract):
+    """A reward that reads the final answer with `extract` and compares it with the row's."""
+    return lambda completion, row: float(extract(completion) == row["final"])
+
+
+def boxed_answer(text):
+    return last_wrapped(text, BOXED, "}")
+
+
+def tagged_answer(text):
+    return last_wrapped(text, ANSWER, END_ANSWER)
+
+
+def called_answer(text):
+    return (re.findall(r"send\([^()]*\)", text) or [None])[-1]
+
+
+SUM_TRACE = r"(\d+\+\d+=\d+,){2}\d+\+\d+=\d+"
+TRACES = {
+    "math": Family(make_math, solve_math, final_is(boxed_answer), SUM_TRACE + r" \\boxed\{\d+\}",
+                   36),
+    "science": Family(make_science, solve_science, final_is(tagged_answer),
+                      r"(\d (even|odd),){3}\d (even|odd) <answer>\d</answer>", 36),
+    "tool": Family(make_tool, solve_tool, final_is(called_answer),
+                   r"(\w\w=\w+,){2}\w\w=\w+ send\(\w+,\w+,\w+\)", 40),
+    "code": Family(make_code, solve_code, final_is(lambda c: last_wrapped(c, FENCE, FENCE)),
+                   r"(\d[a-h],){3,4}\d[a-h] ```[a-h]+```", 32),
+    "mcq_math": Family(make_mcq_math, solve_mcq_math, final_is(tagged_answer),
+                       SUM_TRACE + r" <answer>\d+</answer>", 36),
+    "math_words": Family(make_math_words, solve_math, final_is(boxed_answer),
+                         SUM_TRACE + r" \\boxed\{\d+\}", 36),
+    "math_cot": Family(make_math_cot, solve_math_cot, final_is(boxed_answer),
+                       r"<think>" + SUM_TRACE + r"</think> \\boxed\{\d+\}", 40),
+}
+
+
+# ================================================================================================
+# SHORT: answers of 2-4 tokens, where SDPO's targets are reliable
+# ================================================================================================
+
+def first_number(text: str) -> int | None:
+    m = re.search(r"-?\d+", text)
+    return int(m.group()) if m else None
+
+
+def number_reward(completion: str, example: dict) -> float:
+    return float(first_number(completion) == int(example["answer"]))
+
+
+def number_feedback(completion: str, example: dict) -> str | None:
+    guess, gold = first_number(completion), int(example["answer"])
+    if guess is None:
+        return "Your answer contains no number."
+    if guess == gold:
+        return None
+    return f"Your answer {guess} is too {'small' if guess < gold else 'large'}."
+
+
+def exact_reward(completion: str, example: dict) -> float:
+    return float(normalize(completion) == normalize(example["answer"]))
+
+
+def tool_feedback(completion: str, example: dict) -> str | None:
+    """Names the first wrong argument of a call `name(a,b,c)`, never its right value."""
+    got = re.fullmatch(r"\s*(\w+)\(([^()]*)\)\s*", completion)
+    want = re.fullmatch(r"(\w+)\(([^()]*)\)", example["answer"])
+    if got is None:
+        return "Your answer is not a call of the form name(arg,arg,arg)."
+    if got.group(1) != want.group(1):
+        return f"Unknown tool '{got.group(1)}'."
+    got_args, want_args = got.group(2).split(","), want.group(2).split(",")
+    if len(got_args) != len(want_args):
+        return f"The call has {len(got_args)} arguments; the tool takes {len(want_args)}."
+    for i, (g, w) in enumerate(zip(got_args, want_args)):
+        if g.strip() != w:
+            return f"Argument {i + 1} ('{g.strip()}') is wrong."
+    return None
+
+
+def string_feedback(completion: str, example: dict) -> str | None:
+    """Like a failing unit test: the first wrong position, not the expected output."""
+    got, want = completion.strip(), example["answer"]
+    if got == want:
+        return None
+    if len(got) != len(want):
+        return f"Test failed: the output has {len(got)} characters, expected {len(want)}."
+    i = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
+    return f"Test failed: the output is wrong at position {i + 1}."
+
+
+def final_answer_reward(completion: str, example: dict) -> float:
+    """A worked answer `... #12` is right iff the number after the last '#' is right."""
+    return float(first_number(completion.split("#")[-1]) == first_number(
+        example["answer"].split("#")[-1]) and "#" in completion)
+
+
+def short_math(rng):                       # Math: single-digit addition
+    a, b = rng.randrange(10), rng.randrange(10)
+    return {"prompt": f"{a}+{b}=", "answer": str(a + b), "habit": str(a + b + 1)}
+
+
+def short_mcq(rng, question, right, wrong):
+    """The question, then the options; the answer is the chosen option inside <answer> tags (the
+    official multiple-choice format, with the option itself where the official data has its
+    letter: a model this small does not learn to map an option to its letter within the lab's
+    budget). The right option is never the first one; the habit answers the first one."""
+    options = list(wrong)
+    options.insert(rng.randrange(1, len(options) + 1), right)
+    return {"prompt": f"{question} " + " ".join(map(str, options)),
+            "answer": f"<answer>{right}</answer>", "habit": f"<answer>{options[0]}</answer>"}
+
+
+def short_science(rng):                    # Science: multiple choice with an <answer> tag
+    want_even = rng.random() < 0.5        # the one even digit among odd ones, or the reverse
+    right = rng.choice([d for d in range(10) if (d % 2 == 0) == want_even])
+    wrong = rng.sample([d for d in range(10) if (d % 2 == 0) != want_even], 3)
+    return short_mcq(rng, "even?" if want_even else "odd?", right, wrong)
+
+
+def short_tool(rng):                       # ToolUse: arguments in any order -> a canonical call
+    to, at, on = rng.choice(NAMES), rng.randrange(1, 13), rng.choice(DAYS)
+    canonical = [f"to {to}", f"at {at}", f"on {on}"]
+    parts = list(canonical)
+    while parts == canonical:             # never the canonical order: the habit is always wrong
+        rng.shuffle(parts)
+    return {"prompt": "send " + " ".join(parts), "answer": f"send({to},{at},{on})",
+            "habit": "send(" + ",".join(p.split(" ")[1] for p in parts) + ")"}
+
+
+def short_code(rng):                       # Code: a string program, checked by its output
+    s = ""
+    while s == s[::-1]:                   # no palindromes: the habit must be wrong
+        s = "".join(rng.choice("abcdefgh") for _ in range(rng.randrange(3, 5)))
+    return {"prompt": f"rev({s})", "answer": s[::-1], "habit": s}
+
+
+def short_mcq_math(rng):                   # probe: Science's format with Math's content
+    a, b = rng.randrange(10), rng.randrange(10)
+    return short_mcq(rng, f"{a}+{b}?", a + b, rng.sample([v for v in range(19) if v != a + b], 3))
+
+
+def short_math_words(rng):                 # probe: Math's content in words
+    a, b = rng.randrange(10), rng.randrange(10)
+    return {"prompt": f"add {a} and {b}", "answer": str(a + b), "habit": str(a + b + 1)}
+
+
+def short_math_cot(rng):                   # chain of thought: three numbers, a worked solution
+    a, b, c = rng.randrange(10), rng.randrange(10), rng.randrange(10)
+    ab, abc = a + b, a + b + c
+    return {"prompt": f"{a}+{b}+{c}=", "answer": f"{a}+{b}={ab},{ab}+{c}={abc}#{abc}",
+            "habit": f"{a}+{b}={a + b + 1},{a + b + 1}+{c}={a + b + c + 1}#{a + b + c + 1}"}
+
+
+def fixed_answer(row, rng, slip):
+    """The short families' rows carry their one right answer and their habit."""
+    return row["habit"] if slip else row["answer"]
+
+
+SHORT = {
+    "math": Family(short_math, fixed_answer, number_reward, r"\d+", 4, number_feedback),
+    "science": Family(short_science, fixed_answer, mcq_reward, r"<answer>\d+</answer>", 5),
+    "tool": Family(short_tool, fixed_answer, exact_reward, r"send\(\w+,\w+,\w+\)", 20,
+                   tool_feedback),
+    "code": Family(short_code, fixed_answer, exact_reward, r"[a-h]+", 8, string_feedback),
+    "mcq_math": Family(short_mcq_math, fixed_answer, mcq_reward, r"<answer>\d+</answer>", 5),
+    "math_words": Family(short_math_words, fixed_answer, number_reward, r"\d+", 4,
+                         number_feedback),
+    "math_cot": Family(short_math_cot, fixed_answer, final_answer_reward,
+                       r"\d+\+\d+=\d+,\d+\+\d+=\d+#\d+", 22),
+}
