@@ -261,8 +261,9 @@ def plan_configs(args, names):
                          f"{', '.join(METHODS)}")
     seeds = parse_list("--seeds", args.seeds, int)
     # a lab has its scaled-down settings; a real model starts from the official ones
-    make_config = (functools.partial(lab.lab_config, args.model) if args.model in lab.LABS
-                   else sc.Config)
+    spec = lab.LABS.get(args.model)
+    quick = spec.quick_settings if spec and not args.finding else {}   # the default run's
+    make_config = functools.partial(lab.lab_config, args.model, **quick) if spec else sc.Config
     steps = stage_steps(args.steps, args.model, len(names))
     sets = parse_sets(args.set)
     configs = {(m, s): method_config(m, {**sets, "seed": s, "steps_per_task": steps[0]}, sets,

@@ -529,7 +529,8 @@ def gpu_plan_main(args, plan, budget=420):
 def main():
     import argparse
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="lab", help="'lab' or a real model (hub id, folder, .gguf)")
+    ap.add_argument("--model", default="lab", help="'lab', 'lab-short' or a real model (hub id, "
+                    "folder, .gguf)")
     ap.add_argument("--task", default=None,
                     help="a lab family or an official-layout folder (default: math for the lab, "
                          "single-digit sums in words for a real model)")
@@ -580,7 +581,8 @@ def main():
     worst = max(d for _, d in rows)
 
     model, tok = run_sequence.load_policy(args.model)
-    if args.model == "lab" or args.model.endswith(".gguf"):
+    is_lab = args.model in lab.LABS
+    if is_lab or args.model.endswith(".gguf"):
         # TRL's SDPOTrainer reloads its teacher from the model's path, which the shipped lab
         # file and a GGUF file do not give it: both sides start from a saved folder instead
         import tempfile
@@ -588,13 +590,13 @@ def main():
         model.save_pretrained(folder)
         tok.save_pretrained(folder)
         model, tok = run_sequence.load_policy(folder)
-        if args.model == "lab":      # the lab model runs eager attention (not saved in its config)
+        if is_lab:      # the lab model runs eager attention (not saved in its config)
             model.set_attn_implementation("eager")
     if args.task is None:
-        task = run_sequence.load_task("math") if args.model == "lab" else sums_task()
+        task = run_sequence.load_task("math", args.model) if is_lab else sums_task()
     else:
-        task = run_sequence.load_task(args.task)
-        if args.model != "lab":   # a real model answers in sentences: the last number counts
+        task = run_sequence.load_task(args.task, args.model)
+        if not is_lab:   # a real model answers in sentences: the last number counts
             task.reward = last_number_reward
     budget = args.max_new_tokens or task.max_new_tokens or 24
     task.max_new_tokens = budget
@@ -613,10 +615,11 @@ def main():
     for mode in ("grpo", "sdpo"):
         # the lab's learning rate, or the official one for a real model: at 3e-4 SmolLM2 drifts
         # within the warm-up steps, and the two sides would then time different behaviour
-        cfg = lab.lab_config(loss_mode=mode, prompts_per_step=args.prompts,
+        cfg = lab.lab_config(args.model if is_lab else "lab", loss_mode=mode,
+                             prompts_per_step=args.prompts,
                              group_size=args.group, max_new_tokens=budget,
                              loss_agg_mode="token-mean", warmup_steps=0,
-                             lr=lab.lab_config().lr if args.model == "lab" else sc.Config().lr)
+                             lr=lab.lab_config(args.model).lr if is_lab else sc.Config().lr)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             torch.manual_seed(0)
             r = time_steps(model, tok, task, cfg, n=args.steps)

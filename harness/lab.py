@@ -7,7 +7,7 @@ Two labs, each with its own families, settings and shipped base (docs/lab.md has
     lab        the paper's regime (the default): answers with a reasoning trace (about 26 tokens)
                and a final answer in the family's wrapper, several valid traces per prompt, a
                self-teacher that follows a demonstration only part of the time; stages in the
-               paper's proportions (50/50/50/20 batches, scaled)
+               paper's proportions (50/50/50/20 batches, scaled to 20/20/20/8)
     lab-short  the regime where SDPO's targets are reliable: answers of 2-4 tokens, a teacher
                right every time with a demonstration, 15-batch stages (the first instrument)
 """
@@ -81,6 +81,7 @@ class Lab:
     base_accuracy: dict
     settings: dict
     quick_steps: tuple            # the default run's stages
+    quick_settings: dict          # and its settings, on top of `settings`
     paper_scale: float            # --steps paper: PAPER_STEPS times this
     version: str                  # bump when the tokenizer, model or families change
 
@@ -98,7 +99,7 @@ LABS = {
         dict(prompts_per_step=32, group_size=8, max_new_tokens=48, lr=1e-4, warmup_steps=2,
              distillation_topk=20, steps_per_task=10, eval_examples=100, eval_samples=4,
              answer_marker="</think>"),
-        (10, 10, 10, 4), 0.5, "trace-1"),
+        (6, 6, 6, 3), dict(eval_examples=50), 0.4, "trace-1"),
     "lab-short": Lab(
         lab_families.SHORT, ("math", "science", "tool", "code"), ("mcq_math", "math_words"),
         ("<answer>", "</answer>"),
@@ -110,7 +111,7 @@ LABS = {
          "math_words": 0.5475},
         dict(prompts_per_step=32, group_size=8, max_new_tokens=24, lr=3e-4, warmup_steps=2,
              distillation_topk=20, steps_per_task=15, eval_examples=100, eval_samples=4),
-        (15, 15, 15, 15), 0.3, "4"),
+        (15, 15, 15, 15), {}, 0.3, "4"),
 }
 
 

@@ -67,8 +67,8 @@ def smoke_run(tmp_path_factory):
     results it returned, what it printed)."""
     load_task = run_sequence.load_task
 
-    def scored_by_coin(name):
-        task = load_task(name)
+    def scored_by_coin(name, model="lab"):
+        task = load_task(name, model)
         task.reward = coin_reward
         return task
     out, printed = tmp_path_factory.mktemp("runs"), io.StringIO()
@@ -127,7 +127,7 @@ def tiny_base():
 def random_lab():
     """(model, tokenizer): an untrained lab model (seed 0): cheap, and its samples are varied.
     Shared: tests that train it deep-copy it first."""
-    tok = lab.build_lab_tokenizer()
+    tok = lab.build_lab_tokenizer("lab-short")
     return lab.build_lab_model(tok, seed=0), tok
 
 

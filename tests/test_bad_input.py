@@ -35,6 +35,8 @@ CASES = {
     "unknown method": (["--methods", "grpo,ppo"], "unknown ['ppo']"),
     "unknown task": (["--tasks", "math,chess"], "unknown task 'chess'"),
     "steps per task": (["--steps", "1,2,3"], "--steps '1,2,3'"),
+    "the paper's stages on two tasks": (["--steps", "paper", "--tasks", "math,code"],
+                                        "--steps paper: the paper's stages are for 4 tasks"),
     "value out of range": (["--set", "alpha=2"], "Config.alpha=2 is invalid"),
     "unknown setting": (["--set", "colour=red"], "--set 'colour=red'"),
     "a bool for a number": (["--set", "lr=true"], "Config.lr=True is invalid: allowed a finite"),
@@ -83,7 +85,7 @@ def test_a_mcq_answer_that_is_not_a_letter_is_refused(tmp_path, capsys):
 
 
 def test_a_prompt_longer_than_the_context_is_reported_when_the_task_loads(tmp_path, capsys):
-    long = [{"prompt": "x" * 100_000, "answer": "A", "kind": "mcq"}]
+    long = [{"prompt": "x" * 2_000, "answer": "A", "kind": "mcq"}]      # 512 positions
     folder = official_task(tmp_path, train=long + [{"prompt": "ok?", "answer": "B",
                                                      "kind": "mcq"}] * 3)
     err = refused(run_sequence.main, tiny_argv(tasks=folder) + ["--out", str(tmp_path / "runs")],

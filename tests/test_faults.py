@@ -67,8 +67,8 @@ def test_a_fault_in_stage_2_keeps_stage_1_trained_finite_and_in_strict_json(tmp_
     not: rewards only pick demonstrations), then a NaN gradient at stage 2's first step."""
     load_task, train_task = run_sequence.load_task, s.train_task
 
-    def nan_failures_in_training(name):
-        task = load_task(name)
+    def nan_failures_in_training(name, model):
+        task = load_task(name, model)
         task.train = task.train.map(lambda ex: {"split": "train"})
         flips = itertools.cycle([1.0, float("nan")])
         task.reward = lambda c, ex: next(flips) if ex.get("split") == "train" else 0.0

@@ -42,12 +42,32 @@ def test_a_finding_sets_the_experiment_it_needs(planned):
         "grpo,sdpo", "math", "mcq_math,math_words", "15", "0,1,2")
     assert args.set == ["eval_every=3"] and args.name == "ood"
     continual = planned(["--finding", "continual"])
-    assert continual.tasks == "math,science,tool,code" and continual.steps is None
+    assert continual.tasks == "math,science,tool,code" and continual.steps == "paper"
     assert planned(["--finding", "teacher-stability"]).methods == (
         "grpo,sdpo_frozen,sdpo,sdpo_trust_region,sdpo_live")
     collapse = planned(["--finding", "collapse"])
     assert (collapse.methods, collapse.tasks, collapse.steps) == ("grpo,sdpo_ema50,sdpo_live",
                                                                    "tool", "40")
+
+
+@pytest.mark.parametrize("model, steps, expected", [
+    ("lab", "paper", [20, 20, 20, 8]),                  # the paper's 50/50/50/20, times 0.4
+    ("lab-short", "paper", [15, 15, 15, 6]),            # times 0.3
+    ("some/hub-model", "paper", [50, 50, 50, 20]),      # a real model: the paper's own
+    ("lab", None, [6, 6, 6, 3]),                        # the quick run's
+    ("some/hub-model", None, [50, 50, 50, 50]),         # the official default per task
+    ("lab", "7", [7, 7, 7, 7]),
+    ("lab", "1,2,3,4", [1, 2, 3, 4])])
+def test_the_stages_are_the_papers_scaled_on_a_lab_or_as_given(model, steps, expected):
+    assert run_sequence.stage_steps(steps, model, 4) == expected
+
+
+def test_only_the_quick_run_evaluates_on_fewer_prompts(planned):
+    names = ["math", "science", "tool", "code"]
+    quick = run_sequence.plan_configs(planned([]), names)[3]
+    finding = run_sequence.plan_configs(planned(["--finding", "continual"]), names)[3]
+    assert {c.eval_examples for c in quick.values()} == {50}
+    assert {c.eval_examples for c in finding.values()} == {100}
 
 
 def test_flags_given_with_a_finding_win_and_sets_add_up(planned):

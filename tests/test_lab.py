@@ -22,6 +22,16 @@ BOUNDS = {"lab": dict(reward=(0.2, 0.6), alike=0.4, lift=0.15, solved=0.5, teach
           "lab-short": dict(reward=(0.2, 0.7), alike=0.5, lift=0.2, solved=0.5, teacher=1.0)}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def two_threads():
+    """These checks evaluate a few thousand long prompts at once: two threads halve that (the
+    rest of the suite runs on one, conftest.py)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def models(shipped_lab, short_lab):
     return {"lab": shipped_lab, "lab-short": short_lab}
@@ -29,12 +39,19 @@ def models(shipped_lab, short_lab):
 
 @pytest.fixture(scope="module")
 def base_records(models):
-    """Row 0 of a default run of each lab: the shipped base on every lab task (100 test prompts x
-    4 samples at temperature 0.6, seeded), with the teacher lift."""
+    """The shipped base of each lab evaluated as a run's row 0 is (100 test prompts x 4 samples
+    at temperature 0.6, seeded), with the teacher lift of the trained families (the probes'
+    lift, which no check reads, is left out: it is the costliest part)."""
     out = {}
     for name, spec in lab.LABS.items():
-        tasks = [lab.make_lab_task(t, name) for t in spec.sequence + spec.probes]
-        out[name] = s.base_row(*models[name], tasks, lab.lab_config(name))["record"]
+        cfg = lab.lab_config(name)
+        s.seed_everything("base-eval")
+        out[name], _ = s.accuracy_row(*models[name], [lab.make_lab_task(t, name) for t in
+                                                      spec.sequence], cfg, lift=True)
+        probes, _ = s.accuracy_row(*models[name], [lab.make_lab_task(t, name) for t in
+                                                   spec.probes], cfg)
+        for key in ("accuracy", "stderr"):
+            out[name][key].update(probes[key])
     return out
 
 
@@ -112,7 +129,7 @@ def test_the_paper_regime_teacher_departs_from_right_answers(shipped_lab, family
     path that a right answer does not need."""
     torch.manual_seed(0)
     out = eval_forgetting.teacher_departure(*shipped_lab, lab.make_lab_task(family),
-                                            lab.lab_config())
+                                            lab.lab_config(), n_prompts=16)
     assert out["scored"] >= 10 and out["departure"] > 0
 
 

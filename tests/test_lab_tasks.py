@@ -22,8 +22,8 @@ def test_lab_tokenizer_is_character_level_with_a_chat_template(random_lab):
     assert tok.decode(ids, skip_special_tokens=True) == "3+4=7"
 
 
-def test_the_wrappers_are_one_token_each(random_lab):
-    _, tok = random_lab
+def test_the_wrappers_are_one_token_each():
+    tok = lab.build_lab_tokenizer("lab")
     for word in ("\\boxed{", "<answer>", "</answer>", "```", "<think>", "</think>"):
         assert len(tok(word, add_special_tokens=False).input_ids) == 1, word
 
@@ -54,8 +54,8 @@ def test_a_paper_regime_answer_has_several_valid_traces(name):
     assert several >= 0.9 * len(task.test)
 
 
-def test_paper_regime_answers_are_long_and_the_final_answer_a_small_part(random_lab):
-    _, tok = random_lab
+def test_paper_regime_answers_are_long_and_the_final_answer_a_small_part():
+    tok = lab.build_lab_tokenizer("lab")
     lengths, finals = [], []
     for name in lab.LABS["lab"].sequence:
         for ex in lab.make_lab_task(name, n_train=1, n_test=50).test:

@@ -57,4 +57,4 @@ def test_grpo_needs_a_batch_of_a_multiple_of_four_prompts():
 def test_the_other_settings_are_the_runs():
     cfg = run_sequence.method_config("hybrid", {"prompts_per_step": 8, "alpha": 1.0},
                                      {"alpha": 1.0}, lab.lab_config)
-    assert (cfg.prompts_per_step, cfg.alpha, cfg.lr) == (8, 1.0, lab.lab_config("lab-short").lr)
+    assert (cfg.prompts_per_step, cfg.alpha, cfg.lr) == (8, 1.0, lab.lab_config().lr)

@@ -62,8 +62,8 @@ def test_run_sequence_with_a_model_path_and_an_official_task(model_folder, offic
     accuracies are not all 0."""
     load_task = run_sequence.load_task
 
-    def scored_by_coin(name):
-        task = load_task(name)
+    def scored_by_coin(name, model="lab"):
+        task = load_task(name, model)
         task.reward = coin_reward
         return task
     monkeypatch.setattr(run_sequence, "load_task", scored_by_coin)
