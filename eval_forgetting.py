@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 import sdpo_cl as sc
+from harness.lab_families import WRAPPERS
 from harness.runs import atomic_write
 
 
@@ -239,6 +240,71 @@ def subspace_angle(w0, w, fraction=0.1) -> float:
     return torch.rad2deg(torch.arccos(cosines)).mean().item()
 
 
+# The paper's four parameter measures (its cl.model.jpg: NSS, max PA, PM overlap, PM update, every
+# 10 steps). The paper cites "The Path Not Taken" (arXiv 2511.08567) for them and its code has none;
+# the definitions below are as "On the Geometry of On-Policy Distillation" (arXiv 2606.07082,
+# section 3.1 and appendix C.3) restates that paper's suite, per weight matrix, in float64, then
+# averaged over the attention and MLP matrices without weighting. PM overlap and PM update are
+# this project's reading of the paper's panel names (their values, ~99% and ~6-8%, fit no other).
+
+def normalised_spectral_shift(w0, w) -> float:
+    """NSS = ||sigma(W) - sigma(W0)|| / ||sigma(W0)||, sigma the singular values in descending
+    order: how much the matrix's spectrum moved, whatever its singular vectors did."""
+    s0, s = torch.linalg.svdvals(w0.double()), torch.linalg.svdvals(w.double())
+    return ((s - s0).norm() / s0.norm()).item()
+
+
+def max_principal_angle(w0, w, fraction=0.1) -> float:
+    """The largest principal angle (degrees) between the top-k left singular subspaces of W0 and
+    W, k as in subspace_angle (the paper's k = 512 spans the whole of a lab matrix)."""
+    k = max(1, int(fraction * min(w.shape)))
+    u0 = torch.linalg.svd(w0.double(), full_matrices=False).U[:, :k]      # [m, k]
+    u = torch.linalg.svd(w.double(), full_matrices=False).U[:, :k]
+    cosines = torch.linalg.svdvals(u0.T @ u).clamp(max=1.0)                 # [k]
+    return torch.rad2deg(torch.arccos(cosines)).max().item()
+
+
+def principal_mask(w, rank=64, alpha=0.5):
+    """[m, n] bool: the top `alpha` share of entries, by magnitude, of W's rank-`rank`
+    reconstruction U_r S_r V_r^T (the weights the matrix's principal directions rest on)."""
+    u, sv, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    r = min(rank, sv.numel())
+    scores = ((u[:, :r] * sv[:r]) @ vh[:r]).abs().flatten()
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    mask[scores.topk(max(1, int(alpha * scores.numel()))).indices] = True
+    return mask.view(w.shape)
+
+
+def update_mask(w0, w, eta=1e-3):
+    """[m, n] bool: the entries that changed as bf16 sees them, |w - w0| > eta max(|w0|, |w|)
+    after casting both to bf16 (a change bf16 cannot represent is no change)."""
+    a, b = w0.bfloat16().double(), w.bfloat16().double()
+    return (b - a).abs() > eta * torch.maximum(a.abs(), b.abs())
+
+
+def principal_mask_overlap(w0, w, rank=64, alpha=0.5) -> float:
+    """PM overlap: the share of W0's principal mask that is still W's principal mask (1: the
+    weights the principal directions rest on are the same)."""
+    m0 = principal_mask(w0, rank, alpha)
+    return ((m0 & principal_mask(w, rank, alpha)).sum() / m0.sum()).item()
+
+
+def principal_mask_update(w0, w, rank=64, alpha=0.5, eta=1e-3) -> float:
+    """PM update: the share of W0's principal mask that training changed (as bf16 sees it)."""
+    m0 = principal_mask(w0, rank, alpha)
+    return ((m0 & update_mask(w0, w, eta)).sum() / m0.sum()).item()
+
+
+@torch.no_grad()
+def paper_drift(model, base) -> dict:
+    """The paper's four measures, each averaged over the attention and MLP weight matrices."""
+    rows = [(p0, p) for (name, p), p0 in zip(model.named_parameters(), base.parameters())
+            if p.dim() == 2 and layer_type(name) in ("attention", "mlp")]
+    measures = {"nss": normalised_spectral_shift, "max_angle": max_principal_angle,
+                "pm_overlap": principal_mask_overlap, "pm_update": principal_mask_update}
+    return {key: sum(f(p0, p) for p0, p in rows) / len(rows) for key, f in measures.items()}
+
+
 @torch.no_grad()
 def parameter_drift(model, base) -> dict:
     """||theta - theta_0|| / ||theta_0||, overall and per layer type (attention, mlp, ...), and
@@ -291,6 +357,31 @@ def response_similarity(completions, base_completions) -> float:
 # Format artifacts: the collapse mode of the paper, measured at every step
 # ================================================================================================
 
+def mmd_rbf(x, y, bandwidth=None) -> float:
+    """Squared maximum mean discrepancy between two samples of vectors x [n, d] and y [m, d]
+    with the RBF kernel exp(-||a - b||^2 / (2 h^2)): 0 for the same distribution, growing as
+    they part (the paper's distance between training and evaluation sets, on embeddings). The
+    biased estimate (diagonals kept), so it is 0 exactly for a set against itself; h by default
+    the median distance between all the points (the median heuristic)."""
+    x, y = x.double(), y.double()
+    z = torch.cat([x, y])
+    d2 = torch.cdist(z, z).pow(2)                                          # [n+m, n+m]
+    if bandwidth is None:
+        bandwidth = d2[d2 > 0].median().sqrt().item() if (d2 > 0).any() else 1.0
+    k = torch.exp(-d2 / (2 * bandwidth ** 2))
+    n = len(x)
+    return (k[:n, :n].mean() + k[n:, n:].mean() - 2 * k[:n, n:].mean()).item()
+
+
+def wrapper_leaks(completions, own, wrappers) -> dict:
+    """The share of answers that carry another family's wrapper (the paper's artifact: math's
+    \\boxed repeated in tool-use answers), by wrapper. wrappers: {family: its marker}; own:
+    this family's name, whose marker is not a leak."""
+    n = max(len(completions), 1)
+    return {family: sum(marker in c for c in completions) / n
+            for family, marker in wrappers.items() if family != own}
+
+
 def format_artifacts(completions, n=3, min_repeats=3) -> dict:
     """How often responses repeat themselves, the collapse mode of the paper: the fraction of
     responses in which some word/symbol n-gram occurs >= min_repeats times, and the n-gram
@@ -341,14 +432,20 @@ def artifact_gap(policy, teacher, rollout, targets, rows, cfg) -> float | None:
                         teacher_logits.float() / cfg.temperature, ids, targets.distill_mask[rows])
 
 
-def step_artifacts(policy, teacher, task, rollout, samples, targets, cfg) -> dict:
+def step_artifacts(policy, teacher, task, rollout, samples, targets, cfg, wrappers=WRAPPERS
+                   ) -> dict:
     """The collapse measures of one rollout batch: repeated n-grams in the samples and in the
-    successful ones (the pool SDPO's demonstrations come from); with the task's `well_formed`,
-    the share of samples out of its answer format and, for SDPO, the teacher's pull on them."""
+    successful ones (the pool SDPO's demonstrations come from); where the task is one of the
+    families in `wrappers`, the share of samples carrying each other family's wrapper
+    ("leak_<family>"); with the task's `well_formed`, the share of samples out of its answer
+    format and, for SDPO, the teacher's pull on them."""
     success = [c for c, r in zip(rollout.completions, targets.rewards.tolist())
                if r >= cfg.success_reward_threshold]
     out = {"repetition_rate": format_artifacts(rollout.completions)["repetition_frac"],
            "demo_repetition_rate": format_artifacts(success)["repetition_frac"]}
+    if task.name in wrappers:
+        leaks = wrapper_leaks(rollout.completions, task.name, wrappers)
+        out.update({f"leak_{family}": share for family, share in leaks.items()})
     if task.well_formed is not None:
         malformed = torch.tensor([not task.well_formed(c, ex) for c, ex in
                                   zip(rollout.completions, samples)])

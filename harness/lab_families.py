@@ -191,6 +191,8 @@ def called_answer(text):
     return (re.findall(r"send\([^()]*\)", text) or [None])[-1]
 
 
+# each trained family's wrapper: in another family's answer, a leak (eval_forgetting.wrapper_leaks)
+WRAPPERS = {"math": BOXED, "science": ANSWER, "tool": "send(", "code": FENCE}
 SUM_TRACE = r"(\d+\+\d+=\d+,){2}\d+\+\d+=\d+"
 TRACES = {
     "math": Family(make_math, solve_math, final_is(boxed_answer), SUM_TRACE + r" \\boxed\{\d+\}",

@@ -47,3 +47,12 @@ def test_repetition_counts_responses_that_repeat_an_ngram():
 ])
 def test_the_official_kinds_have_a_format_right_or_wrong(kind, completion, well_formed):
     assert data.official_well_formed(completion, {"kind": kind}) is well_formed
+
+
+def test_a_wrapper_leak_is_another_familys_wrapper_in_an_answer():
+    from harness.lab_families import WRAPPERS
+    answers = ["on=fri,to=dan,at=7 send(dan,7,fri)",                       # clean
+               "on=fri,to=dan,at=7 \\boxed{send(dan,7,fri)}",              # math's box leaked
+               "\\boxed{1} <answer>2</answer> send(a,b,c)"]               # two leaks
+    leaks = eval_forgetting.wrapper_leaks(answers, "tool", WRAPPERS)
+    assert leaks == {"math": pytest.approx(2 / 3), "science": pytest.approx(1 / 3), "code": 0.0}
