@@ -133,11 +133,13 @@ FINDINGS = {
              "(a positive gap feeds the artifact), the repetition and unfinished rates, and the "
              "reward"),
     "cot": dict(
-        methods="grpo,sdpo_frozen,sdpo_frozen_answer", tasks="math_cot", probes="", steps="15",
-        seeds="0,1,2", set=["eval_every=3"],
-        paper="distilling the chain of thought too is not better: long reasoning amplifies noise "
-              "(SDPO_0 vs SDPO_0 with CoT)",
-        look="accuracy during the stage, whole response against final answer only"),
+        methods="grpo,sdpo_frozen,sdpo_frozen_cot,sdpo_frozen_answer", tasks="math_cot",
+        probes="", steps="20", seeds="0,1,2", set=["eval_every=4"],
+        paper="long chains of thought amplify noise: SDPO_0 whose teacher sees the "
+              "demonstration's reasoning (SDPO_0^CoT) drifts most; distilling the chain of "
+              "thought too is not better",
+        look="accuracy during the stage and drift: the teacher with and without the "
+             "demonstration's reasoning, and the whole response against the final answer only"),
 }
 
 # ================================================================================================

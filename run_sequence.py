@@ -53,6 +53,8 @@ METHODS = {
     "sdpo_ema50": dict(loss_mode="sdpo", teacher_update_rate=0.5),     # a fast-moving teacher
     "sdpo_frozen_answer": dict(loss_mode="sdpo", teacher_update_rate=0.0,
                                distill_scope="final_answer"),          # no chain of thought
+    "sdpo_frozen_cot": dict(loss_mode="sdpo", teacher_update_rate=0.0,  # the paper's SDPO_0^CoT
+                            remove_thinking_from_demonstration=False),
     # remedies and reference points
     "replay": dict(loss_mode="sdpo", replay_fraction=0.25),
     "grpo_replay": dict(loss_mode="grpo", ppo_mini_batch_size=quarter_of_the_batch,
@@ -77,6 +79,9 @@ METHOD_HELP = {
     "hybrid": "0.5 GRPO + 0.5 SDPO (distillation_weight=0.5)",
     "sdpo_ema50": "SDPO with a fast-moving EMA teacher (rate 0.5)",
     "sdpo_frozen_answer": "SDPO_0 distilling the final answer only, not the chain of thought",
+    "sdpo_frozen_cot": "SDPO_0 whose teacher sees the demonstration's reasoning too "
+                       "(remove_thinking_from_demonstration=False; the paper's SDPO_0^CoT, most "
+                       "likely)",
     "replay": "SDPO with 25%% of each batch's prompts replayed from earlier tasks",
     "grpo_replay": "GRPO with 25%% replay",
     "sdpo_kl": "SDPO with a k3 KL anchor to the base model (kl_loss_coef=0.1)",
