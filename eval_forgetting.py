@@ -125,12 +125,14 @@ FINDINGS = {
               "angles of the weight matrices) and in responses (KL, similarity to the base's)",
         look="the drift figure, and response KL against forgetting"),
     "collapse": dict(
-        methods="grpo,sdpo_ema50,sdpo_live", tasks="tool", probes="", steps="40", seeds="0,1,2",
-        paper="a fast-moving teacher amplified a formatting artifact through the teacher-student "
-              "loop until the model collapsed",
-        look="per step over a long stage: the share of samples out of the task's format, "
-             "whether the teacher's targets rate those samples' tokens above the student does "
-             "(a positive gap feeds the artifact), the repetition and unfinished rates, and the "
+        methods="grpo,sdpo", probes="", steps="paper", seeds="0,1,2",
+        paper="in the tool-use stage of the sequence, SDPO at the official EMA rate 0.05 nearly "
+              "collapsed: a math-format artifact (\\boxed) repeated in tool answers, amplified "
+              "through the teacher-student loop",
+        look="per step through the sequence: the share of answers carrying another family's "
+             "wrapper (leak_<family> in log.jsonl), the share out of the task's format, whether "
+             "the teacher's targets rate those samples' tokens above the student does (a "
+             "positive gap feeds the artifact), the repetition and unfinished rates, and the "
              "reward"),
     "cot": dict(
         methods="grpo,sdpo_frozen,sdpo_frozen_cot,sdpo_frozen_answer", tasks="math_cot",
@@ -448,6 +450,9 @@ def step_artifacts(policy, teacher, task, rollout, samples, targets, cfg, wrappe
     if task.name in wrappers:
         leaks = wrapper_leaks(rollout.completions, task.name, wrappers)
         out.update({f"leak_{family}": share for family, share in leaks.items()})
+        foreign = [m for family, m in wrappers.items() if family != task.name]
+        out["leak_rate"] = sum(any(m in c for m in foreign) for c in rollout.completions) / max(
+            len(rollout.completions), 1)
     if task.well_formed is not None:
         malformed = torch.tensor([not task.well_formed(c, ex) for c, ex in
                                   zip(rollout.completions, samples)])
@@ -790,12 +795,14 @@ def write_plots(results, out: Path) -> list:
         plt.close(fig)
         paths.append(out / name)
 
+    colour = {m: f"C{i}" for i, m in enumerate(methods)}   # a method's colour in every panel
+
     def band(ax, xs, mu, sd, label, marker="o"):
         nan = float("nan")       # no value at a point (e.g. no malformed sample): a gap
         mu, sd = [nan if v is None else v for v in mu], [nan if v is None else v for v in sd]
-        ax.plot(xs, mu, marker=marker, ms=3, label=label)
+        ax.plot(xs, mu, marker=marker, ms=3, label=label, color=colour.get(label))
         ax.fill_between(xs, [a - b for a, b in zip(mu, sd)], [a + b for a, b in zip(mu, sd)],
-                        alpha=0.2)
+                        alpha=0.2, color=colour.get(label))
 
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3), squeeze=False)
     for j, ax in enumerate(axes[0]):
@@ -872,7 +879,8 @@ def write_plots(results, out: Path) -> list:
                   for i, v in enumerate(rec["train"].get("series", {}).get(key, []))]
         return [(x, None if v is None else scale * v) for x, v in values]
 
-    keys = [("malformed_rate", "samples out of the task's format (%)", 100),
+    keys = [("leak_rate", "samples with another family's wrapper (%)", 100),
+            ("malformed_rate", "samples out of the task's format (%)", 100),
             ("artifact_gap", "log p_teacher - log p_student,\nmalformed samples' tokens", 1),
             ("repetition_rate", "samples with a repeated n-gram (%)", 100),
             ("unfinished_rate", "samples without an end (%)", 100),

@@ -996,7 +996,7 @@ def next_batch(task, others, cfg, rng, order):
 
 
 SERIES = ("reward", "distill_frac", "repetition_rate", "demo_repetition_rate", "unfinished_rate",
-          "malformed_rate", "artifact_gap")
+          "malformed_rate", "artifact_gap", "leak_rate")
 
 
 def stage_summary(history) -> dict:

@@ -15,7 +15,7 @@ TINY = tiny_argv("eval_every=1", tasks=None, probes=None, methods=None, steps="2
 # What the paper reports for each finding, in its own words: the help must say it.
 PAPER_SAYS = {"teacher-stability": "a stable teacher", "ood": "an inverted U",
               "continual": "SDPO accumulates forgetting", "drift": "moves the model further",
-              "collapse": "amplified a formatting artifact", "cot": "chain of thought"}
+              "collapse": "amplified through the teacher-student loop", "cot": "chain of thought"}
 
 
 def test_help_says_what_each_finding_reports(capsys):
@@ -46,8 +46,9 @@ def test_a_finding_sets_the_experiment_it_needs(planned):
     assert planned(["--finding", "teacher-stability"]).methods == (
         "grpo,sdpo_frozen,sdpo,sdpo_trust_region,sdpo_live")
     collapse = planned(["--finding", "collapse"])
-    assert (collapse.methods, collapse.tasks, collapse.steps) == ("grpo,sdpo_ema50,sdpo_live",
-                                                                   "tool", "40")
+    assert (collapse.methods, collapse.tasks, collapse.steps) == ("grpo,sdpo",
+                                                                   "math,science,tool,code",
+                                                                   "paper")
 
 
 @pytest.mark.parametrize("model, steps, expected", [
@@ -79,11 +80,12 @@ def test_flags_given_with_a_finding_win_and_sets_add_up(planned):
 
 @pytest.mark.parametrize("finding, figure, methods", [
     ("teacher-stability", "curves.png", "grpo,sdpo_live"),
-    ("collapse", "collapse.png", "grpo,sdpo_ema50")])
+    ("collapse", "collapse.png", "grpo,sdpo")])
 def test_a_finding_writes_its_section_and_figure(tmp_path, finding, figure, methods):
-    """Two of the finding's methods (its full list is checked above), two rollout batches."""
+    """Two of the finding's methods (its full list is checked above), two rollout batches of
+    one task."""
     results = run_sequence.main(["--finding", finding, "--out", str(tmp_path),
-                                 "--methods", methods] + TINY)
+                                 "--methods", methods] + TINY + ["--tasks", "tool"])
     folder = tmp_path / finding
     assert set(results["runs"]) == set(methods.split(","))
     report = (folder / "report.md").read_text()
