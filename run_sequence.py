@@ -177,7 +177,7 @@ def build_parser():
     ap.add_argument("--name", help="run folder name under --out (default: quick, or the "
                     "finding's name)")
     ap.add_argument("--out", default="runs", help="parent folder of runs (%(default)s)")
-    ap.add_argument("--set", nargs="*", default=None, metavar="KEY=VALUE",
+    ap.add_argument("--set", nargs="*", action="extend", default=None, metavar="KEY=VALUE",
                     help="override a Config field, e.g. --set alpha=1.0 distillation_topk=null "
                     "(seed, steps_per_task, model and device have their own flags)")
     ap.add_argument("--print-verl", action="store_true", help="print the equivalent command "
@@ -286,6 +286,12 @@ def plan_run(args) -> RunPlan | None:
     methods, seeds, steps, configs, sets = plan_configs(args, names)
     tasks = [load_task(n, args.model) for n in names]
     probes = [load_task(n, args.model) for n in probe_names if n not in names]
+    seen = {}
+    for name, task in zip(names + [n for n in probe_names if n not in names], tasks + probes):
+        if task.name in seen:      # results are keyed by task name: one would overwrite the other
+            raise ValueError(f"the tasks {seen[task.name]!r} and {name!r} are both named "
+                             f"{task.name!r}; give the folders different names")
+        seen[task.name] = name
     if args.export_verl_data:
         for path in verl.export_verl_data(tasks + probes, args.export_verl_data):
             print(f"wrote {path}")

@@ -69,6 +69,15 @@ def test_bad_flags_and_settings_are_refused_before_anything_is_written(tmp_path,
     assert list(tmp_path.iterdir()) == []                     # nothing written
 
 
+def test_two_task_folders_of_the_same_name_are_refused(tmp_path, capsys):
+    for parent in ("x", "y"):
+        (tmp_path / parent).mkdir()
+    first, second = (official_task(tmp_path / parent, name="data") for parent in ("x", "y"))
+    err = refused(run_sequence.main, tiny_argv(tasks=f"{first},{second}")
+                  + ["--out", str(tmp_path / "runs")], capsys)
+    assert "are both named 'data'" in err and not (tmp_path / "runs").exists()
+
+
 def test_a_file_that_is_not_utf8_is_named(tmp_path, capsys):
     folder = official_task(tmp_path, test="café".encode("latin-1"))
     err = refused(run_sequence.main, tiny_argv(tasks=folder) + ["--out", str(tmp_path / "runs")],

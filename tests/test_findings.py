@@ -71,6 +71,11 @@ def test_only_the_quick_run_evaluates_on_fewer_prompts(planned):
     assert {c.eval_examples for c in finding.values()} == {100}
 
 
+def test_every_set_flag_counts(planned):
+    args = planned(["--set", "alpha=1.0", "--set", "is_clip=null", "mask_ratio=0.5"])
+    assert args.set == ["alpha=1.0", "is_clip=null", "mask_ratio=0.5"]
+
+
 def test_flags_given_with_a_finding_win_and_sets_add_up(planned):
     args = planned(["--finding", "ood", "--methods", "sdpo", "--seeds", "7", "--set",
                     "alpha=1.0", "eval_every=5"])
