@@ -211,10 +211,11 @@ def teacher_departure(model, tokenizer, task, cfg, n_prompts=32) -> dict:
     ids, mask = rollout.response_ids[rows], rollout.response_mask[rows]
     top = sc.response_scores(model, prompt_ids, prompt_mask, ids, mask).argmax(-1)   # [R, T]
     departed = ((top != ids).float() * mask).sum() / mask.sum()
-    G, done = cfg.group_size, rewards >= cfg.success_reward_threshold
-    demo = {i: next(j for j in range(i - i % G, i - i % G + G) if done[j] and not (
-        cfg.dont_reprompt_on_self_success and j == i)) for i in rows}   # as teacher_contexts
-    same = sum(rollout.completions[demo[i]] == rollout.completions[i] for i in rows)
+    own = [rollout.completions[i] for i in rows]
+    if cfg.remove_thinking_from_demonstration:         # as teacher_contexts shows a demonstration
+        own = [sc.strip_thinking(c) for c in own]
+    same = sum(contexts[i] == sc.teacher_prompt(samples[i]["prompt"], cfg, c)   # its own answer
+               for i, c in zip(rows, own))
     return {"departure": departed.item(), "same_path": same / len(rows), "scored": len(rows)}
 
 
@@ -231,8 +232,8 @@ def layer_type(name: str) -> str:
 
 
 @torch.no_grad()
-def subspace_angle(w0, w, fraction=0.1) -> float:
-    """Mean principal angle (degrees) between the top-k left singular subspaces of a weight
+def principal_angles(w0, w, fraction=0.1):
+    """[k] principal angles (degrees) between the top-k left singular subspaces of a weight
     matrix before (w0) and after (w), k = `fraction` of its smaller side (at least 1), as in
     "The Path Not Taken" (arXiv 2511.08567): 0 when training kept the directions the matrix
     writes to, 90 when it replaced them."""
@@ -241,7 +242,12 @@ def subspace_angle(w0, w, fraction=0.1) -> float:
     u0 = torch.linalg.svd(w0.double(), full_matrices=False).U[:, :k]      # [m, k]
     u = torch.linalg.svd(w.double(), full_matrices=False).U[:, :k]
     cosines = torch.linalg.svdvals(u0.T @ u).clamp(max=1.0)                 # [k]
-    return torch.rad2deg(torch.arccos(cosines)).mean().item()
+    return torch.rad2deg(torch.arccos(cosines))
+
+
+def subspace_angle(w0, w, fraction=0.1) -> float:
+    """The mean principal angle (degrees): this project's drift measure."""
+    return principal_angles(w0, w, fraction).mean().item()
 
 
 # The paper's four parameter measures (its cl.model.jpg: NSS, max PA, PM overlap, PM update, every
@@ -259,13 +265,9 @@ def normalised_spectral_shift(w0, w) -> float:
 
 
 def max_principal_angle(w0, w, fraction=0.1) -> float:
-    """The largest principal angle (degrees) between the top-k left singular subspaces of W0 and
-    W, k as in subspace_angle (the paper's k = 512 spans the whole of a lab matrix)."""
-    k = max(1, int(fraction * min(w.shape)))
-    u0 = torch.linalg.svd(w0.double(), full_matrices=False).U[:, :k]      # [m, k]
-    u = torch.linalg.svd(w.double(), full_matrices=False).U[:, :k]
-    cosines = torch.linalg.svdvals(u0.T @ u).clamp(max=1.0)                 # [k]
-    return torch.rad2deg(torch.arccos(cosines)).max().item()
+    """The largest principal angle (degrees), k as in principal_angles (the paper's k = 512
+    spans the whole of a lab matrix)."""
+    return principal_angles(w0, w, fraction).max().item()
 
 
 def principal_mask(w, rank=64, alpha=0.5):

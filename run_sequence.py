@@ -196,9 +196,10 @@ def load_task(name: str, model: str = "lab") -> sc.Task:
     """A task by name: a family of the lab `model` runs on (the trace lab's families for a real
     model), `gsm8k` (from the hub), or a folder in the official SDPO layout (train.json and
     test.json)."""
-    families = lab.LABS[model if model in lab.LABS else "lab"].families
+    lab_name = model if model in lab.LABS else "lab"
+    families = lab.LABS[lab_name].families
     if name in families:
-        return lab.make_lab_task(name, model if model in lab.LABS else "lab")
+        return lab.make_lab_task(name, lab_name)
     if name == "gsm8k":
         return data.load_gsm8k()
     if Path(name).is_dir():
@@ -282,12 +283,13 @@ def plan_run(args) -> RunPlan | None:
     the model, prompt lengths. Returns what the run needs, or None after --print-verl or
     --export-verl-data (which do their work here and stop)."""
     names = parse_list("--tasks", args.tasks)
-    probe_names = parse_list("--probes", args.probes, allow_empty=True)
+    probe_names = [n for n in parse_list("--probes", args.probes, allow_empty=True)
+                   if n not in names]
     methods, seeds, steps, configs, sets = plan_configs(args, names)
     tasks = [load_task(n, args.model) for n in names]
-    probes = [load_task(n, args.model) for n in probe_names if n not in names]
+    probes = [load_task(n, args.model) for n in probe_names]
     seen = {}
-    for name, task in zip(names + [n for n in probe_names if n not in names], tasks + probes):
+    for name, task in zip(names + probe_names, tasks + probes):
         if task.name in seen:      # results are keyed by task name: one would overwrite the other
             raise ValueError(f"the tasks {seen[task.name]!r} and {name!r} are both named "
                              f"{task.name!r}; give the folders different names")

@@ -186,6 +186,7 @@ def pretraining_batch(tokenizer, families, tasks, rng, recipe):
         if reprompt:                                   # the teacher's view: a demo in context
             demo = family.solve(ex, rng, False)
             prompt = teacher_prompt(prompt, cfg, demonstration=demo)
+        # no draw at copy_fraction 1: lab-short's shipped base was made from this random stream
         if reprompt and (recipe.copy_fraction >= 1 or rng.random() < recipe.copy_fraction):
             target = demo
         else:                                          # its own: right, or the habit
