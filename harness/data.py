@@ -4,18 +4,22 @@ official rewards chosen by each row's `kind`, and GSM8K from the hub.
 The official code picks a reward by each row's data source; here by its `kind` (the official
 layout's field for it): mcq (SciKnowEval, GPQA), tooluse (ToolAlpaca), math (DAPO-Math,
 MATH-500, GSM8K) and code. A row without a kind is scored by normalised exact match, an addition
-of this project. Model-written code runs only in a separate, limited process (sandbox.py).
+of this project. Model-written code runs only isolated by the operating system, one test per
+process (sandbox.py, docs/sandbox.md); the trainer compares the outputs.
 """
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
 from pathlib import Path
 
 from sdpo_cl import Task
 from harness.models import offline_unless_reachable
-from harness.sandbox import run_untrusted_code
+from harness import sandbox
 
 OFFICIAL_KINDS = ("mcq", "tooluse", "math", "code", "")
 MATH_PROMPT_SUFFIX = "\n\nPlease reason step by step, and put your final answer within \\boxed{}."
@@ -132,38 +136,236 @@ def math_feedback(completion: str, example: dict) -> str | None:
             "\\boxed{your_answer}.")
 
 
+# ---- The code reward: the official one (verl/utils/reward_score/feedback/code.py of
+# lasgroup/SDPO, "code.py:N" below). The program runs in the sandbox (harness/sandbox.py), one
+# process per test, and sees one input at a time; everything that needs an expected output
+# is here, in the trainer.
+
+INCORRECT_FORMAT, TIMEOUT, ERROR_PREFIX = "Incorrect format", "Time out", "Error: "
+DEFAULT_TIME_LIMIT = 1.0        # seconds per test when a row gives none (code.py:23, 762)
+TEST_TYPES = ("stdin", "functional", "code")
+
+
 def code_block(text: str) -> str | None:
-    """The longest fenced code block (```python ... ```), as the official code reward takes it."""
-    blocks = re.findall(r"```[\w+-]*\n(.*?)```", text, flags=re.DOTALL)
+    """The longest fenced code block, as the official code takes it (code.py:597-601)."""
+    blocks = re.findall(r"```\w*\n(.*?)```", text, flags=re.DOTALL)
     return max(blocks, key=len) if blocks else None
 
 
 def code_tests(example: dict) -> dict:
     """A code row's tests, the official format: {"inputs": [...], "outputs": [...],
-    "testtype": "stdin" or "functional", "fn_name": name for functional tests}."""
+    "testtype": "stdin", "functional" or "code" (assert statements), "fn_name", "context"
+    (code run before the program), "time_limit" (seconds per test)}, with defaults for the
+    optional fields."""
     tests = example["tests"]
-    return json.loads(tests) if isinstance(tests, str) else tests
+    tests = json.loads(tests) if isinstance(tests, str) else dict(tests)
+    return {"testtype": "stdin", "fn_name": "", "context": "", **tests,
+            "time_limit": float(tests.get("time_limit") or DEFAULT_TIME_LIMIT)}
+
+
+def compile_problem(source: str, what: str) -> str | None:
+    try:
+        compile(source, what, "exec", dont_inherit=True)   # compiles only, runs nothing
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
+        return f"{what} does not compile ({type(e).__name__}: {e})"
+    return None
+
+
+def one_test_problem(kind: str, given, want) -> str | None:
+    """Why one official test can never pass, or None."""
+    if kind == "stdin" and not (isinstance(given, str) and isinstance(want, str)):
+        return "a stdin test's input and output must be strings"
+    if kind == "functional":
+        if not isinstance(given, (str, dict)):
+            return ("a functional test's input must be a string (JSON values split at "
+                    "whitespace) or a dict of keyword arguments")
+        try:
+            json.loads(want)
+        except (TypeError, json.JSONDecodeError):
+            return "a functional test's output must be a string holding JSON"
+    if kind == "code":
+        if not isinstance(given, str):
+            return "a code test's input must be a string of Python (its asserts)"
+        return compile_problem(given, "the test code")
+    return None
+
+
+def check_code_row(row: dict) -> str | None:
+    """What makes a code row's tests unable to fail or unable to pass, or None. The loader
+    refuses such a row (an empty test list would score every program 1)."""
+    try:
+        tests = row["tests"]
+        tests = json.loads(tests) if isinstance(tests, str) else tests
+    except (KeyError, TypeError, json.JSONDecodeError):
+        return 'needs `tests`, a JSON object {"inputs": [...], "outputs": [...], ...}'
+    if not isinstance(tests, dict):
+        return "`tests` must be a JSON object"
+    inputs, outputs, kind = tests.get("inputs"), tests.get("outputs"), tests.get("testtype",
+                                                                                  "stdin")
+    if not isinstance(inputs, list) or not isinstance(outputs, list):
+        return "`tests.inputs` and `tests.outputs` must be lists"
+    if not inputs:
+        return "has no tests: every program would pass"
+    if len(inputs) != len(outputs):
+        return f"has {len(inputs)} inputs but {len(outputs)} outputs"
+    if kind not in TEST_TYPES:
+        return f"`testtype` {kind!r} is unknown; allowed: {', '.join(TEST_TYPES)}"
+    for key in ("fn_name", "context"):
+        if not isinstance(tests.get(key, ""), str):
+            return f"`{key}` must be a string"
+    limit = tests.get("time_limit")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float))
+                              or not limit > 0):
+        return "`time_limit` must be a positive number of seconds"
+    for i, (given, want) in enumerate(zip(inputs, outputs), 1):
+        problem = one_test_problem(kind, given, want)
+        if problem:
+            return f"test {i}: {problem}"
+    return compile_problem(tests.get("context", ""), "context")
+
+
+def stdout_words(text: str) -> str:
+    """The official comparison of printed output: stripped, lines joined by spaces
+    (code.py:480-481)."""
+    return text.strip().replace("\n", " ").replace("\r", "")
+
+
+def expected_stdout(output: str) -> str:
+    """An expected output stripped, and a trailing '-' dropped with what spaces precede it, as
+    the official code does (code.py:539-541)."""
+    output = output.strip()
+    return output[:output.rfind("-")].rstrip() if output.endswith("-") else output
+
+
+def run_code_test(code: str, tests: dict, index: int) -> dict:
+    """One official test record (code.py:560-568): the program's output or error, and whether
+    it matches the expected output (compared here, never in the program's process)."""
+    kind, given, want = tests["testtype"], tests["inputs"][index], tests["outputs"][index]
+    if kind == "stdin":
+        want = expected_stdout(want)
+    run = sandbox.run_program(code, given, kind=kind, fn_name=tests["fn_name"],
+                              context=tests["context"],
+                              seconds=tests["time_limit"] + 1)   # the official + 1 s (code.py:780)
+    record = {"test_idx": index, "input": given, "expected": want, "actual": "",
+              "passed": False, "debug": run.get("debug", "")}
+    if run.get("timed_out"):
+        record["actual"] = TIMEOUT
+    elif "error" in run:
+        record["actual"] = run["error"]
+    elif kind == "stdin" and "output" in run:
+        record["actual"] = run["output"].strip()
+        record["passed"] = stdout_words(run["output"]) == stdout_words(want)
+    elif kind == "functional" and "value" in run:   # JSON-like equality (code.py:448-456)
+        record["actual"] = run.get("shown", "")
+        record["passed"] = run["value"] == json.dumps(json.loads(want), sort_keys=True,
+                                                      separators=(",", ":"))
+    elif kind == "code":
+        record["actual"] = "All tests pass" if run.get("passed") else "No result"
+        record["passed"] = run.get("passed") is True
+    return record
+
+
+def clip(value, limit: int) -> str:
+    value = str(value)
+    return value[:limit] + "..." if len(value) > limit else value
+
+
+def input_lines(title: str, given) -> list:
+    if given is None:
+        return [title]
+    if isinstance(given, dict):
+        return [title] + [f"{k} = {clip(v, 250)}" for k, v in given.items()]
+    lines = str(given).splitlines()
+    more = [f"... ({len(lines) - 8} more lines)"] if len(lines) > 8 else []
+    return [title] + [clip(line, 250) for line in lines[:8]] + more
+
+
+def debug_lines(debug: str) -> list:
+    lines = (debug or "").strip()
+    if not lines:
+        return []
+    lines = lines.split("\n")
+    more = [f"... ({len(lines) - 10} more lines)"] if len(lines) > 10 else []
+    return ["", "Debug Output"] + [clip(line, 300) for line in lines[:10]] + more
+
+
+def render_feedback(records) -> str:
+    """The official rendering (code.py:604-745): the first runtime error, else the first
+    timeout, else the format error, else the two shortest wrong answers; input, output,
+    expected output and the program's debug output, each cut short."""
+    failing = [r for r in records if not r["passed"]]
+    first = next((r for test in (lambda a: a.startswith(ERROR_PREFIX), lambda a: a == TIMEOUT,
+                                 lambda a: a == INCORRECT_FORMAT)
+                  for r in records if isinstance(r["actual"], str) and test(r["actual"])), None)
+    shown = [first] if first else sorted(
+        failing, key=lambda r: len(str(r["input"])) + len(str(r["actual"])))[:2]
+    parts = []
+    for r in shown:
+        actual = r["actual"]
+        if actual == INCORRECT_FORMAT:
+            parts.append("Incorrect Format: Put your code inside a ```python ... ``` block.")
+        elif actual == TIMEOUT or actual.startswith(ERROR_PREFIX):
+            parts += (["Time Limit Exceeded"] if actual == TIMEOUT
+                      else ["Runtime Error", actual[len(ERROR_PREFIX):]]) + [""]
+            parts += input_lines("Last Executed Input", r["input"]) + debug_lines(r["debug"])
+        else:
+            parts += [f"Test Case {r['test_idx'] + 1}: Wrong Answer", ""]
+            parts += input_lines("Input", r["input"]) + ["", "Output", clip(actual, 250)]
+            if r["expected"] is not None:
+                parts += ["", "Expected", clip(r["expected"], 250)]
+            parts += debug_lines(r["debug"])
+        parts.append("")
+    return "\n".join(parts).rstrip()[:2000]
+
+
+def run_code_tests(code: str, tests: dict) -> list:
+    """Every test of the row, run in parallel as the official code does (code.py:767-772)."""
+    n = len(tests["inputs"])
+    with ThreadPoolExecutor(max_workers=max(1, min(n, os.cpu_count() or 1))) as pool:
+        return list(pool.map(lambda i: run_code_test(code, tests, i), range(n)))
+
+
+@lru_cache(maxsize=1024)
+def code_outcome(code: str | None, tests_json: str) -> dict:
+    """Score, accuracy, feedback and the records shortened, cached: a batch's rewards and then
+    its feedback need the same runs, and a row's inputs can run to megabytes."""
+    if code is None:
+        records = [{"test_idx": 0, "input": None, "expected": None, "actual": INCORRECT_FORMAT,
+                    "passed": False, "debug": ""}]
+    else:
+        records = run_code_tests(code, code_tests({"tests": tests_json}))
+    acc = sum(r["passed"] for r in records) / len(records)
+    short = tuple({**r, **{k: clip(r[k], 1000) for k in ("input", "expected", "actual", "debug")
+                           if r[k] is not None}} for r in records)
+    return {"score": float(acc == 1.0), "acc": acc, "feedback": render_feedback(records),
+            "records": short}
 
 
 def code_result(completion: str, example: dict) -> dict:
-    """Run the completion's code on the row's tests in a sandbox (see run_untrusted_code)."""
-    code = code_block(completion)
-    if code is None:
-        return {"passed": False, "feedback": "Incorrect format: put your code inside a "
-                                             "```python ... ``` block."}
-    tests = code_tests(example)
-    return run_untrusted_code(code, tests)
+    """The official result (code.py:820-870): "score" 1.0 iff every test passes (the reward:
+    SDPO calls it with sparse_rewards=True, feedback/__init__.py:15), "acc" the fraction of
+    tests passed (the official accuracy), "feedback" and the per-test "records" (shortened)."""
+    tests = example["tests"]
+    return code_outcome(code_block(completion), tests if isinstance(tests, str)
+                        else json.dumps(tests))
 
 
-def code_reward(completion: str, example: dict) -> float:
-    """1 iff every test passes."""
-    return float(code_result(completion, example)["passed"])
+def code_reward(completion: str, example: dict, *, sparse: bool = True) -> float:
+    """The official code reward: 1 iff every test passes; sparse=False: the fraction passed
+    (the official sparse_rewards=False, code.py:849-852)."""
+    result = code_result(completion, example)
+    return result["score"] if sparse else result["acc"]
+
+
+def code_accuracy(completion: str, example: dict) -> float:
+    """The official accuracy of a code answer: the fraction of its tests passed (code.py:847)."""
+    return code_result(completion, example)["acc"]
 
 
 def code_feedback(completion: str, example: dict) -> str | None:
-    """The first failing test or error, shortened."""
+    """The official feedback (LeetCode style), None when every test passes."""
     result = code_result(completion, example)
-    return None if result["passed"] else result["feedback"]
+    return None if result["score"] == 1.0 else result["feedback"]
 
 
 OFFICIAL_REWARDS = {"mcq": (mcq_reward, None), "tooluse": (tooluse_reward, tooluse_feedback),
@@ -219,6 +421,8 @@ def read_official_rows(path: Path) -> list:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise ValueError(f"{where}: JSON nested too deeply to read") from None
         if not isinstance(row, dict):
             raise ValueError(f"{where}: expected a JSON object with prompt and answer")
         for key in ("prompt", "answer"):
@@ -246,24 +450,18 @@ def check_official_answer(where, kind, row):
                          f"got {row['answer']!r}")
     if kind == "tooluse":
         try:
-            gold_tool_calls(row["answer"])
+            names, _ = gold_tool_calls(row["answer"])
         except (json.JSONDecodeError, TypeError, KeyError, AttributeError):
             raise ValueError(f"{where}: a tooluse answer must be a JSON list of "
                              f'{{"Action": ..., "Action_Input": ...}}, got {row["answer"][:80]!r}'
                              ) from None
+        if not names:       # no gold call: any answer without an Action line would score 1
+            raise ValueError(f"{where}: a tooluse answer needs at least one call, got "
+                             f"{row['answer'][:80]!r}")
     if kind == "code":
-        tests = row.get("tests")
-        try:
-            tests = json.loads(tests) if isinstance(tests, str) else tests
-            ok = (isinstance(tests, dict) and len(tests["inputs"]) == len(tests["outputs"])
-                  and tests.get("testtype", "stdin") in ("stdin", "functional")
-                  and (tests.get("testtype", "stdin") == "stdin" or tests.get("fn_name")))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            ok = False
-        if not ok:
-            raise ValueError(f"{where}: a code row needs `tests`: {{\"inputs\": [...], "
-                             f"\"outputs\": [...], \"testtype\": \"stdin\" or \"functional\" "
-                             f"(with \"fn_name\")}}")
+        problem = check_code_row(row)
+        if problem:
+            raise ValueError(f"{where}: a code row {problem}")
 
 
 def load_official_task(folder) -> Task:
@@ -278,6 +476,7 @@ def load_official_task(folder) -> Task:
         rows[split] = read_official_rows(path)
         if not rows[split]:
             raise ValueError(f"{path}: no examples")
+    sandbox.hide_path(folder)       # model-written code must not read the expected outputs
     from datasets import Dataset
     return Task(folder.name, Dataset.from_list(rows["train"]), Dataset.from_list(rows["test"]),
                 official_reward, official_feedback, well_formed=official_well_formed)

@@ -1,115 +1,510 @@
-"""Running model-written code for the code reward: a separate, limited process."""
+"""Running model-written code for the code reward, isolated by the operating system.
+
+One test of one program runs in one fresh process tree that the kernel walls off from the
+trainer (Linux namespaces, see docs/sandbox.md):
+
+  trainer ── python -I -B -c LAUNCHER (own session) ── pid 1 of a new pid namespace: RUNNER
+                                                       └── anything the program starts
+
+- The program receives its code and ONE test input, never an expected output: the trainer
+  compares what it reads back (at most OUTPUT_CAP bytes) with the expected output itself
+  (harness/data.py), so a program can neither learn the answer nor report a pass.
+- It runs as an unprivileged user with no capabilities (`no_new_privs`), in its own user, mount,
+  pid, network, IPC and UTS namespaces: every mount read-only except a fresh, size-limited
+  /tmp (its working folder), the host's /tmp, /run, /var/tmp, /dev/shm and the trainer's data
+  caches hidden, a fresh /proc that shows only its own processes, no network but a loopback
+  that is down. When pid 1 ends, the kernel kills every process of its namespace.
+- Why namespaces: nothing to install (bwrap and nsjail are not pip-installable), they hold
+  against code that turns off any Python-level guard (the guard is the kernel, not the
+  interpreter), and they work for a trainer run as root or as a normal user.
+
+Where the kernel refuses (macOS, Windows, containers that disable user namespaces), the code
+reward refuses to run, naming why, unless SDPO_CL_ALLOW_UNISOLATED_CODE=1: then each test runs
+in a plain subprocess with resource limits only, and a warning says so.
+"""
 from __future__ import annotations
 
 import json
+import math
 import os
+import selectors
+import signal
+import subprocess
 import sys
+import tempfile
+import time
+import warnings
 
-# The program runs in a fresh `python -I -B` process (no user site, no environment variables
-# read, no bytecode written) in an empty temporary directory, with a minimal environment, limits
-# on memory, CPU time, file size and open files, a per-test alarm and a wall-clock kill. An audit
-# hook installed before the program runs refuses what a test never needs: writing, deleting or
-# renaming outside the working directory, starting processes, sockets, ctypes, raising limits.
-# A guard against accidents of model-written code, not a security boundary against an attacker.
+ALLOW_UNISOLATED = "SDPO_CL_ALLOW_UNISOLATED_CODE"
+MEMORY_BYTES = 2 ** 30          # the official 1 GB address-space limit (feedback/code.py:22)
+OUTPUT_CAP = 8 * 2 ** 20        # bytes of stdout the trainer reads from one test, then kills
+STDERR_CAP = 64 * 2 ** 10       # the program's stderr is captured inside; this is stray writes
+WORK_SIZE = "64m"               # the program's writable /tmp
+NOBODY = 65534                  # the user a trainer run as root hands the program to
+HIDDEN_PATHS: set[str] = set()  # folders the program must not see; see hide_path
 
 
-SANDBOX_RUNNER = r'''
-import io, json, os, resource, signal, sys
-job = json.loads(sys.stdin.read())
-mem = job["memory_mb"] * 2 ** 20
-resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-resource.setrlimit(resource.RLIMIT_CPU, (job["cpu_seconds"], job["cpu_seconds"]))
-resource.setrlimit(resource.RLIMIT_FSIZE, (2 ** 24, 2 ** 24))
-resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
-resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-root = os.path.realpath(os.getcwd())
-out = os.fdopen(os.dup(1), "w")
+def hide_path(path) -> None:
+    """Hide a folder (a task's data folder, a run folder) from every later program: it will
+    see an empty, read-only folder there. The loader of a task calls this with its folder."""
+    HIDDEN_PATHS.add(os.path.realpath(path))
 
-def inside(path):
-    if isinstance(path, int):
-        return True
-    return os.path.realpath(os.fsdecode(path)).startswith(root + os.sep)
 
-WRITES = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-PATH_EVENTS = {"os.remove", "os.rmdir", "os.rename", "shutil.rmtree", "os.truncate", "os.chmod",
-               "os.chown", "os.link", "os.symlink", "os.mkdir", "os.utime", "shutil.move"}
-FORBIDDEN = {"os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty",
-             "subprocess.Popen", "os.kill", "os.killpg", "socket.connect", "socket.bind",
-             "ctypes.dlopen", "resource.setrlimit", "os.setuid", "os.chroot", "pty.spawn"}
+# ---- The launcher: trusted code that builds the walls, then hands over to the runner ----------
+# It runs before any model-written code, in a fresh interpreter (no state of the trainer). Its
+# steps, in order: (1) new namespaces (as root: first a mount namespace only, then drop to
+# nobody), (2) the filesystem view, (3) fork pid 1, (4) in pid 1: die with the launcher, a fresh
+# /proc, no new privileges, no inherited files, exec the runner. The exec of a non-root user
+# clears every capability, so the program cannot undo a mount.
 
-def guard(event, args):
-    if event == "open" and args[0] is not None and (args[2] or 0) & WRITES and not inside(args[0]):
-        raise PermissionError(f"sandbox: writing {args[0]} outside the working directory")
-    if event in PATH_EVENTS and not all(inside(a) for a in args[:2] if isinstance(a, (str, bytes))):
-        raise PermissionError(f"sandbox: {event} outside the working directory")
-    if event in FORBIDDEN:
-        raise PermissionError(f"sandbox: {event} is not allowed")
-    if event == "import" and args[0] in ("ctypes", "_ctypes", "multiprocessing"):
-        raise PermissionError(f"sandbox: import {args[0]} is not allowed")
+LAUNCHER = r'''
+import ctypes, errno, json, os, re, signal, sys
+cfg = json.loads(sys.argv[1])
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                       ctypes.c_char_p]
+libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                       ctypes.c_ulong]
+NEWNS, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET = (0x20000, 0x4000000, 0x8000000, 0x10000000,
+                                                 0x20000000, 0x40000000)
+RDONLY, NOSUID, NODEV, NOEXEC, REMOUNT, BIND, REC, PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
+LOCKABLE = {"nosuid": NOSUID, "nodev": NODEV, "noexec": NOEXEC}
+PDEATHSIG, DUMPABLE, NO_NEW_PRIVS = 1, 4, 38
 
-def alarm(signum, frame):
-    raise TimeoutError("time limit exceeded")
 
-signal.signal(signal.SIGALRM, alarm)
-sys.addaudithook(guard)
-tests, results = job["tests"], []
-for given, expected in zip(tests["inputs"], tests["outputs"]):
-    stdout = io.StringIO()
-    text = given if isinstance(given, str) else json.dumps(given)
-    sys.stdin, sys.stdout = io.StringIO(text), stdout
-    signal.setitimer(signal.ITIMER_REAL, job["seconds_per_test"])
-    try:
-        scope = {"__name__": "__main__"}
-        exec(compile(job["code"], "<model code>", "exec"), scope)
-        if tests.get("testtype", "stdin") == "functional":
-            args = (given if isinstance(given, list)
-                    else [json.loads(a) for a in given.split("\n") if a.strip()])
-            got = scope[tests["fn_name"]](*args)
-            want = json.loads(expected) if isinstance(expected, str) else expected
-            ok = json.dumps(got, sort_keys=True) == json.dumps(want, sort_keys=True)
-        else:
-            got = stdout.getvalue()
-            ok = got.split() == str(expected).split()
-        results.append({"ok": ok, "got": repr(got)[:200]})
-    except BaseException as e:
-        results.append({"ok": False, "error": f"{type(e).__name__}: {e}"[:300]})
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        sys.stdout = sys.__stdout__
-    if not results[-1]["ok"]:
-        break
-out.write(job["marker"] + json.dumps(results) + "\n")
-out.flush()
+def ok(ret, what):
+    if ret != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"{what}: {os.strerror(code)}")
+
+
+def mount(source, target, fstype, flags, data=None):
+    enc = lambda s: None if s is None else os.fsencode(s)
+    ok(libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data)), f"mount {target}")
+
+
+def write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def map_ids():
+    # A user namespace where this process keeps its own (non-root) ids: files of other users
+    # stay foreign to it, and its capabilities end at exec.
+    write("/proc/self/setgroups", "deny")
+    write("/proc/self/uid_map", f"{os.getuid()} {os.getuid()} 1")
+    write("/proc/self/gid_map", f"{os.getgid()} {os.getgid()} 1")
+
+
+def mounts():
+    for line in open("/proc/self/mountinfo"):
+        fields = line.split()
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+        yield point, set(fields[5].split(","))
+
+
+def inside(path, folder):
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def cover(path, options, keep):
+    """An empty tmpfs over `path`; the interpreter's folders under it are bound back."""
+    under = [k for k in keep if inside(k, path) and k != path]
+    if any(inside(path, k) for k in keep):
+        return                          # hiding it would hide the interpreter itself
+    try:                                # opened before the cover hides them
+        fds = [os.open(k, os.O_PATH | os.O_DIRECTORY) for k in under]
+        mount("tmpfs", path, "tmpfs", NOSUID | NODEV, options)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.EACCES, errno.ENOTDIR):
+            return                      # not there, or not reachable by this user either
+        raise
+    for k, fd in zip(under, fds):
+        os.makedirs(k, mode=0o755, exist_ok=True)
+        mount(f"/proc/self/fd/{fd}", k, None, BIND | REC)
+        os.close(fd)
+
+
+def read_only_everywhere(work):
+    """Remount every mount read-only but the work folder. A remount must keep the flags a
+    less privileged namespace may not clear (nosuid, nodev, noexec; atime is kept by leaving
+    it out). /proc is left: pid 1 mounts a fresh one over it, and uid_map is written there."""
+    for point, opts in list(mounts()):
+        if point == work or inside(point, "/proc"):
+            continue
+        locked = sum(flag for name, flag in LOCKABLE.items() if name in opts)
+        try:
+            mount(None, point, None, REMOUNT | BIND | RDONLY | locked)
+        except OSError as e:
+            # Skipped only where it cannot become a way to write: a mount already read-only,
+            # or one whose path this user cannot reach (nor can the program: same ids, and
+            # no capabilities over other users' files).
+            if "ro" in opts or e.errno in (errno.EACCES, errno.ENOENT):
+                continue
+            raise
+
+
+def build_view(work_owner):
+    mount(None, "/", None, REC | PRIVATE)   # nothing done here reaches the host's mounts
+    keep = cfg["keep"]
+    work_opts = f"mode=0700,size={cfg['work_size']},nr_inodes=4096" + (
+        f",uid={work_owner},gid={work_owner}" if work_owner is not None else "")
+    cover("/tmp", work_opts, keep)
+    for path in cfg["hide"]:
+        cover(path, "mode=0755,size=1m,nr_inodes=1024", keep)
+    read_only_everywhere("/tmp")
+
+
+os.umask(0o022)
+if os.geteuid() == 0:
+    # Root: build the view with real root in a mount namespace of its own, then become nobody,
+    # so the program owns no file of the host and cannot open root-only devices. The folders
+    # root alone may enter (/root) are covered, with the interpreter bound back inside.
+    ok(libc.unshare(NEWNS), "unshare")
+    build_view(cfg["nobody"])
+    os.setgroups([])
+    os.setresgid(cfg["nobody"], cfg["nobody"], cfg["nobody"])
+    os.setresuid(cfg["nobody"], cfg["nobody"], cfg["nobody"])
+    ok(libc.prctl(DUMPABLE, 1, 0, 0, 0), "prctl")   # so /proc/self/uid_map is ours to write
+    ok(libc.unshare(NEWUSER | NEWNS | NEWPID | NEWNET | NEWIPC | NEWUTS), "unshare")
+    map_ids()
+else:
+    ok(libc.unshare(NEWUSER | NEWNS | NEWPID | NEWNET | NEWIPC | NEWUTS), "unshare")
+    map_ids()
+    build_view(None)
+os.chdir("/tmp")
+
+child = os.fork()                   # pid 1 of the new pid namespace
+if child:
+    _, status = os.waitpid(child, 0)
+    code = os.waitstatus_to_exitcode(status)
+    os._exit(code if code >= 0 else 128 - code)
+
+ok(libc.prctl(PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl")   # the launcher killed: pid 1 too
+try:                                # a /proc of this namespace only: the trainer is not in it
+    mount("proc", "/proc", "proc", NOSUID | NODEV | NOEXEC | RDONLY)
+except OSError:                     # refused (e.g. a container's masked /proc): hide it all
+    mount("tmpfs", "/proc", "tmpfs", NOSUID | NODEV | NOEXEC | RDONLY, "size=4k")
+ok(libc.prctl(NO_NEW_PRIVS, 1, 0, 0, 0), "prctl")
+os.closerange(3, 1 << 16)
+os.execv(sys.executable, [sys.executable, "-I", "-B", "-c", cfg["runner"]])
 '''
 
 
-def run_untrusted_code(code: str, tests: dict, *, seconds_per_test: float = 2.0,
-                       memory_mb: int = 512) -> dict:
-    """Run `code` on each (input, expected output) of `tests` in a limited subprocess, stopping at
-    the first failure. Returns {"passed": bool, "feedback": the first failure, shortened}."""
-    import subprocess
-    import tempfile
-    n = len(tests["inputs"])
-    marker = f"@@results-{os.urandom(8).hex()}@@"
-    job = {"code": code, "tests": tests, "seconds_per_test": seconds_per_test,
-           "memory_mb": memory_mb, "cpu_seconds": int(seconds_per_test * n) + 2, "marker": marker}
-    with tempfile.TemporaryDirectory(prefix="sdpo-cl-code-") as work:
-        env = {"PATH": os.defpath, "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8"}
-        try:
-            done = subprocess.run([sys.executable, "-I", "-B", "-c", SANDBOX_RUNNER],
-                                  input=json.dumps(job), capture_output=True, text=True, cwd=work,
-                                  env=env, timeout=seconds_per_test * n + 5,
-                                  start_new_session=True)
-        except subprocess.TimeoutExpired:
-            return {"passed": False, "feedback": "Time limit exceeded."}
-    lines = [line for line in done.stdout.splitlines() if line.startswith(marker)]
-    if not lines:
-        return {"passed": False, "feedback": f"The program was killed (exit code "
-                                             f"{done.returncode}): {done.stderr.strip()[-200:]}"}
-    results = json.loads(lines[-1][len(marker):])
-    for i, (r, given, want) in enumerate(zip(results, tests["inputs"], tests["outputs"])):
-        if not r["ok"]:
-            what = r.get("error") or f"output {r['got']}, expected {str(want)[:100]!r}"
-            return {"passed": False,
-                    "feedback": f"Test {i + 1} failed on input {str(given)[:100]!r}: {what}"}
-    return {"passed": len(results) == n, "feedback": None}
+# ---- The runner: executes the program on one test, the official way ---------------------------
+# Child-side half of the official code reward (verl/utils/reward_score/feedback/code.py in
+# lasgroup/SDPO; line numbers below). It reports what the program did after a delimiter on
+# stdout; the trainer decides pass or fail. The program runs in this process and can forge
+# that report, so the report holds only the program's own answer, nothing to forge a pass with.
+
+RUNNER = r'''
+import __future__, ast, io, json, resource, sys
+job = json.loads(sys.stdin.buffer.read())
+real_stdout = sys.stdout
+for kind, value in ((resource.RLIMIT_AS, job["memory"]), (resource.RLIMIT_CPU, job["cpu"]),
+                    (resource.RLIMIT_FSIZE, 2 ** 24), (resource.RLIMIT_NOFILE, 64),
+                    (resource.RLIMIT_NPROC, 64), (resource.RLIMIT_CORE, 0)):
+    resource.setrlimit(kind, (value, value))
+
+import builtins
+# The allowed builtins and modules (code.py:83-152); open is None, __import__ checks the list
+# (code.py:154-167); common typing names are predefined (code.py:198-232).
+SAFE = ("abs all any bool bytes callable chr dict enumerate filter float format frozenset hash "
+        "hex int isinstance issubclass iter len list map max min next object ord pow print "
+        "range repr reversed round set slice sorted str sum tuple zip input").split()
+MODULES = {"math", "cmath", "itertools", "functools", "operator", "statistics", "random",
+           "collections", "heapq", "bisect", "array", "string", "re", "typing", "json", "io",
+           "fractions", "decimal", "dataclasses", "datetime", "time", "sys",
+           "sortedcontainers", "numpy"}
+TYPING = ("Any Optional Union List Dict Set Tuple Callable Iterable Iterator Sequence Mapping "
+          "MutableMapping MutableSequence MutableSet DefaultDict Deque FrozenSet Type TypeVar "
+          "Generic Literal TypedDict NoReturn overload").split()
+
+
+def allowed_import(name, globals=None, locals=None, fromlist=(), level=0):
+    if name.split(".")[0] not in MODULES:
+        raise ImportError(f"Import of module '{name}' is not allowed")
+    return builtins.__import__(name, globals, locals, fromlist, level)
+
+
+debug = io.StringIO()       # the program's stderr and debug_print (code.py:172-196)
+
+
+def debug_print(*args, sep=" ", end="\n", **_):
+    debug.write(sep.join(str(a) for a in args) + end)
+
+
+def namespace():
+    names = {n: getattr(builtins, n) for n in SAFE}
+    names.update(open=None, __import__=allowed_import, __build_class__=builtins.__build_class__)
+    import typing
+    ns = {"__builtins__": names, "debug_print": debug_print, "__debug_buffer__": debug}
+    ns.update({n: getattr(typing, n) for n in TYPING if hasattr(typing, n)})
+    ns["__name__"] = "__not_main__"
+    return ns
+
+
+def short_trace(e):
+    """The error and the program's last three frames (code.py:381-401)."""
+    import traceback
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename == "Solution.py"]
+    lines = [f"{type(e).__name__}: {e}"]
+    for f in frames[-3:]:
+        if f.line:
+            lines.append(f"  {f.line}")
+        lines.append(f"Line {f.lineno} in {f.name} (Solution.py)")
+    return "\n".join(lines)
+
+
+def function_name(code, ns, fn_name):
+    """The official inference (code.py:416-435): the given name if the program defines it,
+    else the first top-level def, else the word before the first parenthesis."""
+    if fn_name != "" and fn_name in ns and callable(ns[fn_name]):
+        return fn_name
+    name = None
+    try:
+        defs = [n.name for n in ast.parse(code).body if isinstance(n, ast.FunctionDef)]
+        name = fn_name if fn_name in defs else (defs[0] if defs else None)
+    except Exception:
+        pass
+    if name not in ns or not callable(ns.get(name)):
+        name = code.split("(")[0].split()[-1]
+    return name
+
+
+def jsonable(value):
+    """Only JSON's own types, so an object cannot fake equality (code.py:270-283)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    raise TypeError(f"Non-serializable result type: {type(value).__name__}")
+
+
+def run(code, given, kind, fn_name, ns):
+    if kind == "stdin":     # code.py:470-488: stdin and stdout are strings, __name__ is main
+        out = io.StringIO()
+        sys.stdin, sys.stdout = io.StringIO(given), out
+        exec(compile('__name__ = "__main__"\n' + code, "Solution.py", "exec"), ns)
+        return {"output": out.getvalue()}
+    if kind == "code":      # code.py:491-505: the program, then the test's own asserts
+        ns["__name__"] = "__main__"
+        sys.stdout = io.StringIO()
+        exec(compile(code, "Solution.py", "exec"), ns)
+        exec(compile(given, "Tests.py", "exec"), ns)
+        return {"passed": True}
+    # functional, code.py:404-467: postponed annotations; a dict is keyword arguments, a
+    # string is one JSON value per whitespace-separated word
+    exec(compile(code, "Solution.py", "exec", flags=__future__.annotations.compiler_flag,
+                 dont_inherit=True), ns)
+    name = function_name(code, ns, fn_name)
+    sys.stdout = io.StringIO()
+    if isinstance(given, dict):
+        result = ns[name](**given)
+    else:
+        result = ns[name](*[json.loads(x) for x in given.split()])
+    try:
+        value = json.dumps(jsonable(result), sort_keys=True, separators=(",", ":"))
+    except Exception as e:
+        return {"error": f"Error: {e}"}
+    return {"value": value, "shown": str(result)[:1000]}
+
+
+import traceback     # now: after a MemoryError there may be no room to import it
+report, ns = {}, namespace()
+try:
+    if job["context"].strip():          # the row's context code, first (code.py:514-518)
+        exec(compile(job["context"], "Context.py", "exec"), ns)
+    sys.stderr = debug
+    report = run(job["code"], job["input"], job["kind"], job["fn_name"], ns)
+except BaseException as e:
+    report = {"error": f"Error: {short_trace(e)}"}
+finally:
+    sys.stdout, sys.stderr = real_stdout, sys.__stderr__
+report["debug"] = debug.getvalue()[-4000:]
+real_stdout.write("\n" + job["delimiter"] + json.dumps(report))
+real_stdout.flush()
+'''
+
+
+# ---- The trainer's side: what to show and hide, start, feed, read with a cap, kill -----
+
+def _closed_ancestors(paths) -> set:
+    """For a trainer run as root: the topmost folder above each path that others may not
+    enter (/root for an interpreter under /root/.pyenv). Covered, with the path bound back."""
+    closed = set()
+    for path in paths:
+        parts = path.strip("/").split("/")
+        for i in range(1, len(parts)):
+            folder = "/" + "/".join(parts[:i])
+            if not os.stat(folder).st_mode & 0o001:
+                closed.add(folder)
+                break
+    return closed
+
+
+def _launcher_config() -> dict:
+    """What the launcher needs: the interpreter's folders to keep visible and the folders to
+    hide (the host's scratch space and the data caches the trainer reads from)."""
+    real = os.path.realpath
+    keep = {real(sys.base_prefix), real(sys.prefix), os.path.dirname(real(sys.executable))}
+    keep = sorted(k for k in keep if not any(k != o and k.startswith(o + "/") for o in keep))
+    caches = [os.environ.get(v) for v in ("HF_HOME", "HF_DATASETS_CACHE", "HF_HUB_CACHE",
+                                          "TRANSFORMERS_CACHE")]
+    caches += [os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
+                            "huggingface")]
+    hide = {real(p) for p in ["/var/tmp", "/dev/shm", "/run", *caches, *HIDDEN_PATHS] if p}
+    if os.geteuid() == 0:
+        hide |= _closed_ancestors(keep)
+    return {"keep": keep, "hide": sorted(hide - {"/tmp"}, key=lambda p: p.count("/")),
+            "nobody": NOBODY, "work_size": WORK_SIZE, "runner": RUNNER}
+
+
+def _exchange(argv, env, cwd, payload: bytes, seconds: float) -> dict:
+    """Run argv in its own session; write payload to its stdin; read stdout and stderr until
+    both close, at most `seconds` and OUTPUT_CAP / STDERR_CAP bytes; then kill its group."""
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, cwd=cwd, start_new_session=True)
+    caps = {proc.stdout: OUTPUT_CAP, proc.stderr: STDERR_CAP}
+    got = {proc.stdout: bytearray(), proc.stderr: bytearray()}
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdin, selectors.EVENT_WRITE)
+    for pipe in got:
+        sel.register(pipe, selectors.EVENT_READ)
+    for key in sel.get_map().values():
+        os.set_blocking(key.fd, False)
+    pending, stop, end = memoryview(payload), None, time.monotonic() + seconds
+    while sel.get_map() and stop is None:
+        left = end - time.monotonic()
+        if left <= 0:     # an exited process whose pipes a leftover holds (unisolated) is done
+            stop = None if proc.poll() is not None else "timeout"
+            break
+        for key, _ in sel.select(left):
+            pipe = key.fileobj
+            if pipe is proc.stdin:
+                try:
+                    pending = pending[os.write(key.fd, pending[:65536]):]
+                except BlockingIOError:
+                    continue
+                except BrokenPipeError:         # it stopped reading: the rest is not needed
+                    pending = pending[:0]
+                if not pending:
+                    sel.unregister(pipe)
+                    pipe.close()
+                continue
+            data = os.read(key.fd, 65536)
+            if not data:
+                sel.unregister(pipe)
+            got[pipe] += data
+            if len(got[pipe]) > caps[pipe]:
+                stop = "too much output"
+                break
+    sel.close()
+    try:                    # before wait(): the group id cannot have been reused yet
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        pipe.close()
+    return {"stop": stop, "returncode": proc.wait(), "stdout": bytes(got[proc.stdout]),
+            "stderr": bytes(got[proc.stderr])}
+
+
+def _child_env(home: str) -> dict:
+    return {"PATH": os.defpath, "LANG": "C.UTF-8", "HOME": home, "TMPDIR": home,
+            "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _read_report(done: dict, delimiter: str) -> dict:
+    """The runner's report, checked field by field (the program may have written it)."""
+    if done["stop"] == "timeout":
+        return {"timed_out": True}
+    detail = done["stderr"].decode("utf-8", "replace").strip()[-500:]
+    if done["stop"]:
+        return {"error": "Error: the program wrote more output than the limit", "detail": detail}
+    text = done["stdout"].decode("utf-8", "replace")
+    _, found, tail = text.rpartition(delimiter)
+    try:
+        report = json.loads(tail) if found else None
+    except json.JSONDecodeError:
+        report = None
+    types = {"output": str, "value": str, "shown": str, "passed": bool, "error": str,
+             "debug": str}
+    if not isinstance(report, dict) or not all(
+            k in types and isinstance(v, types[k]) for k, v in report.items()):
+        code = done["returncode"]
+        how = f"signal {-code}" if code < 0 else f"exit code {code}"
+        if code in (-signal.SIGXCPU, 128 + signal.SIGXCPU):
+            return {"timed_out": True}
+        return {"error": f"Error: the program was killed ({how})", "detail": detail}
+    return report
+
+
+def _run_job(job: dict, *, seconds: float, isolated: bool) -> dict:
+    job = {**job, "memory": MEMORY_BYTES, "cpu": math.ceil(seconds) + 1,
+           "delimiter": f"@@sdpo-cl-report-{os.urandom(8).hex()}@@"}
+    payload = json.dumps(job).encode()
+    if isolated:
+        argv = [sys.executable, "-I", "-B", "-c", LAUNCHER, json.dumps(_launcher_config())]
+        done = _exchange(argv, _child_env("/tmp"), None, payload, seconds)
+    else:
+        with tempfile.TemporaryDirectory(prefix="sdpo-cl-code-") as work:
+            done = _exchange([sys.executable, "-I", "-B", "-c", RUNNER], _child_env(work),
+                             work, payload, seconds)
+    return _read_report(done, job["delimiter"])
+
+
+# ---- Availability: tried once, then refused or opted out of -------------------------------
+
+_UNKNOWN = object()
+_isolation_reason = _UNKNOWN
+_warned = False
+
+
+def _probe() -> str | None:
+    if not sys.platform.startswith("linux"):
+        return f"user namespaces are a Linux feature; this is {sys.platform}"
+    result = _run_job({"code": "print('isolated')", "input": "", "kind": "stdin",
+                       "fn_name": "", "context": ""}, seconds=20, isolated=True)
+    if result.get("output") == "isolated\n":
+        return None
+    return "the namespace sandbox did not start: " + (result.get("detail") or "no output")[-300:]
+
+
+def isolation_available() -> str | None:
+    """None when programs can run isolated here; else why not (tried once, then cached)."""
+    global _isolation_reason
+    if _isolation_reason is _UNKNOWN:
+        _isolation_reason = _probe()
+    return _isolation_reason
+
+
+def _isolated() -> bool:
+    """True to isolate, False to run unisolated (opted in); raises when refused."""
+    global _warned
+    reason = isolation_available()
+    if reason is None:
+        return True
+    if os.environ.get(ALLOW_UNISOLATED) != "1":
+        raise RuntimeError(f"The code reward runs model-written code only isolated by the "
+                           f"operating system, and here it cannot: {reason}. To run it anyway "
+                           f"in a plain subprocess with resource limits only, set "
+                           f"{ALLOW_UNISOLATED}=1 (unsafe with untrusted models).")
+    if not _warned:
+        warnings.warn(f"{ALLOW_UNISOLATED}=1: model-written code runs NOT isolated ({reason}); "
+                      f"it can read and write what the trainer can.", RuntimeWarning)
+        _warned = True
+    return False
+
+
+def run_program(code: str, test_input, *, kind: str = "stdin", fn_name: str = "",
+                context: str = "", seconds: float = 2.0) -> dict:
+    """Run `code` on one test input; the runner's report: {"output": stdout} (stdin tests),
+    {"value": the return value's JSON, "shown": its str} (functional), {"passed": True}
+    (assert tests) or {"error": "Error: ..."}, each with "debug" (stderr); or {"timed_out":
+    True}. Isolated, or refused (see the module docstring)."""
+    job = {"code": code, "input": test_input, "kind": kind, "fn_name": fn_name,
+           "context": context}
+    return _run_job(job, seconds=seconds, isolated=_isolated())

@@ -1,14 +1,45 @@
-"""The code reward runs model-written code in a separate process with limits: 1 iff every test
-passes, and nothing the program does reaches the training process or files outside its own
-empty working directory."""
+"""The code reward's sandbox, tested as attacks: each test is a program that tries to get out
+(turn its guard off, forge a pass, find the expected output, signal or re-limit the trainer,
+write outside its folder, leave a process behind, reach the network, flood the trainer) and
+asserts that it fails. Where this machine cannot isolate, each test asserts the refusal
+instead, so none passes by skipping."""
 import json
+import os
+import resource
+import secrets
+import shutil
 import signal
+import socket
+import tempfile
+import textwrap
+import time
+from pathlib import Path
 
 import pytest
 
 from harness import data, sandbox
 
+ROOT = Path(__file__).resolve().parents[1]
 STDIN = {"inputs": ["1 2\n", "5 7\n"], "outputs": ["3\n", "12\n"], "testtype": "stdin"}
+# Turns the program's Python-level guard off: the allow-list of modules the official code
+# checks imports against lives in the runner's own module, which `sys` reaches.
+GUARD_OFF = ('import sys\n'
+             'sys.modules["__main__"].MODULES.update(["os", "builtins", "ctypes", "subprocess",\n'
+             '    "socket", "resource", "signal", "gc"])\n'
+             'import builtins, ctypes, gc, os, resource, signal, socket, subprocess\n'
+             'tried = []\n'
+             'def attempt(f):\n'
+             '    try:\n'
+             '        tried.append(repr(f()))\n'
+             '    except builtins.BaseException as e:\n'
+             '        tried.append(builtins.type(e).__name__)\n')
+
+
+@pytest.fixture(autouse=True)
+def fresh(monkeypatch):
+    """No opt-in to unisolated runs, and no cached result from another test."""
+    monkeypatch.delenv(sandbox.ALLOW_UNISOLATED, raising=False)
+    data.code_outcome.cache_clear()
 
 
 def row(program, tests=STDIN):
@@ -16,104 +47,296 @@ def row(program, tests=STDIN):
             "completion": f"Here:\n```python\n{program}\n```"}
 
 
+def attack(program, tests=STDIN):
+    """The official result of `program`, run isolated; where isolation is not available, the
+    refusal (naming the reason and the opt-in) is asserted instead and None returned."""
+    r = row(textwrap.dedent(program), tests)
+    if sandbox.isolation_available():
+        with pytest.raises(RuntimeError, match=sandbox.ALLOW_UNISOLATED):
+            data.code_result(r["completion"], r)
+        return None
+    return data.code_result(r["completion"], r)
+
+
+@pytest.fixture
+def victim():
+    """A world-writable folder the program can see, with a world-writable file: only the
+    sandbox's read-only mounts stand between them and the program. Under the git-ignored
+    runs/, as /tmp is hidden from the program."""
+    (ROOT / "runs").mkdir(exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=".sandbox-victim-", dir=ROOT / "runs"))
+    folder.chmod(0o777)
+    (folder / "keep.txt").write_text("precious")
+    (folder / "keep.txt").chmod(0o666)
+    yield folder
+    shutil.rmtree(folder)
+
+
+def untouched(folder: Path) -> bool:
+    keep = folder / "keep.txt"
+    return ([p.name for p in folder.iterdir()] == ["keep.txt"] and keep.read_text() == "precious"
+            and keep.stat().st_mode & 0o777 == 0o666)
+
+
+# ---- (a) the guard turned off from inside ----------------------------------------------------
+
+def test_turning_the_guard_off_still_cannot_write_outside(victim):
+    program = GUARD_OFF + f"""
+v = {str(victim)!r}
+attempt(lambda: builtins.open(v + "/by-open", "w").write("x"))
+attempt(lambda: builtins.open(v + "/keep.txt", "w").write("changed"))
+attempt(lambda: subprocess.run(["/bin/sh", "-c", "echo x > " + v + "/by-shell; "
+                                "echo y > " + v + "/keep.txt"]))
+libc = ctypes.CDLL(None, use_errno=True)
+attempt(lambda: libc.mount(None, b"/", None, 32 | 4096, None))      # remount / writable
+attempt(lambda: libc.unshare(0x10000000 | 0x20000))                # a nested namespace...
+attempt(lambda: libc.mount(None, b"/", None, 32 | 4096, None))      # ...and again there
+attempt(lambda: builtins.open(v + "/after-remount", "w").write("x"))
+print(3)
+"""
+    result = attack(program)
+    assert result is None or (result["score"] == 0.0 and untouched(victim))
+
+
+def test_the_program_has_no_capabilities_and_is_not_root():
+    program = GUARD_OFF + """
+status = builtins.open("/proc/self/status").read()
+print({l.split(":")[0]: l.split()[1] for l in status.splitlines()
+       if l.startswith(("CapEff", "CapPrm", "Uid"))})
+"""
+    result = attack(program, {"inputs": [""], "outputs": ["x"], "testtype": "stdin"})
+    if result:
+        seen = eval(result["records"][0]["actual"])
+        assert int(seen["CapEff"], 16) == 0 and int(seen["CapPrm"], 16) == 0
+        assert seen["Uid"] != "0"
+
+
+# ---- (b) forging a pass, finding the expected output -----------------------------------------
+
+FUNCTIONAL = {"inputs": ["2 3"], "outputs": ["5"], "testtype": "functional", "fn_name": "add"}
+
+
+@pytest.mark.parametrize("tests", [STDIN, FUNCTIONAL], ids=["stdin", "functional"])
+@pytest.mark.parametrize("fake", ['{"passed": true}', '{"passed": true, "value": "true"}',
+                                  '{"passed": true, "output": "pass"}'])
+def test_a_forged_report_does_not_pass_a_wrong_program(tests, fake):
+    """The program finds the runner's delimiter, writes a report of its own and exits: only
+    its own answer counts (printed output, or a return value), and it is wrong."""
+    program = GUARD_OFF + f"""
+def add(a, b):
+    return 0
+delimiter = sys.modules["__main__"].job["delimiter"]
+os.write(1, ("\\n" + delimiter + {fake!r}).encode())
+os._exit(0)
+"""
+    result = attack(program, tests)
+    assert result is None or (result["score"] == 0.0 and result["acc"] == 0.0)
+
+
+def test_the_expected_output_cannot_be_found(victim):
+    """A functional test whose expected output is a secret: the program searches its own
+    memory, its stdin, the trainer's /proc entries and the task's data file (in a folder
+    registered with hide_path), and returns what it found."""
+    secret = f"sesame-{secrets.token_hex(4)}"
+    (victim / "test.json").write_text(json.dumps({"outputs": [secret]}))
+    sandbox.hide_path(victim)
+    program = GUARD_OFF + f"""
+import re
+needle = re.compile("ses" + "ame-[0-9a-f]{8}")      # the secret, not this program's own text
+found = [repr(o)[:100] for o in gc.get_objects()
+         if isinstance(o, (dict, list, tuple)) and needle.search(repr(o))]
+found.append(sys.__stdin__.read())
+for path in ["/proc/%d/cmdline" % os.getppid(), "/proc/{os.getpid()}/environ",
+             "/proc/{os.getpid()}/mem", "/proc/{os.getpid()}/cmdline",
+             {str(victim / "test.json")!r}]:
+    attempt(lambda: builtins.open(path, "rb").read(200))
+def answer():
+    return [found, tried]
+"""
+    tests = {"inputs": [""], "outputs": [json.dumps(secret)], "testtype": "functional",
+             "fn_name": "answer", "time_limit": 3}
+    try:
+        result = attack(program, tests)
+    finally:
+        sandbox.HIDDEN_PATHS.discard(str(victim))
+    if result is not None:
+        shown = result["records"][0]["actual"]
+        assert result["score"] == 0.0 and "sesame" not in shown
+        assert shown.startswith("[[''], ["), shown     # it ran: nothing found, reads failed
+
+
+# ---- (c) re-limiting or signalling the trainer -----------------------------------------------
+
+def test_the_trainer_cannot_be_re_limited_or_signalled():
+    received = []
+    old_handler = signal.signal(signal.SIGTERM, lambda *_: received.append("SIGTERM"))
+    before = resource.getrlimit(resource.RLIMIT_NOFILE)
+    program = GUARD_OFF + f"""
+for pid in (os.getppid(), {os.getpid()}):
+    attempt(lambda: resource.prlimit(pid, resource.RLIMIT_NOFILE, (64, 64)))
+    attempt(lambda: os.kill(pid, signal.SIGTERM))
+print(3)
+"""
+    try:
+        result = attack(program)
+        time.sleep(0.1)
+        after = resource.getrlimit(resource.RLIMIT_NOFILE)
+    finally:
+        signal.signal(signal.SIGTERM, old_handler)
+        resource.setrlimit(resource.RLIMIT_NOFILE, before)
+    assert result is None or (after == before and received == [])
+
+
+# ---- (d) writing outside through a directory descriptor --------------------------------------
+
+def test_dir_fd_writes_unlinks_and_fifos_outside_change_nothing(victim):
+    program = GUARD_OFF + f"""
+fd = os.open({str(victim)!r}, os.O_RDONLY | os.O_DIRECTORY)
+attempt(lambda: os.open("new.txt", os.O_CREAT | os.O_WRONLY, 0o666, dir_fd=fd))
+attempt(lambda: os.open("keep.txt", os.O_WRONLY | os.O_TRUNC, dir_fd=fd))
+attempt(lambda: os.unlink("keep.txt", dir_fd=fd))
+attempt(lambda: os.mkfifo("fifo", dir_fd=fd))
+attempt(lambda: os.mkdir("folder", dir_fd=fd))
+attempt(lambda: os.symlink("/etc/passwd", "link", dir_fd=fd))
+attempt(lambda: os.rename("keep.txt", "moved.txt", src_dir_fd=fd, dst_dir_fd=fd))
+attempt(lambda: os.chmod("keep.txt", 0o777, dir_fd=fd))
+print(3)
+"""
+    result = attack(program)
+    assert result is None or (result["score"] == 0.0 and untouched(victim))
+
+
+# ---- (e) a process left behind ---------------------------------------------------------------
+
+def running(marker: str) -> bool:
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker.encode() in (entry / "cmdline").read_bytes():
+                return True
+        except OSError:
+            pass
+    return False
+
+
+def test_no_process_outlives_the_call():
+    """Popen (which is _posixsubprocess.fork_exec) in a new session, and a double fork that
+    execs: `sleep 45 0.<marker>` sleeps 45 s and carries the marker in its command line."""
+    marks = [f"0.{secrets.randbelow(10 ** 9):09d}" for _ in range(2)]
+    program = GUARD_OFF + f"""
+attempt(lambda: subprocess.Popen(["sleep", "45", "{marks[0]}"], start_new_session=True))
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        os.execv("/bin/sleep", ["sleep", "45", "{marks[1]}"])
+    os._exit(0)
+print(3)
+"""
+    result = attack(program, {"inputs": ["1 2\n"], "outputs": ["3\n"], "testtype": "stdin"})
+    if result is not None:
+        assert result["score"] == 1.0, result["feedback"]       # it ran, and returned
+        assert not any(running(m) for m in marks)
+
+
+# ---- (f) the network -------------------------------------------------------------------------
+
+def test_the_network_is_unreachable():
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tcp = socket.socket()
+    try:
+        udp.bind(("127.0.0.1", 0))
+        tcp.bind(("127.0.0.1", 0))
+        tcp.listen()
+        program = GUARD_OFF + f"""
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+attempt(lambda: s.sendto(b"leak", ("127.0.0.1", {udp.getsockname()[1]})))
+attempt(lambda: socket.create_connection(("127.0.0.1", {tcp.getsockname()[1]}), 1).send(b"x"))
+print(3)
+"""
+        result = attack(program)
+        udp.setblocking(False)
+        tcp.settimeout(0.1)
+        if result is not None:
+            with pytest.raises(BlockingIOError):
+                udp.recv(16)
+            with pytest.raises(socket.timeout):
+                tcp.accept()
+    finally:
+        udp.close()
+        tcp.close()
+
+
+# ---- (g) flooding the trainer ----------------------------------------------------------------
+
+def peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+@pytest.mark.parametrize("flood", ["os.write(2, b'x' * 65536)", "os.write(1, b'y' * 65536)",
+                                   "print('z' * 100000)"])
+def test_unbounded_output_is_cut_off_without_growing_the_trainer(flood):
+    Path("/proc/self/clear_refs").write_text("5")       # resets the peak RSS
+    before, start = peak_rss_mb(), time.monotonic()
+    result = attack(GUARD_OFF + f"while True:\n    {flood}\n",
+                    {"inputs": ["1 2\n"], "outputs": ["3\n"], "testtype": "stdin",
+                     "time_limit": 1})
+    if result is not None:
+        assert result["score"] == 0.0
+        assert time.monotonic() - start < 5
+        assert peak_rss_mb() - before < 100
+
+
+# ---- (h) the ordinary behaviours, and the refusal --------------------------------------------
+
 def score(program, tests=STDIN):
-    r = row(program, tests)
-    return data.official_reward(r["completion"], r), data.official_feedback(r["completion"], r)
+    """(reward, feedback) of a program, or None where isolation is refused."""
+    result = attack(program, tests)
+    if result is None:
+        return None
+    return result["score"], None if result["score"] == 1.0 else result["feedback"]
 
 
 def test_a_passing_program_scores_1():
-    assert score("a, b = map(int, input().split())\nprint(a + b)") == (1.0, None)
-
-
-def test_a_functional_test_calls_the_named_function():
-    tests = {"inputs": [[2, 3], [10, -1]], "outputs": [5, 9], "testtype": "functional",
-             "fn_name": "add"}
-    assert score("def add(a, b):\n    return a + b", tests) == (1.0, None)
+    assert score("a, b = map(int, input().split())\nprint(a + b)") in (None, (1.0, None))
 
 
 def test_a_failing_program_names_the_first_failing_test():
-    reward, feedback = score("a, b = map(int, input().split())\nprint(a * b if a > 1 else a + b)")
-    assert reward == 0.0 and feedback.startswith("Test 2 failed") and "expected '12" in feedback
+    got = score("a, b = map(int, input().split())\nprint(a * b if a > 1 else a + b)")
+    assert got is None or (got[0] == 0.0 and got[1].startswith("Test Case 2: Wrong Answer"))
+
+
+def test_an_infinite_loop_is_stopped():
+    got = score("while True:\n    pass", {**STDIN, "time_limit": 0.5})
+    assert got is None or (got[0] == 0.0 and got[1].startswith("Time Limit Exceeded"))
+
+
+def test_a_memory_bomb_fails():
+    got = score("x = []\nwhile True:\n    x.append(' ' * 10**7)")
+    # the 1 GB limit stops it; on a loaded machine the time limit may come first
+    assert got is None or (got[0] == 0.0 and ("MemoryError" in got[1]
+                                              or got[1].startswith("Time Limit Exceeded")))
 
 
 def test_an_answer_without_a_code_block_is_a_format_error():
     r = row("")
-    assert data.official_reward("print(3)", r) == 0.0
-    assert "```python" in data.official_feedback("print(3)", r)
+    assert data.code_reward("print(3)", r) == 0.0
+    assert data.code_feedback("print(3)", r).startswith("Incorrect Format: Put your code")
 
 
-def test_an_infinite_loop_is_stopped():
-    reward, feedback = score("while True:\n    pass")
-    assert reward == 0.0 and "time limit" in feedback.lower()
+def test_without_isolation_the_reward_refuses_naming_why_and_the_opt_in(monkeypatch):
+    monkeypatch.setattr(sandbox, "_isolation_reason", "user namespaces are disabled here")
+    r = row("print(3)")
+    with pytest.raises(RuntimeError, match="user namespaces are disabled here.*"
+                                           + sandbox.ALLOW_UNISOLATED):
+        data.code_reward(r["completion"], r)
 
 
-def test_unbounded_allocation_fails_without_harming_the_trainer():
-    reward, feedback = score("x = []\nwhile True:\n    x.append(' ' * 10**7)")
-    assert reward == 0.0 and "MemoryError" in feedback
-
-
-def test_deleting_files_outside_the_working_directory_is_refused(tmp_path):
-    victim = tmp_path / "keep.txt"
-    victim.write_text("precious")
-    program = (f"import os, shutil\nos.remove({str(victim)!r})\n"
-               "a, b = map(int, input().split())\nprint(a + b)")
-    reward, feedback = score(program)
-    assert reward == 0.0 and "PermissionError" in feedback
-    assert victim.read_text() == "precious"
-    reward, _ = score(f"import shutil\nshutil.rmtree({str(tmp_path)!r})")
-    assert reward == 0.0 and victim.exists()
-
-
-def test_starting_a_process_is_refused():
-    reward, feedback = score("import subprocess\nsubprocess.run(['true'])")
-    assert reward == 0.0 and "not allowed" in feedback
-
-
-@pytest.mark.parametrize("mode", ["w", "a", "r+", "x"])
-def test_writing_a_file_outside_the_working_directory_is_refused(tmp_path, mode):
-    target = tmp_path / "kept.txt"
-    if mode != "x":
-        target.write_text("kept")
-    reward, feedback = score(f"open({str(target)!r}, {mode!r}).write('changed')\n"
-                             "a, b = map(int, input().split())\nprint(a + b)")
-    assert reward == 0.0 and "PermissionError" in feedback and "outside the working" in feedback
-    assert target.read_text() == "kept" if mode != "x" else not target.exists()
-
-
-def test_a_sibling_folder_that_shares_the_working_directorys_name_is_outside_it():
-    program = ("import os\npath = os.getcwd() + '-sibling.txt'\n"
-               "try:\n    open(path, 'w').write('x')\nfinally:\n"
-               "    os.path.exists(path) and os.unlink(path)\n")
-    reward, feedback = score(program)
-    assert reward == 0.0 and "outside the working directory" in feedback
-
-
-def test_a_file_inside_the_working_directory_may_be_written_and_read():
-    program = ("open('scratch.txt', 'w').write(input())\n"
-               "a, b = map(int, open('scratch.txt').read().split())\nprint(a + b)")
-    assert score(program) == (1.0, None)
-
-
-def test_opening_a_socket_connection_is_refused():
-    reward, feedback = score("import socket\nsocket.socket().bind(('127.0.0.1', 0))")
-    assert reward == 0.0 and "socket.bind is not allowed" in feedback
-    reward, feedback = score("import socket\nsocket.create_connection(('127.0.0.1', 9))")
-    assert reward == 0.0 and "socket.connect is not allowed" in feedback
-
-
-def test_importing_ctypes_is_refused():
-    reward, feedback = score("import ctypes\nctypes.CDLL(None).getpid()")
-    assert reward == 0.0 and "import ctypes is not allowed" in feedback
-
-
-def test_a_program_that_ignores_the_alarm_is_killed_by_the_cpu_limit():
-    """The per-test alarm is a signal the program can ignore; the CPU-time limit (the tests'
-    seconds + 2) is not: the kernel kills it (SIGXCPU, or SIGKILL at the hard limit) before the
-    wall-clock kill (the tests' seconds + 5), which would say "Time limit exceeded."."""
-    program = ("import signal\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\n"
-               "while True:\n    pass")
-    result = sandbox.run_untrusted_code(program, {"inputs": ["1\n"], "outputs": ["1\n"]},
-                                        seconds_per_test=0.5)
-    killed_by = {f"The program was killed (exit code -{sig}): " for sig in (signal.SIGXCPU,
-                                                                          signal.SIGKILL)}
-    assert not result["passed"] and result["feedback"] in killed_by
+def test_the_opt_in_runs_unisolated_with_a_warning(monkeypatch):
+    monkeypatch.setattr(sandbox, "_isolation_reason", "user namespaces are disabled here")
+    monkeypatch.setattr(sandbox, "_warned", False)
+    monkeypatch.setenv(sandbox.ALLOW_UNISOLATED, "1")
+    r = row("a, b = map(int, input().split())\nprint(a + b)")
+    with pytest.warns(RuntimeWarning, match="NOT isolated"):
+        assert data.code_reward(r["completion"], r) == 1.0
