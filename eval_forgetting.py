@@ -104,26 +104,35 @@ def verdict(diff) -> str:
 # what to look at in the report section it writes.
 FINDINGS = {
     "teacher-stability": dict(
-        methods="grpo,sdpo_frozen,sdpo,sdpo_trust_region,sdpo_live", tasks="math", probes="",
-        steps="15", seeds="0,1,2", set=["eval_every=3"],
-        paper="a stable teacher (frozen, or a slow EMA) beats a fast-moving one, and with it "
-              "SDPO specialises faster than GRPO",
-        look="the in-domain accuracy during the stage (every 3 batches) of each teacher kind"),
+        methods="grpo,sdpo_frozen,sdpo_ema01,sdpo_ema02,sdpo,stable_sdpo", tasks="math",
+        probes="math_hard", steps="20", seeds="0,1,2", set=["eval_every=4"],
+        paper="stable teachers outperform rapidly updated EMA teachers: on a math stage scored "
+              "on held-out math (AIME), base 32.7, frozen teacher 56.4, EMA 5% 34.4, StableSDPO "
+              "55.0, with an EMA sweep 0/1/2/5%",
+        look="accuracy after the stage on the training distribution and on the harder held-out "
+             "probe (math_hard: numbers up to 7, never pre-trained), per teacher, paired "
+             "against the frozen teacher; and the curves every 4 batches",
+        baselines=("grpo", "sdpo_frozen")),
     "ood": dict(
-        methods="grpo,sdpo", tasks="math", probes="mcq_math,math_words", steps="15",
-        seeds="0,1,2", set=["eval_every=3"],
-        paper="SDPO improves source-like tasks but hurts partially related ones: their accuracy "
-              "rises, then falls (an inverted U)",
-        look="the held-out probes' accuracy during and after one stage"),
+        methods="grpo,sdpo", steps="paper", seeds="0,1,2",
+        paper="SDPO improves source-like tasks but hurts partially related domains: across "
+              "evaluation sets, forgetting peaks at intermediate distance (MMD, RBF kernel) "
+              "from the training domain, an inverted U",
+        look="every (trained task, evaluated set) pair's change during the stage against its "
+             "distance (ood.png), and the peak at intermediate distance with its interval"),
     "continual": dict(
         methods="grpo,sdpo,sdpo_frozen", steps="paper", seeds="0,1,2",
         paper="SDPO accumulates forgetting across sequential domains; GRPO preserves more",
         look="forgetting and BWT, their paired differences and intervals"),
     "drift": dict(
-        methods="grpo,sdpo,sdpo_frozen", steps="paper", seeds="0,1,2",
-        paper="denser supervision moves the model further, in parameters (relative L2, principal "
-              "angles of the weight matrices) and in responses (KL, similarity to the base's)",
-        look="the drift figure, and response KL against forgetting"),
+        methods="grpo,sdpo,sdpo_frozen", probes="", steps="paper", seeds="0,1,2",
+        set=["eval_every=10", "eval_examples=50"],
+        paper="dense supervision causes substantially larger parameter and response drift: "
+              "SDPO's four parameter measures (NSS, the largest principal angle, principal-mask "
+              "overlap and update, every 10 steps) rise while GRPO's stay flat, and its answers "
+              "grow less like the base's",
+        look="the paper's four measures every 10 batches (paper_drift.png), drift at matched "
+             "in-domain gain (the table), and response KL and similarity at stage ends"),
     "collapse": dict(
         methods="grpo,sdpo", probes="", steps="paper", seeds="0,1,2",
         paper="in the tool-use stage of the sequence, SDPO at the official EMA rate 0.05 nearly "
@@ -149,11 +158,13 @@ FINDINGS = {
 # ================================================================================================
 
 @torch.no_grad()
-def rollout_signal(model, tokenizer, task, cfg, n_prompts=64) -> dict:
+def rollout_signal(model, tokenizer, task, cfg, n_prompts=None) -> dict:
     """What GRPO and SDPO will have to learn from, before any training: on n_prompts training
-    prompts, G samples each at the training temperature, the mean reward, the share of groups
-    with at least one success (SDPO's demonstrations) and of groups whose rewards are all equal
-    (no GRPO advantage)."""
+    prompts (by default one rollout batch, prompts_per_step, so the check costs what one step's
+    sampling does), G samples each at the training temperature, the mean reward, the share of
+    groups with at least one success (SDPO's demonstrations) and of groups whose rewards are all
+    equal (no GRPO advantage)."""
+    n_prompts = n_prompts or cfg.prompts_per_step
     examples = [task.train[i] for i in range(min(n_prompts, len(task.train)))]
     _, _, rewards = sc.sample_rollout(model, tokenizer, task, examples, cfg)
     groups = rewards.view(-1, cfg.group_size)
@@ -177,7 +188,7 @@ def signal_warnings(signal) -> list:
     return warnings
 
 
-def signal_check(model, tokenizer, task, cfg, teacher_lift=None) -> dict:
+def signal_check(model, tokenizer, task, cfg, teacher_lift=None, n_prompts=None) -> dict:
     """Before training: rollout_signal, the teacher lift (the test accuracy with a correct
     demonstration in the prompt minus without; measured here unless given, e.g. from row 0), and
     the warnings."""
@@ -185,7 +196,8 @@ def signal_check(model, tokenizer, task, cfg, teacher_lift=None) -> dict:
         plain = sc.task_accuracy(model, tokenizer, task, cfg)["accuracy"]
         teacher_lift = sc.task_accuracy(model, tokenizer, task, cfg,
                                      with_demonstration=True)["accuracy"] - plain
-    signal = {**rollout_signal(model, tokenizer, task, cfg), "teacher_lift": teacher_lift}
+    signal = {**rollout_signal(model, tokenizer, task, cfg, n_prompts),
+              "teacher_lift": teacher_lift}
     return {**signal, "warnings": signal_warnings(signal)}
 
 
@@ -301,13 +313,16 @@ def principal_mask_update(w0, w, rank=64, alpha=0.5, eta=1e-3) -> float:
     return ((m0 & update_mask(w0, w, eta)).sum() / m0.sum()).item()
 
 
+PAPER_DRIFT = ("nss", "max_angle", "pm_overlap", "pm_update")
+
+
 @torch.no_grad()
 def paper_drift(model, base) -> dict:
     """The paper's four measures, each averaged over the attention and MLP weight matrices."""
     rows = [(p0, p) for (name, p), p0 in zip(model.named_parameters(), base.parameters())
             if p.dim() == 2 and layer_type(name) in ("attention", "mlp")]
-    measures = {"nss": normalised_spectral_shift, "max_angle": max_principal_angle,
-                "pm_overlap": principal_mask_overlap, "pm_update": principal_mask_update}
+    measures = dict(zip(PAPER_DRIFT, (normalised_spectral_shift, max_principal_angle,
+                                      principal_mask_overlap, principal_mask_update)))
     return {key: sum(f(p0, p) for p0, p in rows) / len(rows) for key, f in measures.items()}
 
 
@@ -377,6 +392,38 @@ def mmd_rbf(x, y, bandwidth=None) -> float:
     k = torch.exp(-d2 / (2 * bandwidth ** 2))
     n = len(x)
     return (k[:n, :n].mean() + k[n:, n:].mean() - 2 * k[:n, n:].mean()).item()
+
+
+@torch.no_grad()
+def set_embeddings(model, tokenizer, rows, batch_size=50) -> torch.Tensor:
+    """[n, d]: the model's last hidden state averaged over the tokens of each row's chat prompt
+    and gold answer, i.e. what the set asks and what answering it looks like: in the lab a
+    family's content lives in its prompts and its format in its answers' wrapper."""
+    from sdpo_cl import format_prompt, pad_cat
+    out = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        ids = [tokenizer(format_prompt(tokenizer, ex["prompt"], ex.get("system")) + ex["answer"],
+                         add_special_tokens=False).input_ids for ex in chunk]
+        input_ids = pad_cat(ids, tokenizer.pad_token_id)                       # [b, T]
+        mask = pad_cat([[1.0] * len(i) for i in ids], 0.0)                     # [b, T]
+        hidden = model(input_ids=input_ids.to(model.device), attention_mask=mask.long().to(
+            model.device), output_hidden_states=True).hidden_states[-1].float().cpu()  # [b, T, d]
+        out.append((hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True))
+    return torch.cat(out)
+
+
+def task_distances(model, tokenizer, trained, evaluated, n=100) -> dict:
+    """{trained task: {evaluated task: MMD}}: each training set (its first n train rows) against
+    each evaluation set (its first n test rows) on the model's embeddings (set_embeddings), with
+    one RBF bandwidth for every pair, the median distance over all their points, so that the
+    distances compare (a bandwidth per pair would rescale each)."""
+    rows = lambda data: [data[i] for i in range(min(n, len(data)))]
+    train = {t.name: set_embeddings(model, tokenizer, rows(t.train)) for t in trained}
+    test = {t.name: set_embeddings(model, tokenizer, rows(t.test)) for t in evaluated}
+    points = torch.cat([*train.values(), *test.values()]).double()
+    h = torch.cdist(points, points).flatten().median().item()   # median over all pairs
+    return {a: {b: mmd_rbf(x, y, bandwidth=h) for b, y in test.items()} for a, x in train.items()}
 
 
 def wrapper_leaks(completions, own, wrappers) -> dict:
@@ -471,7 +518,7 @@ def stage_measures(policy, base, outputs, base_sequences, tokenizer) -> dict:
     answers (base_sequences)."""
     decode = lambda pairs: [tokenizer.decode(r, skip_special_tokens=True) for _, r in pairs]
     return {"artifacts": format_artifacts(outputs["completions"]),
-            "param_drift": parameter_drift(policy, base),
+            "param_drift": parameter_drift(policy, base), "paper_drift": paper_drift(policy, base),
             "response_kl": response_kl(policy, base, base_sequences),
             "response_similarity": response_similarity(decode(outputs["sequences"]),
                                                        decode(base_sequences))}
@@ -479,7 +526,8 @@ def stage_measures(policy, base, outputs, base_sequences, tokenizer) -> dict:
 
 class Measures:
     """What sdpo_cl.continual_sequence measures besides accuracy: .step, the collapse measures
-    of every rollout batch; .stage, the drift of every stage."""
+    of every rollout batch; .stage, the drift of every stage; .curve, the parameter drift at
+    every learning-curve point (the paper's every 10 steps, with eval_every=10)."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -489,6 +537,10 @@ class Measures:
 
     def stage(self, policy, base, outputs, base_sequences) -> dict:
         return stage_measures(policy, base, outputs, base_sequences, self.tokenizer)
+
+    def curve(self, policy, base) -> dict:
+        return {"param_drift": parameter_drift(policy, base),
+                "paper_drift": paper_drift(policy, base)}
 
 
 # ================================================================================================
@@ -509,6 +561,12 @@ def load_results(folder) -> dict:
     if not isinstance(results, dict) or not {"tasks", "trained", "runs"} <= set(results):
         raise ValueError(f"{path} is not a results file of run_sequence.py (it lacks tasks, "
                          f"trained or runs)")
+    for method, seeds in results["runs"].items():
+        for seed, run in seeds.items():
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1
+                       for row in run.get("R", []) for v in row):
+                raise ValueError(f"{path}: {method} seed {seed} has an accuracy that is not a "
+                                 f"number in [0, 1] in its R matrix")
     return results
 
 
@@ -523,6 +581,7 @@ def method_values(results, run) -> dict:
     values["angle"] = last["param_drift"].get("subspace_angle")
     values["response_kl"] = last["response_kl"]
     values["similarity"] = last.get("response_similarity")
+    values.update(last.get("paper_drift") or dict.fromkeys(PAPER_DRIFT))
     values["repetition"] = last["artifacts"]["repetition_frac"]
     return values
 
@@ -546,7 +605,9 @@ COLUMNS = [("acc", "ACC", 100), ("bwt", "BWT", 100), ("forgetting", "Forgetting"
            ("fwt", "FWT", 100), ("plasticity", "Plasticity", 100), ("ood", "OOD Δ", 100),
            ("param_drift", "Param drift %", 100), ("angle", "Angle °", 1),
            ("response_kl", "Response KL", 1), ("similarity", "Similarity", 1),
-           ("repetition", "Repetition %", 100)]
+           ("repetition", "Repetition %", 100), ("nss", "NSS ×1e3", 1000),
+           ("max_angle", "Max angle °", 1), ("pm_overlap", "PM overlap %", 100),
+           ("pm_update", "PM update %", 100)]
 
 
 def comparison_table(results) -> str:
@@ -569,7 +630,7 @@ SCALE = {key: scale for key, _, scale in COLUMNS}
 LABEL = {key: label for key, label, _ in COLUMNS}
 PAIRED = [(key, LABEL[key]) for key in ("acc", "forgetting", "bwt", "plasticity", "ood")]
 PAIRED_DRIFT = [(key, LABEL[key]) for key in ("param_drift", "angle", "response_kl",
-                                              "similarity")]
+                                              "similarity", *PAPER_DRIFT)]
 
 
 def paired_rows(results, baseline, metrics=PAIRED) -> dict:
@@ -659,6 +720,143 @@ def relative_table(results, method) -> str:
     return "\n".join(lines)
 
 
+def drift_path(results, run, k) -> list:
+    """Stage k of a run as (in-domain gain since the stage began, drift from the base) points:
+    the stage's start, its learning-curve points, its end; drift = relative L2 and the paper's
+    four measures. Stage-end records written before the paper's measures existed give None."""
+    task = results["tasks"][results["trained"][k - 1]]
+    R, records = run["R"], run["records"]
+
+    def drift(rec):
+        d = rec.get("paper_drift")
+        return d and {"param_drift": rec["param_drift"]["overall"], **d}
+    start = R[k - 1][results["trained"][k - 1]]
+    points = [(0.0, drift(records[k - 1]))]
+    points += [(c["accuracy"][task] - start, drift(c)) for c in records[k].get("curve", [])]
+    return points + [(R[k][results["trained"][k - 1]] - start, drift(records[k]))]
+
+
+def at_gain(points, gain, key):
+    """`key`'s drift where the path first reaches in-domain gain `gain` (linear between its
+    points), or None if it never does."""
+    for (g0, d0), (g1, d1) in zip(points, points[1:]):
+        if d0 is None or d1 is None:
+            return None
+        if g1 >= gain > g0 or g1 == gain:
+            w = 1.0 if g1 == g0 else (gain - g0) / (g1 - g0)
+            return d0[key] + w * (d1[key] - d0[key])
+    return None
+
+
+MATCHED = ("param_drift", *PAPER_DRIFT)
+
+
+def matched_gain_table(results, baseline="grpo") -> str:
+    """Drift at matched in-domain gain, stage by stage: each run's drift where its own stage gain
+    first reaches g*, the smallest final stage gain of any finished run (so every run reaches
+    it), mean over seeds, and each method minus `baseline` over paired seeds [95% interval]."""
+    runs = {m: {s: r for s, r in seeds.items() if len(r["R"]) == len(results["trained"]) + 1}
+            for m, seeds in results["runs"].items()}
+    lines = ["| stage | g* (points) | method | " + " | ".join(LABEL[k] for k in MATCHED) + " |",
+             "|" + "---|" * (len(MATCHED) + 3)]
+    for k in range(1, len(results["trained"]) + 1):
+        paths = {m: {s: drift_path(results, r, k) for s, r in seeds.items()}
+                 for m, seeds in runs.items() if seeds}
+        g_star = min((p[-1][0] for seeds in paths.values() for p in seeds.values()), default=0)
+        if g_star <= 0:
+            continue
+        values = {m: {s: {key: at_gain(p, g_star, key) for key in MATCHED}
+                      for s, p in seeds.items()} for m, seeds in paths.items()}
+        for m, seeds in values.items():
+            cells = []
+            for key in MATCHED:
+                mean, _ = mean_std([v[key] for v in seeds.values()])
+                if mean is None:
+                    cells.append("n/a")
+                    continue
+                cell = f"{SCALE[key] * mean:.2f}"
+                if m != baseline and baseline in values:
+                    common = sorted(set(seeds) & set(values[baseline]))
+                    d = paired_difference([seeds[s][key] for s in common],
+                                          [values[baseline][s][key] for s in common])
+                    if d["low"] is not None:
+                        cell += (f" ({SCALE[key] * d['mean']:+.2f} [{SCALE[key] * d['low']:+.2f},"
+                                 f" {SCALE[key] * d['high']:+.2f}])")
+                cells.append(cell)
+            lines.append(f"| {k} {results['tasks'][results['trained'][k - 1]]} | "
+                         f"{100 * g_star:.1f} | {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def ood_distances(results) -> dict:
+    """task_distances of a run, on its base model, the tasks loaded by name as the run did."""
+    import run_sequence as rs
+    cfg = results["config"]
+    model, tokenizer = rs.load_policy(cfg["model"], lab_steps=cfg.get("lab_steps"))
+    tasks = [rs.load_task(name, cfg["model"]) for name in results["tasks"]]
+    return task_distances(model, tokenizer, [tasks[j] for j in results["trained"]], tasks)
+
+
+def ood_pairs(results, distances, method) -> list:
+    """Every (trained task, evaluated task) pair of a method's finished runs: (trained,
+    evaluated, MMD, {seed: change}), change = the evaluated set's accuracy after the trained
+    task's stage minus before it (a gain if > 0, forgetting if < 0)."""
+    runs = {s: r for s, r in results["runs"][method].items()
+            if len(r["R"]) == len(results["trained"]) + 1}
+    pairs = []
+    for k, j in enumerate(results["trained"], 1):
+        a = results["tasks"][j]
+        for e, b in enumerate(results["tasks"]):
+            pairs.append((a, b, distances[a][b],
+                          {s: r["R"][k][e] - r["R"][k - 1][e] for s, r in runs.items()}))
+    return pairs
+
+
+BINS = ("near", "intermediate", "far")
+
+
+def ood_peak(pairs) -> dict:
+    """The paper's reading tested: the pairs other than a task with itself split into distance
+    terciles; per seed, the forgetting (minus the change) in each; a peak at intermediate
+    distance is its forgetting above both the near and the far tercile's, each a paired
+    difference over seeds with a 95% t interval."""
+    others = sorted((p for p in pairs if p[0] != p[1]), key=lambda p: p[2])
+    none = paired_difference([], [])
+    if len(others) < len(BINS):
+        return {"bins": {}, "above_near": none, "above_far": none}
+    cut = [round(len(others) * i / 3) for i in range(4)]
+    bins = {name: others[cut[i]:cut[i + 1]] for i, name in enumerate(BINS)}
+    seeds = sorted(set.intersection(*(set(p[3]) for p in others)))
+    forget = {name: [-sum(p[3][s] for p in b) / len(b) for s in seeds] for name, b in bins.items()}
+    return {"bins": {name: (b[0][2], b[-1][2], mean_std(forget[name])[0])
+                     for name, b in bins.items()},
+            "above_near": paired_difference(forget["intermediate"], forget["near"]),
+            "above_far": paired_difference(forget["intermediate"], forget["far"])}
+
+
+def ood_table(results, distances) -> str:
+    """Per method: each distance tercile's MMD range and mean forgetting, how far the
+    intermediate one's exceeds the near and the far one's, and whether that is a peak."""
+    def cell(d):
+        return "n/a" if d["mean"] is None else f"{100 * d['mean']:+.1f}" + (
+            "" if d["low"] is None else f" [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]")
+    lines = ["| method | " + " | ".join(f"forgetting, {b} (MMD)" for b in BINS)
+             + " | intermediate − near | intermediate − far | a peak at intermediate? |",
+             "|" + "---|" * 7]
+    for method in results["runs"]:
+        if not finished_runs(results, method):
+            continue
+        got = ood_peak(ood_pairs(results, distances, method))
+        cells = [f"{100 * f:+.1f} ({lo:.3f}-{hi:.3f})" for lo, hi, f in got["bins"].values()
+                 ] or ["n/a (fewer than 3 pairs)"] * len(BINS)
+        near, far = got["above_near"], got["above_far"]
+        peak = ("n/a" if near["low"] is None or far["low"] is None else
+                "yes, beyond noise" if near["low"] > 0 and far["low"] > 0 else
+                "no" if near["high"] < 0 or far["high"] < 0 else "not beyond noise")
+        lines.append(f"| {method} | " + " | ".join(cells + [cell(near), cell(far), peak]) + " |")
+    return "\n".join(lines)
+
+
 def write_report(results, out: Path, finding=None, baselines=("grpo",)) -> str:
     """report.md with the signal check, the comparison and its paired differences against each
     of `baselines` that ran, the section of a finding (finding: {"name", "paper", "look"}),
@@ -693,6 +891,11 @@ def write_report(results, out: Path, finding=None, baselines=("grpo",)) -> str:
             parts += [f"Paired differences against {baseline} (the same seeds: the same base "
                       "evaluation and the same training prompts), mean [95% t interval]:", "",
                       paired, "", paired_table(results, baseline, PAIRED_DRIFT), ""]
+    unfinished = [f"{m} seed {s}" for m, seeds in results["runs"].items()
+                  for s, r in seeds.items() if len(r["R"]) != len(results["trained"]) + 1]
+    if unfinished:
+        parts += ["Not finished, so left out of the comparisons: " + ", ".join(unfinished)
+                  + " (run the same command again to finish them).", ""]
     plots = write_plots(results, out)
     if finding:
         parts += [f"## Finding: {finding['name']}", "", f"The paper: {finding['paper']}. "
@@ -701,6 +904,24 @@ def write_report(results, out: Path, finding=None, baselines=("grpo",)) -> str:
             finding["name"], ())] + [""]
         if "razor" in FINDING_FIGURES.get(finding["name"], ()) and razor_sentence(results):
             parts += [razor_sentence(results), ""]
+        if finding["name"] == "ood":
+            distances = ood_distances(results)
+            plots.append(ood_plot(results, distances, out))
+            parts += ["![ood](ood.png)", "", "Every (trained task, evaluated set) pair: the "
+                      "evaluated set's change in accuracy during the trained task's stage, "
+                      "against the MMD (RBF kernel, one bandwidth) between the training set and "
+                      "the evaluation set on the base model's mean last hidden state over prompt "
+                      "and gold answer. Forgetting (points, mean over seeds) by distance tercile, "
+                      "the pairs of a task with itself left out, and the intermediate tercile's "
+                      "excess over the others with its 95% interval over seeds (a peak: above "
+                      "both, beyond noise):", "", ood_table(results, distances), ""]
+        if finding["name"] == "drift" and matched_gain_table(results):
+            parts += ["Drift at matched in-domain gain: each run's drift where its gain on the "
+                      "stage's own task first reaches g*, the smallest final stage gain of any "
+                      "run (linear between the evaluations every few batches); drift is measured "
+                      "from the base, so a later stage carries the earlier ones. Mean over "
+                      f"seeds, and (method − {baselines[0]} [95% interval]):", "",
+                      matched_gain_table(results, baselines[0]), ""]
     for method in results["runs"]:
         if any(r["R"] for r in results["runs"][method].values()):
             parts += [f"## {method}", "", "Accuracy (points):", "",
@@ -716,8 +937,8 @@ def write_report(results, out: Path, finding=None, baselines=("grpo",)) -> str:
     return text
 
 
-FINDING_FIGURES = {"teacher-stability": ("curves",), "ood": ("curves",), "cot": ("curves",),
-                   "continual": ("accuracy", "razor"), "drift": ("drift", "razor"),
+FINDING_FIGURES = {"teacher-stability": ("curves",), "ood": (), "cot": ("curves",),
+                   "continual": ("accuracy", "razor"), "drift": ("paper_drift", "drift", "razor"),
                    "collapse": ("collapse",)}
 
 
@@ -842,6 +1063,32 @@ def write_plots(results, out: Path) -> list:
     axes[-1].legend(fontsize=7)
     save(fig, "drift.png")
 
+    def drift_series(r, key, scale):   # (global batch, measure) at curve points and stage ends
+        points = [(0, 0.0 if key != "pm_overlap" else scale)]
+        for k, rec in enumerate(r["records"][1:], 1):
+            points += [(offsets[k - 1] + c["step"], scale * c["paper_drift"][key])
+                       for c in rec.get("curve", []) if "paper_drift" in c]
+            if rec.get("paper_drift") and points[-1][0] != offsets[k]:
+                points.append((offsets[k], scale * rec["paper_drift"][key]))
+        return points
+
+    panels = [("nss", "NSS (×1e3)", 1000), ("max_angle", "largest principal angle (°)", 1),
+              ("pm_overlap", "principal-mask overlap (%)", 100),
+              ("pm_update", "principal-mask update (%)", 100)]
+    if all(r["records"][-1].get("paper_drift") for m in methods for r in finished_runs(results, m)):
+        fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3))
+        for m in methods:
+            for ax, (key, _, scale) in zip(axes, panels):
+                band(ax, *mean_curve(finished_runs(results, m),
+                                     lambda r: drift_series(r, key, scale)), m)
+        for ax, (_, title, _) in zip(axes, panels):
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel("rollout batches")
+            for x in offsets[1:-1]:
+                ax.axvline(x, color="grey", ls=":", lw=1)
+        axes[-1].legend(fontsize=7)
+        save(fig, "paper_drift.png")
+
     if len(trained) > 1:
         fig, ax = plt.subplots(figsize=(4.5, 3.5))
         for m in methods:
@@ -905,6 +1152,30 @@ def write_plots(results, out: Path) -> list:
     return paths
 
 
+def ood_plot(results, distances, out: Path) -> Path:
+    """ood.png: every pair's change in accuracy against its MMD, mean ± std over seeds, one
+    colour per method (the paper's forgetting_curve.jpg against mmd_rbf.jpg)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for i, method in enumerate(m for m in results["runs"] if finished_runs(results, m)):
+        for n, (a, b, d, change) in enumerate(ood_pairs(results, distances, method)):
+            m, sd = mean_std([100 * v for v in change.values()])
+            ax.errorbar(d, m, yerr=sd, fmt="o" if a != b else "*", ms=4 if a != b else 8,
+                        color=f"C{i}", alpha=0.8, label=None if n else method)
+    ax.axhline(0, color="grey", lw=1)
+    ax.set_xlabel("MMD (RBF) between training and evaluation set (base model)")
+    ax.set_ylabel("change during the stage (points)")
+    ax.set_title("gain (> 0) and forgetting (< 0) of every pair; * a task with itself",
+                 fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "ood.png", dpi=90)
+    plt.close(fig)
+    return out / "ood.png"
+
+
 def merge(results_list) -> dict:
     """Several run folders as one comparison: methods are prefixed by the run name if they
     clash."""
@@ -913,6 +1184,11 @@ def merge(results_list) -> dict:
         if res["tasks"] != merged["tasks"] or res["trained"] != merged["trained"]:
             raise ValueError(f"run {res.get('name')!r} has tasks {res['tasks']}, expected "
                              f"{merged['tasks']}: only runs over the same tasks can be compared")
+        steps = res.get("config", {}).get("steps")
+        if steps != merged.get("config", {}).get("steps"):
+            raise ValueError(f"run {res.get('name')!r} has steps {steps}, expected "
+                             f"{merged['config'].get('steps')}: runs with other stage lengths "
+                             f"had other budgets and cannot share one comparison")
         for method, seeds in res["runs"].items():
             key = method if method not in merged["runs"] else f"{res.get('name')}/{method}"
             merged["runs"][key] = seeds
@@ -925,18 +1201,22 @@ def main(argv=None):
     ap.add_argument("runs", nargs="+", help="run folders (each with a results.json)")
     ap.add_argument("--out", help="where report.md and the plots go (default: the first run)")
     ap.add_argument("--finding", choices=list(FINDINGS), help="add this finding's section")
-    ap.add_argument("--baselines", default="grpo", help="comma-separated methods to pair every "
-                    "other method against (%(default)s), e.g. grpo,sdpo")
+    ap.add_argument("--baselines", help="comma-separated methods to pair every other method "
+                    "against (default grpo, or the finding's), e.g. grpo,sdpo")
     args = ap.parse_args(argv)
+    if len(args.runs) > 1 and not args.out:
+        ap.error("several run folders: give --out, a folder for the comparison (the first "
+                 "run's own report is not overwritten)")
     try:
         results = merge([load_results(f) for f in args.runs])
     except ValueError as e:
         ap.error(str(e))
-    baselines = [b for b in args.baselines.split(",") if b]
+    default = ",".join(FINDINGS.get(args.finding, {}).get("baselines", ("grpo",)))
+    baselines = [b for b in (args.baselines or default).split(",") if b]
     unknown = [b for b in baselines if b not in results["runs"]]
     if unknown:
-        ap.error(f"--baselines {args.baselines!r}: {unknown} did not run here; the methods are "
-                 + ", ".join(results["runs"]))
+        ap.error(f"--baselines {','.join(baselines)!r}: {unknown} did not run here; the methods "
+                 f"are {', '.join(results['runs'])}")
     out = Path(args.out or args.runs[0])
     write_report(results, out, finding=args.finding and {"name": args.finding,
                                                          **FINDINGS[args.finding]},

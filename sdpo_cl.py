@@ -312,7 +312,7 @@ class Config:
     # --- rollout ----------------------------------------------------------------------------------
     prompts_per_step: int = knob(32, 1)     # prompts per rollout batch (data.train_batch_size)
     group_size: int = knob(8, 2)            # G, completions per prompt (rollout.n)
-    max_new_tokens: int = knob(1024, 1)     # generation budget; a task may ask for less
+    max_new_tokens: int = knob(8192, 1)     # budget (max_response_length); a task may ask less
     temperature: float = knob(1.0, 0, 100, open_low=True)   # of training rollouts
     rollout_chunk_size: int = knob(0, 0)    # prompts per generate() call, 0 = all (less memory)
     enable_thinking: bool = False           # the chat template's thinking switch (Qwen3): off
@@ -360,9 +360,10 @@ class Config:
     feedback_template: str = FEEDBACK_TEMPLATE   # field {feedback_raw}
     teacher_regularization: str = knob("ema", TEACHER_KINDS)   # ema, trust-region, frozen, live
     teacher_update_rate: float = knob(0.05, 0, 1)   # tau; ema at 0.0 is the paper's SDPO_0
+    teacher_update_every: int = knob(1, 1)  # the EMA moves every this many batches (this project's)
     teacher_path: str | None = None         # SDPO-CL: start the teacher from this checkpoint
     teacher_init_alpha: float = knob(1.0, 0, 1)   # SDPO-CL: teacher = a ckpt + (1-a) student
-    reset_teacher_each_task: bool = False   # restart the teacher at each task (False: carry it)
+    reset_teacher_each_task: bool = True    # re-create it at each stage, as a verl run per stage
     mask_ratio: float = knob(0.0, 0, 1)     # SDPO-CL: drop this share of distilled tokens
     distill_scope: str = knob("all", ("all", "final_answer"))   # or only what follows the last
     answer_marker: str = "#"                # answer_marker (this project's)
@@ -598,8 +599,9 @@ def trust_region_logits(ref_logits, student_logits, tau):
 
 class Teacher:
     """Scores response tokens after a teacher context, without gradients. ema: its own weights,
-    moved toward the student once per rollout batch (tau 0: the paper's frozen SDPO_0). frozen:
-    never moved. live: the current student. trust-region: lerp(initial model, student, tau)."""
+    moved toward the student every teacher_update_every rollout batches of a stage (tau 0: the
+    paper's frozen SDPO_0; k > 1: frozen between moves, StableSDPO's "restart-and-freeze").
+    frozen: never moved. live: the current student. trust-region: lerp(initial, student, tau)."""
 
     def __init__(self, policy, cfg: Config):
         self.kind, self.tau, self.cfg = cfg.teacher_regularization, cfg.teacher_update_rate, cfg
@@ -635,9 +637,10 @@ class Teacher:
             return trust_region_logits(score(self.reference), score(policy), self.tau)
         return score(self.model)
 
-    def after_rollout_batch(self, policy):
-        """The EMA teacher moves once per rollout batch, after all of its optimizer steps."""
-        if self.kind == "ema" and self.tau > 0:
+    def after_rollout_batch(self, policy, batch):
+        """The EMA moves after the stage's `batch`-th rollout batch: every one (official), or
+        every teacher_update_every-th; `batch` counts from 1, so a resumed stage counts alike."""
+        if self.kind == "ema" and self.tau > 0 and not batch % self.cfg.teacher_update_every:
             ema_update_(self.model, policy, self.tau)
 
 
@@ -730,8 +733,7 @@ class Targets:
 
 
 def sdpo_term_weight(cfg) -> float:
-    """The weight w of SDPO in the loss (1 - w) GRPO + w SDPO: 0 for GRPO and SFT, the
-    distillation_weight for SDPO."""
+    """w in the loss (1 - w) GRPO + w SDPO: distillation_weight for SDPO, else 0."""
     return cfg.distillation_weight if cfg.loss_mode == "sdpo" else 0.0
 
 
@@ -900,7 +902,7 @@ def update(policy, teacher, optimizer, scheduler, rollout, targets, cfg, referen
     totals.update(updates=len(updates), lr=scheduler.get_last_lr()[0])
     scheduler.step()
     if teacher is not None:
-        teacher.after_rollout_batch(policy)
+        teacher.after_rollout_batch(policy, scheduler.last_epoch)   # batches done this stage
     return totals
 
 
@@ -949,8 +951,7 @@ def sft_loss(logits, target_ids, mask, agg="token-mean"):
 
 
 def sft_step(policy, tokenizer, optimizer, scheduler, task, examples, cfg) -> dict:
-    """The reference point for forgetting: one optimizer step of supervised fine-tuning on the
-    gold answers (+ EOS) of the batch's prompts, the budget of one rollout batch."""
+    """The reference point for forgetting: one step of supervised fine-tuning on gold answers."""
     t_start, device = time.time(), policy.device
     prompts = [format_prompt(tokenizer, ex["prompt"], ex.get("system"), cfg.enable_thinking)
                for ex in examples]
@@ -1148,16 +1149,17 @@ def train_stage(k, sequence, policy, tokenizer, teacher, base, cfg, *, eval_task
     if teacher is not None and cfg.reset_teacher_each_task and k > 1:
         teacher.reset(policy)
     stage_cfg = dataclasses.replace(cfg, steps_per_task=steps[k - 1]) if steps else cfg
+    curve = lambda step: {"accuracy": curve_point(   # mid-stage: accuracy, and drift etc.
+        policy, tokenizer, eval_tasks, cfg, (cfg.seed, "curve", k, step))} | (
+        measures.curve(policy, base) if measures is not None else {})
     history = train_task(
         policy, tokenizer, teacher, task, stage_cfg, rng=rng, reference=base,
         log=(lambda m: log({"stage": k, "task": task.name, **m})) if log else None,
         desc=f"{desc} stage {k}/{len(sequence)} {task.name}".strip(),
         others=list(sequence) if cfg.multitask else list(sequence[:k - 1]),
-        curve=lambda step: curve_point(policy, tokenizer, eval_tasks, cfg,
-                                       (cfg.seed, "curve", k, step)), measures=measures)
+        curve=curve, measures=measures)
     record = {"stage": k, "task": task.name, "train": stage_summary(history),
-              "curve": [{"step": h["step"] + 1, "accuracy": h["curve"]}
-                        for h in history if "curve" in h]}
+              "curve": [{"step": h["step"] + 1, **h["curve"]} for h in history if "curve" in h]}
     seed_everything(cfg.seed, "eval", k)
     row, outputs = accuracy_row(policy, tokenizer, eval_tasks, cfg, cfg.teacher_lift_every_stage)
     record.update(row)
@@ -1171,11 +1173,12 @@ def continual_sequence(cfg, policy, tokenizer, sequence, probes=(), *, steps=Non
                        desc="", row0=None, measures=None, resume=None, on_stage=None) -> list:
     """Train the tasks of `sequence` in order from `policy`, evaluating sequence + probes before
     (row 0) and after each stage; returns one record per stage, record["accuracy"] = row k of R.
-    The SDPO teacher is carried over unless reset_teacher_each_task (departure: each of the
-    paper's stages is a verl run that re-creates it). Plugged in by the caller: row0 (base_row());
-    measures (.step as in train_step; .stage(policy, base, outputs, base_sequences) -> more record
-    fields: drift); resume(policy, teacher) -> earlier stages' records, weights loaded;
-    on_stage(k, record, policy, teacher) after each stage (checkpoints)."""
+    The SDPO teacher is re-created from the policy at each stage, as each of the paper's stages
+    is a verl run that builds its own (reset_teacher_each_task=False carries it over). Plugged in by the caller: row0 (base_row());
+    measures (.step as in train_step; .stage(policy, base, outputs, base_sequences) and
+    .curve(policy, base) -> more fields of a stage's record, of a curve point: drift);
+    resume(policy, teacher) -> earlier records, weights loaded; on_stage(k, record, policy,
+    teacher) after each stage (checkpoints)."""
     eval_tasks = evaluation_tasks(sequence, probes)
     base = copy.deepcopy(policy).eval().requires_grad_(False)
     teacher = Teacher(policy, cfg) if cfg.loss_mode == "sdpo" else None

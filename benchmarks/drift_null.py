@@ -11,11 +11,13 @@ one) from the shipped base with three synthetic gradients: zero (weight decay al
 random direction each step (steps that do not agree: drift grows as the square root of their
 number), and one fixed random direction (steps that all agree: drift grows with their number).
 A real run's drift far above the random walk of the same step count, and below the fixed
-direction, measures how consistently its updates point, not how many there were.
+direction, measures how consistently its updates point, not how many there were. Printed for
+relative L2 and the mean angle (this project's measures) and for the paper's four (NSS, the largest
+principal angle, principal-mask overlap and update); with --runs, the runs' own at the sequence's
+end, read from their last stage's checkpoint.
 """
 import argparse
 import copy
-import json
 import sys
 from pathlib import Path
 
@@ -43,7 +45,36 @@ def replay(base, cfg, stages, updates_per_batch, gradient, seed=0) -> dict:
                               "fixed": lambda: f.clone()}[gradient]()
                 sc.clipped_optimizer_step(policy, optimizer, cfg.grad_clip)
             scheduler.step()
-    return ef.parameter_drift(policy, base)
+    return drift_of(policy, base)
+
+
+def drift_of(policy, base) -> dict:
+    d = ef.parameter_drift(policy, base)
+    return {"l2": 100 * d["overall"], "angle": d["subspace_angle"], **ef.paper_drift(policy, base)}
+
+
+HEADER = ("param drift % | mean angle ° | NSS ×1e3 | max angle ° | PM overlap % | PM update % |\n"
+          "---|---|---|---|---|---|")
+
+
+def cells(d) -> str:
+    return (f"{d['l2']:.2f} | {d['angle']:.2f} | {1e3 * d['nss']:.2f} | {d['max_angle']:.2f} | "
+            f"{100 * d['pm_overlap']:.2f} | {100 * d['pm_update']:.1f}")
+
+
+def run_drift(folder, base) -> list:
+    """(method, seed, drift) at the end of each finished run in a run folder, from the weights of
+    its last stage's checkpoint."""
+    from harness import runs
+    rows = []
+    for method_dir in sorted(p for p in Path(folder).iterdir() if p.is_dir()):
+        for seed_dir in sorted(method_dir.glob("seed*")):
+            done = runs.last_finished_stage(seed_dir)
+            if done > 0:
+                policy = copy.deepcopy(base)
+                runs.load_stage_weights(seed_dir, done, policy, None)
+                rows.append((method_dir.name, seed_dir.name[4:], drift_of(policy, base)))
+    return rows
 
 
 def main(argv=None):
@@ -57,22 +88,15 @@ def main(argv=None):
     cfg = lab.lab_config(args.lab)
     print(f"{args.lab}: stages {stages}, lr {cfg.lr:g}, warm-up {cfg.warmup_steps}, weight decay "
           f"{cfg.weight_decay:g}, clip {cfg.grad_clip:g}")
-    print("| optimizer steps | gradient | param drift % | subspace angle ° |")
-    print("|---|---|---|---|")
-    for label, per_batch in (("SDPO (1 per batch)", 1), ("GRPO (4 per batch)", 4)):
+    print("| optimizer steps | gradient | " + HEADER.replace("\n", "\n|---|---|") + " |")
+    for label, per_batch in (("SDPO", 1), ("GRPO", 4)):
         for gradient in ("zero", "random", "fixed"):
             d = replay(base, cfg, stages, per_batch, gradient)
-            print(f"| {label}: {sum(stages) * per_batch} | {gradient} | "
-                  f"{100 * d['overall']:.2f} | {d['subspace_angle']:.2f} |", flush=True)
+            print(f"| {label}: {sum(stages) * per_batch} | {gradient} | {cells(d)} |", flush=True)
     if args.runs:
-        results = json.loads((Path(args.runs) / "results.json").read_text())
-        print("\n| method | seed | param drift % | subspace angle ° |\n|---|---|---|---|")
-        for method, seeds in results["runs"].items():
-            for seed, run in seeds.items():
-                last = run["records"][-1].get("param_drift", {})
-                if last:
-                    print(f"| {method} | {seed} | {100 * last['overall']:.2f} | "
-                          f"{last['subspace_angle']:.2f} |")
+        print("\n| method | seed | " + HEADER.replace("\n", "\n|---|---|") + " |")
+        for method, seed, d in run_drift(args.runs, base):
+            print(f"| {method} | {seed} | {cells(d)} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def family_properties(model, tokenizer, lab_name, name, cfg) -> dict:
     sc.seed_everything("lab-properties", lab_name, name)
     plain = sc.task_accuracy(model, tokenizer, task, cfg)
     demo = sc.task_accuracy(model, tokenizer, task, cfg, with_demonstration=True)
-    signal = ef.rollout_signal(model, tokenizer, task, cfg)
+    signal = ef.rollout_signal(model, tokenizer, task, cfg, n_prompts=64)
     departure = ef.teacher_departure(model, tokenizer, task, cfg)
     samples = plain["completions"]
     return {

@@ -84,6 +84,7 @@ class Lab:
     quick_settings: dict          # and its settings, on top of `settings`
     paper_scale: float            # --steps paper: PAPER_STEPS times this
     version: str                  # bump when the tokenizer, model or families change
+    held_out: tuple = ()          # families left out of pre-training (harder probes)
 
 
 LABS = {
@@ -99,7 +100,7 @@ LABS = {
         dict(prompts_per_step=32, group_size=8, max_new_tokens=48, lr=1e-4, warmup_steps=2,
              distillation_topk=20, steps_per_task=10, eval_examples=100, eval_samples=4,
              answer_marker="</think>"),
-        (6, 6, 6, 3), dict(eval_examples=50), 0.4, "trace-1"),
+        (6, 6, 6, 3), dict(eval_examples=50), 0.4, "trace-1", held_out=("math_hard",)),
     "lab-short": Lab(
         lab_families.SHORT, ("math", "science", "tool", "code"), ("mcq_math", "math_words"),
         ("<answer>", "</answer>"),
@@ -201,9 +202,11 @@ def pretraining_batch(tokenizer, families, tasks, rng, recipe):
 
 def pretrain_lab_base(recipe: LabRecipe, verbose: bool = True):
     """Run the recipe: a fresh lab model pre-trained on its lab's family mixture (every family,
-    probes included). Deterministic for a given machine; another CPU rounds differently and gets
-    a slightly different model, which is why the default bases are shipped as files."""
-    families = LABS[recipe.lab].families
+    probes included, but the held-out ones). Deterministic for a given machine; another CPU
+    rounds differently and gets a slightly different model, which is why the default bases are
+    shipped as files."""
+    families = {name: family for name, family in LABS[recipe.lab].families.items()
+                if name not in LABS[recipe.lab].held_out}
     tokenizer = build_lab_tokenizer(recipe.lab)
     model = build_lab_model(tokenizer, recipe.seed)
     tasks = [make_lab_task(name, recipe.lab) for name in families]

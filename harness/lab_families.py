@@ -67,8 +67,8 @@ def sum_steps(numbers, rng, slip) -> str:
     return ",".join(steps), total
 
 
-def make_math(rng):
-    numbers = [rng.randrange(1, 6) for _ in range(4)]
+def make_math(rng, high=5):
+    numbers = [rng.randrange(1, high + 1) for _ in range(4)]
     return {"prompt": "+".join(map(str, numbers)) + "=", "numbers": numbers,
             "answer": f"{sum_steps(numbers, rng, False)[0]} {BOXED}{sum(numbers)}}}",
             "final": str(sum(numbers))}
@@ -77,6 +77,10 @@ def make_math(rng):
 def solve_math(row, rng, slip):
     steps, total = sum_steps(row["numbers"], rng, slip)
     return f"{steps} {BOXED}{total}}}"
+
+
+def make_math_hard(rng):                  # probe, never pre-trained: numbers up to 7, not 5
+    return make_math(rng, high=7)
 
 
 def make_math_words(rng):                 # probe: math's content, asked in words
@@ -209,6 +213,8 @@ TRACES = {
                          SUM_TRACE + r" \\boxed\{\d+\}", 36),
     "math_cot": Family(make_math_cot, solve_math_cot, final_is(boxed_answer),
                        r"<think>" + SUM_TRACE + r"</think> \\boxed\{\d+\}", 40),
+    "math_hard": Family(make_math_hard, solve_math, final_is(boxed_answer),
+                        SUM_TRACE + r" \\boxed\{\d+\}", 36),
 }
 
 

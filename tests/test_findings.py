@@ -13,8 +13,8 @@ TINY = tiny_argv("eval_every=1", tasks=None, probes=None, methods=None, steps="2
     "--seeds", "0"]
 
 # What the paper reports for each finding, in its own words: the help must say it.
-PAPER_SAYS = {"teacher-stability": "a stable teacher", "ood": "an inverted U",
-              "continual": "SDPO accumulates forgetting", "drift": "moves the model further",
+PAPER_SAYS = {"teacher-stability": "stable teachers outperform", "ood": "an inverted U",
+              "continual": "SDPO accumulates forgetting", "drift": "larger parameter and response",
               "collapse": "amplified through the teacher-student loop", "cot": "chain of thought"}
 
 
@@ -39,12 +39,15 @@ def planned(monkeypatch):
 def test_a_finding_sets_the_experiment_it_needs(planned):
     args = planned(["--finding", "ood"])
     assert (args.methods, args.tasks, args.probes, args.steps, args.seeds) == (
-        "grpo,sdpo", "math", "mcq_math,math_words", "15", "0,1,2")
-    assert args.set == ["eval_every=3"] and args.name == "ood"
+        "grpo,sdpo", "math,science,tool,code", "mcq_math,math_words", "paper", "0,1,2")
+    assert args.name == "ood"
     continual = planned(["--finding", "continual"])
     assert continual.tasks == "math,science,tool,code" and continual.steps == "paper"
-    assert planned(["--finding", "teacher-stability"]).methods == (
-        "grpo,sdpo_frozen,sdpo,sdpo_trust_region,sdpo_live")
+    stability = planned(["--finding", "teacher-stability"])
+    assert (stability.methods, stability.tasks, stability.probes, stability.steps) == (
+        "grpo,sdpo_frozen,sdpo_ema01,sdpo_ema02,sdpo,stable_sdpo", "math", "math_hard", "20")
+    drift = planned(["--finding", "drift"])
+    assert drift.steps == "paper" and "eval_every=10" in drift.set
     collapse = planned(["--finding", "collapse"])
     assert (collapse.methods, collapse.tasks, collapse.steps) == ("grpo,sdpo",
                                                                    "math,science,tool,code",
@@ -77,20 +80,23 @@ def test_every_set_flag_counts(planned):
 
 
 def test_flags_given_with_a_finding_win_and_sets_add_up(planned):
-    args = planned(["--finding", "ood", "--methods", "sdpo", "--seeds", "7", "--set",
+    args = planned(["--finding", "cot", "--methods", "sdpo", "--seeds", "7", "--set",
                     "alpha=1.0", "eval_every=5"])
-    assert (args.methods, args.seeds, args.tasks) == ("sdpo", "7", "math")
-    assert args.set == ["eval_every=3", "alpha=1.0", "eval_every=5"]    # the last one wins
+    assert (args.methods, args.seeds, args.tasks) == ("sdpo", "7", "math_cot")
+    assert args.set == ["eval_every=4", "alpha=1.0", "eval_every=5"]    # the last one wins
 
 
 @pytest.mark.parametrize("finding, figure, methods", [
-    ("teacher-stability", "curves.png", "grpo,sdpo_live"),
-    ("collapse", "collapse.png", "grpo,sdpo")])
+    ("teacher-stability", "curves.png", "grpo,stable_sdpo"),
+    ("collapse", "collapse.png", "grpo,sdpo"),
+    ("drift", "paper_drift.png", "grpo,sdpo"),
+    ("ood", "ood.png", "grpo,sdpo")])
 def test_a_finding_writes_its_section_and_figure(tmp_path, finding, figure, methods):
     """Two of the finding's methods (its full list is checked above), two rollout batches of
-    one task."""
+    one task, on lab-short (whose families have no math_hard: its probe is mcq_math here)."""
+    probes = ["--probes", "mcq_math"] if finding == "teacher-stability" else []
     results = run_sequence.main(["--finding", finding, "--out", str(tmp_path),
-                                 "--methods", methods] + TINY + ["--tasks", "tool"])
+                                 "--methods", methods] + TINY + ["--tasks", "tool"] + probes)
     folder = tmp_path / finding
     assert set(results["runs"]) == set(methods.split(","))
     report = (folder / "report.md").read_text()

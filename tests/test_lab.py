@@ -101,7 +101,8 @@ def test_each_trained_family_gives_both_methods_a_signal(models, base_records, n
     bounds, record = BOUNDS[name], base_records[name]
     torch.manual_seed(0)
     check = eval_forgetting.signal_check(*models[name], lab.make_lab_task(family, name),
-                                         lab.lab_config(name), record["teacher_lift"][family])
+                                         lab.lab_config(name), record["teacher_lift"][family],
+                                         n_prompts=64)
     share_se = lambda p: math.sqrt(max(p * (1 - p), 1 / 64) / 64)       # noqa: E731
     reward, se_reward = check["reward"], math.sqrt(check["reward"] * (1 - check["reward"]) / 64)
     low, high = bounds["reward"]

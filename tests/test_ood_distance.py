@@ -24,3 +24,42 @@ def test_mmd_by_hand_for_two_points():
     # k(a, a) = 1, k(a, b) = exp(-|a - b|^2 / 2) at h = 1: MMD^2 = 1 + 1 - 2 exp(-1/2)
     x, y = torch.tensor([[0.0]]), torch.tensor([[1.0]])
     assert ef.mmd_rbf(x, y, bandwidth=1.0) == pytest.approx(2 - 2 * math.exp(-0.5), abs=1e-12)
+
+
+def test_one_bandwidth_makes_the_distances_of_a_ladder_compare(shipped_lab):
+    """task_distances on the shipped base: a set against its own family's other split is nearer
+    than against another family, and the probe of math's content lies between math and tool."""
+    from harness import lab
+    model, tok = shipped_lab
+    tasks = {n: lab.make_lab_task(n, n_train=30, n_test=30)
+             for n in ("math", "math_words", "tool")}
+    d = ef.task_distances(model, tok, [tasks["math"]], list(tasks.values()), n=30)["math"]
+    assert d["math"] < d["math_words"] < d["tool"]
+
+
+def pairs_with(changes):
+    """ood_pairs' rows for one trained task 'a' and six evaluated sets at distances 1..6, with
+    the change of each over two seeds."""
+    return [("a", "a", 0.0, {"0": 0.5, "1": 0.5})] + [
+        ("a", f"e{d}", float(d), {"0": c, "1": c + 0.02}) for d, c in zip(range(1, 7), changes)]
+
+
+def test_a_peak_is_forgetting_at_intermediate_distance_above_both_near_and_far():
+    got = ef.ood_peak(pairs_with([0.1, 0.1, -0.3, -0.3, 0.0, 0.0]))
+    assert [round(f, 3) for _, _, f in got["bins"].values()] == [-0.11, 0.29, -0.01]
+    assert got["above_near"]["mean"] == pytest.approx(0.40) and got["above_near"]["low"] > 0
+    assert got["above_far"]["mean"] == pytest.approx(0.30) and got["above_far"]["low"] > 0
+
+
+def test_forgetting_that_grows_with_distance_is_no_peak():
+    got = ef.ood_peak(pairs_with([0.0, 0.0, -0.1, -0.1, -0.3, -0.3]))
+    assert got["above_near"]["mean"] > 0 and got["above_far"]["mean"] < 0
+
+
+def test_the_pairs_are_each_sets_change_during_each_stage():
+    results = {"tasks": ["a", "b", "p"], "trained": [0, 1], "runs": {"m": {"0": {
+        "R": [[0.1, 0.2, 0.3], [0.6, 0.1, 0.2], [0.5, 0.7, 0.4]]}}}}
+    distances = {"a": {"a": 0.0, "b": 0.5, "p": 0.2}, "b": {"a": 0.5, "b": 0.0, "p": 0.4}}
+    got = {(a, b): (d, round(c["0"], 6)) for a, b, d, c in ef.ood_pairs(results, distances, "m")}
+    assert got[("a", "a")] == (0.0, 0.5) and got[("a", "p")] == (0.2, -0.1)
+    assert got[("b", "a")] == (0.5, -0.1) and got[("b", "p")] == (0.4, 0.2)

@@ -77,3 +77,26 @@ def test_paper_drift_averages_over_attention_and_mlp_matrices(random_lab):
     assert out["max_angle"] == pytest.approx(0.0, abs=1e-3)
     assert out["pm_overlap"] == pytest.approx(1.0)
     assert out["pm_update"] == pytest.approx(1.0)               # every entry changed by 10%
+
+
+def drift(value):
+    return {"param_drift": {"overall": value}, "paper_drift": {
+        "nss": value, "max_angle": 10 * value, "pm_overlap": 1 - value, "pm_update": value}}
+
+
+def test_drift_at_matched_gain_reads_each_run_where_its_gain_reaches_the_smallest_final_gain():
+    """Two methods, one stage: grpo gains 20 points with drift 0.1 -> 0.3 over its curve, sdpo 40
+    points with drift 0.2 -> 0.8; g* = 20, where grpo ends (0.3) and sdpo is halfway between its
+    curve point at 10 points (0.2) and its end at 40 (0.8): 0.4."""
+    def run(curve_gain, curve_drift, end_gain, end_drift):
+        records = [drift(0.0), {**drift(end_drift), "curve": [
+            {"step": 5, "accuracy": {"math": 0.2 + curve_gain}, **drift(curve_drift)}]}]
+        return {"R": [[0.2], [0.2 + end_gain]], "records": records}
+    results = {"tasks": ["math"], "trained": [0], "runs": {
+        "grpo": {"0": run(0.10, 0.1, 0.20, 0.3)}, "sdpo": {"0": run(0.10, 0.2, 0.40, 0.8)}}}
+    paths = {m: ef.drift_path(results, r["0"], 1) for m, r in results["runs"].items()}
+    assert ef.at_gain(paths["grpo"], 0.2, "nss") == pytest.approx(0.3)
+    assert ef.at_gain(paths["sdpo"], 0.2, "nss") == pytest.approx(0.4)
+    assert ef.at_gain(paths["sdpo"], 0.5, "nss") is None               # never that high
+    table = ef.matched_gain_table(results)
+    assert "| 1 math | 20.0 | sdpo | 40.00 | 400.00 | 4.00 | 60.00 | 40.00 |" in table

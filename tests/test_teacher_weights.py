@@ -1,5 +1,6 @@
-"""Where the SDPO teacher's weights come from: EMA, frozen, live, trust-region, a reset (at each
-task with reset_teacher_each_task), and SDPO-CL's teacher_path mixed in by teacher_init_alpha."""
+"""Where the SDPO teacher's weights come from: EMA (every batch, or every k-th: StableSDPO),
+frozen, live, trust-region, a reset (at each task with reset_teacher_each_task), and SDPO-CL's
+teacher_path mixed in by teacher_init_alpha."""
 import copy
 
 import pytest
@@ -34,9 +35,33 @@ def test_ema_teacher_follows_the_student_and_frozen_stays_fixed():
     with torch.no_grad():
         student.weight.fill_(2.0)                      # an optimizer step
     for t in (ema, frozen, ema_zero):
-        t.after_rollout_batch(student)
+        t.after_rollout_batch(student, 1)
     assert torch.allclose(ema.model.weight, torch.full((1, 2), 1.0))
     assert torch.all(frozen.model.weight == 0) and torch.all(ema_zero.model.weight == 0)
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.01, 0.02, 0.05])
+def test_the_ema_sweeps_teacher_after_k_batches_is_the_formula(rate):
+    """Student fixed at 1 from a teacher at 0: after k batches the teacher is 1 - (1 - rate)^k."""
+    student = tiny_linear(1.0)
+    teacher = Teacher(tiny_linear(0.0), Config(teacher_update_rate=rate))
+    for batch in range(1, 8):
+        teacher.after_rollout_batch(student, batch)
+    assert torch.allclose(teacher.model.weight, torch.full((1, 2), 1 - (1 - rate) ** 7))
+
+
+def test_stable_sdpo_moves_its_teacher_only_every_k_batches():
+    """teacher_update_every=10, rate 0.4: frozen for 9 batches, 40% of the way at the 10th, then
+    frozen again; 1 - 0.95^10 = 0.40, the official EMA's move over the same 10 batches."""
+    student = tiny_linear(1.0)
+    teacher = Teacher(tiny_linear(0.0), Config(teacher_update_rate=0.4, teacher_update_every=10))
+    seen = []
+    for batch in range(1, 22):
+        teacher.after_rollout_batch(student, batch)
+        seen.append(teacher.model.weight[0, 0].item())
+    assert seen[:9] == [0.0] * 9 and seen[9] == pytest.approx(0.4)
+    assert seen[10:19] == [pytest.approx(0.4)] * 9 and seen[19] == pytest.approx(0.64)
+    assert 1 - 0.95 ** 10 == pytest.approx(0.4, abs=0.002)
 
 
 def test_trust_region_lerps_logits_of_reference_and_student():
@@ -85,11 +110,12 @@ def test_teacher_path_mixes_a_checkpoint_into_the_teacher(tmp_path):
         assert torch.allclose(t, 0.25 * c + 0.75 * st, atol=1e-6)
 
 
-@pytest.mark.parametrize("method, restarted", [("sdpo_frozen", False), ("stable_sdpo", True)])
-def test_stable_sdpo_restarts_the_frozen_teacher_from_the_policy_at_each_task(random_lab, method,
+@pytest.mark.parametrize("method, restarted", [("sdpo_frozen", True), ("sdpo_frozen_base", False)])
+def test_the_teacher_restarts_from_the_policy_at_each_task_as_a_verl_run_does(random_lab, method,
                                                                               restarted):
-    """Over two tasks: the teacher of stage 1 is the base; with reset_teacher_each_task (what
-    stable_sdpo sets) stage 2's is the policy as stage 1 left it, else still the base."""
+    """Over two tasks: the teacher of stage 1 is the base; by default (reset_teacher_each_task,
+    a verl run per stage) stage 2's is the policy as stage 1 left it; sdpo_frozen_base keeps the
+    base."""
     model, tok = random_lab
     settings = dict(prompts_per_step=2, group_size=2, steps_per_task=1, max_new_tokens=3,
                     eval_examples=2, eval_samples=1, warmup_steps=0, lr=1e-2)
