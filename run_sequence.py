@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import functools
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -43,9 +44,13 @@ METHODS = {
     "grpo": dict(loss_mode="grpo", ppo_mini_batch_size=quarter_of_the_batch),
     "grpo_one_step": dict(loss_mode="grpo", ppo_mini_batch_size=0),   # SDPO's number of steps
     "sdpo": dict(loss_mode="sdpo"),                                    # official: EMA at 5%
-    "sdpo_frozen": dict(loss_mode="sdpo", teacher_update_rate=0.0),    # the paper's SDPO_0
-    "stable_sdpo": dict(loss_mode="sdpo", teacher_update_rate=0.0,     # restarted, then frozen
-                        reset_teacher_each_task=True),
+    "sdpo_frozen": dict(loss_mode="sdpo", teacher_update_rate=0.0),    # SDPO_0: frozen at each
+    "sdpo_frozen_base": dict(loss_mode="sdpo", teacher_update_rate=0.0,  # stage's start, or at the
+                             reset_teacher_each_task=False),           # base (teacher_path)
+    "sdpo_ema01": dict(loss_mode="sdpo", teacher_update_rate=0.01),    # the paper's EMA sweep
+    "sdpo_ema02": dict(loss_mode="sdpo", teacher_update_rate=0.02),
+    "stable_sdpo": dict(loss_mode="sdpo", teacher_update_rate=0.4,     # restart-and-freeze:
+                        teacher_update_every=10),   # 40% every 10 batches (1 - 0.95^10 = 0.40)
     "sdpo_live": dict(loss_mode="sdpo", teacher_regularization="live"),
     "sdpo_trust_region": dict(loss_mode="sdpo", teacher_regularization="trust-region"),
     "sdpo_mask50": dict(loss_mode="sdpo", mask_ratio=0.5),             # less dense supervision
@@ -70,9 +75,17 @@ METHOD_HELP = {
             "optimizer steps per rollout batch)",
     "grpo_one_step": "GRPO with one optimizer step per rollout batch, as SDPO takes (the paper's "
                      "baseline takes four)",
-    "sdpo": "SDPO with the official defaults (EMA teacher, rate 0.05: the paper's SDPO_5%%)",
-    "sdpo_frozen": "SDPO with a frozen teacher, the base model (the paper's SDPO_0)",
-    "stable_sdpo": "SDPO whose teacher restarts from the policy at each task, then stays frozen",
+    "sdpo": "SDPO with the official defaults (EMA teacher, rate 0.05: the paper's SDPO_5%%), "
+            "re-created at each stage",
+    "sdpo_frozen": "SDPO with its teacher frozen at each stage's start (the paper's SDPO_0 as a "
+                   "verl run per stage with rate 0)",
+    "sdpo_frozen_base": "SDPO with its teacher frozen at the base model through every stage "
+                        "(SDPO_0 read as verl's teacher_path=<base>)",
+    "sdpo_ema01": "SDPO with an EMA teacher at rate 0.01 (the paper's sweep: 0, 1, 2, 5%%)",
+    "sdpo_ema02": "SDPO with an EMA teacher at rate 0.02",
+    "stable_sdpo": "the paper's StableSDPO as read here: the teacher frozen, and every 10 batches "
+                   "moved 40%% of the way to the student (restart-and-freeze, gamma 40%%)",
+
     "sdpo_live": "SDPO whose teacher is the current student (no_grad)",
     "sdpo_trust_region": "SDPO with the trust-region teacher (logit lerp, rate 0.05)",
     "sdpo_mask50": "SDPO dropping 50%% of distilled tokens at random (mask_ratio=0.5)",
@@ -149,7 +162,7 @@ def build_parser():
     ap.add_argument("--finding", choices=list(ef.FINDINGS), help="run the preset that checks one "
                     "finding of the paper (methods, tasks, steps, seeds, evaluation schedule; "
                     "flags given too win) and write its report section: " + "; ".join(
-                        f"{k}: the paper: {v['paper']}. Look at {v['look']}"
+                        f"{k}: the paper: {v['paper']}. Look at {v['look']}".replace("%", "%%")
                         for k, v in ef.FINDINGS.items()))
     ap.add_argument("--methods", help="comma-separated (default grpo,sdpo), from: " + "; ".join(
         f"{k}: {v}" for k, v in METHOD_HELP.items()))
@@ -186,6 +199,12 @@ def build_parser():
     ap.add_argument("--long-prompts", choices=("error", "drop", "truncate"), default="error",
                     help="prompts that do not fit the model's context with the generation "
                     "budget: an error before anything runs (default), dropped, or cut")
+    ap.add_argument("--skip-signal-check", action="store_true", help="start training without "
+                    "the signal check (one rollout batch per trained task at the training "
+                    "temperature, before anything trains)")
+    ap.add_argument("--allow-unisolated-code", action="store_true", help="let the code reward "
+                    "run model-written code where the OS sandbox is not available (docs/"
+                    "sandbox.md), in a limited process only: do this only for code you trust")
     ap.add_argument("--export-verl-data", metavar="DIR", help="write each task's train and test "
                     "split as the parquet files verl reads (DIR/<task>/{train,test}.parquet), "
                     "then exit; with --print-verl the commands point to them")
@@ -255,6 +274,7 @@ class RunPlan:
     device: str
     run_config: dict           # what config.json holds (a resume must match it)
     finding: str | None = None
+    signal_check: bool = True
     now: tuple = (None, None, None)    # (method, seed, folder) being trained, for Ctrl-C
 
 
@@ -278,6 +298,26 @@ def plan_configs(args, names):
     return methods, seeds, steps, configs, sets
 
 
+def check_paths(args, configs):
+    """--lab-steps, --out and teacher_path, checked before anything is written."""
+    if args.lab_steps is not None and args.lab_steps < 1:
+        raise ValueError(f"--lab-steps {args.lab_steps}: give a positive number of steps")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {args.out!r} is a file; give a folder for the run folders")
+    existing = next(p for p in [out, *out.absolute().parents] if p.exists())
+    if not os.access(existing, os.W_OK):
+        raise ValueError(f"--out {args.out!r}: {existing} is not writable")
+    for path in {c.teacher_path for c in configs.values() if c.teacher_path}:
+        if not Path(path).is_dir():
+            try:
+                from transformers import AutoConfig
+                AutoConfig.from_pretrained(path)
+            except Exception as e:            # any failure: say which value and why
+                raise ValueError(f"teacher_path={path!r} is neither a model folder nor a "
+                                 f"loadable hub id ({type(e).__name__})") from None
+
+
 def plan_run(args) -> RunPlan | None:
     """Every check that can fail, before any training and any write: flags, settings, tasks,
     the model, prompt lengths. Returns what the run needs, or None after --print-verl or
@@ -286,6 +326,7 @@ def plan_run(args) -> RunPlan | None:
     probe_names = [n for n in parse_list("--probes", args.probes, allow_empty=True)
                    if n not in names]
     methods, seeds, steps, configs, sets = plan_configs(args, names)
+    check_paths(args, configs)
     tasks = [load_task(n, args.model) for n in names]
     probes = [load_task(n, args.model) for n in probe_names]
     seen = {}
@@ -313,10 +354,11 @@ def plan_run(args) -> RunPlan | None:
     run_config = {"methods": methods, "seeds": seeds, "tasks": names,
                   "probes": [p.name for p in probes], "steps": steps, "model": args.model,
                   "device": args.device, "lab_steps": args.lab_steps, "set": sets,
+                  "data_sha256": {t.name: runs.data_digest(t) for t in tasks + probes},
                   "configs": {f"{m}/seed{s}": dataclasses.asdict(c)
                               for (m, s), c in configs.items()}}
     return RunPlan(methods, seeds, names, steps, configs, tasks, probes, base, tokenizer, device,
-                   json.loads(json.dumps(run_config)), args.finding)
+                   json.loads(json.dumps(run_config)), args.finding, not args.skip_signal_check)
 
 
 def settings_difference(old, new) -> str:
@@ -347,6 +389,8 @@ def main(argv=None):
     if given_sets is not None:                # --set adds to the preset's (and wins)
         args.set = preset.get("set", []) + given_sets
     args.name = args.name or args.finding or "quick"
+    if args.allow_unisolated_code:            # read by harness/sandbox.py
+        os.environ["SDPO_CL_ALLOW_UNISOLATED_CODE"] = "1"
     try:
         plan = plan_run(args)
     except (ValueError, FileNotFoundError, ImportError, OSError) as e:
@@ -429,7 +473,7 @@ def base_row_and_signal(plan: RunPlan, folder) -> dict:
               f"{k} {100 * record['accuracy'][k]:.0f}±{100 * record['stderr'][k]:.0f}"
               f"/{100 * record['teacher_lift'][k]:+.0f}" for k in record["accuracy"]))
     signal = {}
-    for task in plan.tasks:
+    for task in plan.tasks if plan.signal_check else []:
         sc.seed_everything("signal", task.name)
         signal[task.name] = check = ef.signal_check(plan.base, plan.tokenizer, task, cfg,
                                                     record["teacher_lift"][task.name])
@@ -483,7 +527,8 @@ def run_one(plan: RunPlan, folder, m, s, done, row0, log_path):
 
 def print_summary(results, plan: RunPlan, folder, t_start):
     finding = plan.finding and {"name": plan.finding, **ef.FINDINGS[plan.finding]}
-    ef.write_report(results, folder, finding=finding)
+    ef.write_report(results, folder, finding=finding,
+                    baselines=(finding or {}).get("baselines", ("grpo",)))
     print("\n" + ef.comparison_table(results))
     paired = ef.paired_table(results)
     if paired:
@@ -508,7 +553,8 @@ def write_results(folder, plan: RunPlan) -> dict:
                 "SE": [[r["stderr"][n] for n in names] for r in records], "records": records}
     signal = folder / "signal.json"
     results = {"name": folder.name, "config": {
-        "model": plan.run_config["model"], "steps": plan.run_config["steps"],
+        "model": plan.run_config["model"], "lab_steps": plan.run_config["lab_steps"],
+        "steps": plan.run_config["steps"],
         "eval_mode": next(iter(plan.run_config["configs"].values()))["eval_mode"]},
         "tasks": names, "trained": list(range(len(plan.tasks))), "runs": by_method,
         "signal": json.loads(signal.read_text()) if signal.exists() else {}}

@@ -14,7 +14,10 @@ def resolve_device(device: str, model: str) -> str:
     """'auto': the lab on the CPU (too small for a GPU to help), other models on CUDA when there
     is one; 'cpu' and 'cuda' as given."""
     if device == "auto":
-        return "cuda" if model != "lab" and torch.cuda.is_available() else "cpu"
+        return "cuda" if model not in ("lab", "lab-short") and torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: this torch has no CUDA device to use (a CPU build, or "
+                         "no GPU visible); allowed here: cpu or auto")
     return device
 
 
@@ -33,7 +36,7 @@ def load_pretrained(name: str, device: str = "cpu"):
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, **kwargs)
-    except (OSError, ValueError, ImportError) as e:
+    except Exception as e:          # a missing id, a damaged file (safetensors' own error), ...
         raise ValueError(f"model {name!r} could not be loaded: allowed are 'lab', a hub id, a "
                          f"folder saved with save_pretrained, or a .gguf file ({e})") from e
     if kwargs:   # GGUF: the weights are de-quantised fp32 tensors now, but transformers still

@@ -43,6 +43,13 @@ def file_digests(folder: Path) -> dict:
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "manifest.json"}
 
 
+def data_digest(task) -> str:
+    """A short hash of a task's train and test rows: a run records it, and a resume on other
+    data (a file edited after an interruption) is refused instead of mixing the two."""
+    rows = [dict(row) for split in (task.train, task.test) for row in split]
+    return hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def stage_problem(stage: Path) -> str | None:
     """What is wrong with a finished stage's folder (a missing or changed file), or None."""
     try:

@@ -98,11 +98,15 @@ def print_verl(methods, configs, names, steps, model, data_dir=None):
         if cfg.loss_mode == "sdpo" and cfg.distillation_weight < 1:
             notes.append(f"distillation_weight={cfg.distillation_weight} (the GRPO+SDPO hybrid) "
                          "has no verl key; verl runs pure SDPO")
+        if cfg.loss_mode == "sdpo" and cfg.teacher_update_every > 1:
+            notes.append(f"teacher_update_every={cfg.teacher_update_every} (StableSDPO's "
+                         "restart-and-freeze) has no verl key; verl moves the EMA every step")
         if cfg.teacher_regularization == "live":
             notes.append("the live teacher has no verl key; shown as ema at rate 1.0")
-        if cfg.loss_mode == "sdpo" and cfg.teacher_update_rate > 0 and len(names) > 1:
+        if (cfg.loss_mode == "sdpo" and cfg.teacher_update_rate > 0 and len(names) > 1
+                and not cfg.reset_teacher_each_task):
             notes.append("verl re-creates the EMA teacher from each stage's starting checkpoint; "
-                         "this project carries it over (set reset_teacher_each_task for verl's)")
+                         "reset_teacher_each_task=False carries it over, which verl cannot")
         print(f"# {m}" + "".join(f"\n# note: {n}" for n in notes))
         for k, (name, n_steps) in enumerate(zip(names, steps), 1):
             path = model if k == 1 else f"<checkpoint of stage {k - 1}>"

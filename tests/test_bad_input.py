@@ -51,6 +51,9 @@ CASES = {
                            "Config.kl_loss_coef=0.1 is invalid: allowed 0 with loss_mode='sft'"),
     "print-verl with a typo folder": (["--print-verl", "--tasks", "/typo_folder"],
                                       "unknown task '/typo_folder'"),
+    "no pre-training steps": (["--lab-steps", "0"], "--lab-steps 0: give a positive number"),
+    "a teacher_path that is not there": (["--set", "teacher_path=/missing/model"],
+                                         "teacher_path='/missing/model' is neither a model"),
 }
 
 
@@ -93,6 +96,21 @@ def test_a_mcq_answer_that_is_not_a_letter_is_refused(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("row, said", [
+    ({"kind": "tooluse", "answer": "[]"}, "line 1: a tooluse answer needs at least one call"),
+    ({"kind": "code", "answer": "-", "tests": {"inputs": [], "outputs": []}},
+     "line 1: a code row has no tests: every program would pass"),
+    ({"kind": "code", "answer": "-", "tests": {"inputs": "ab", "outputs": "ab"}},
+     "line 1: a code row `tests.inputs` and `tests.outputs` must be lists")])
+def test_a_row_whose_reward_cannot_vary_is_refused_with_its_line(tmp_path, capsys, row, said):
+    """A row every answer passes (no gold call, no test) or whose tests are malformed would give
+    a constant reward: refused at load, naming the file and line."""
+    folder = official_task(tmp_path, train=[{"prompt": "do it", **row}])
+    err = refused(run_sequence.main, tiny_argv(tasks=folder) + ["--out", str(tmp_path / "runs")],
+                  capsys)
+    assert said in err and "train.json" in err and not (tmp_path / "runs").exists()
+
+
 def test_a_prompt_longer_than_the_context_is_reported_when_the_task_loads(tmp_path, capsys):
     long = [{"prompt": "x" * 2_000, "answer": "A", "kind": "mcq"}]      # 512 positions
     folder = official_task(tmp_path, train=long + [{"prompt": "ok?", "answer": "B",
@@ -117,3 +135,68 @@ def test_a_damaged_config_json_is_named_and_left_as_it_was(tmp_path, capsys):
     assert "has a damaged config.json" in err
     assert [p.name for p in (tmp_path / "quick").iterdir()] == ["config.json"]
     assert (tmp_path / "quick" / "config.json").read_text() == "garbage"
+
+
+def test_an_out_that_is_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    err = refused(run_sequence.main, TINY + ["--out", str(tmp_path / "file")], capsys)
+    assert f"--out {str(tmp_path / 'file')!r} is a file" in err
+
+
+def test_a_row_nested_too_deeply_is_named(tmp_path, capsys):
+    nested = "[" * 100_000 + "]" * 100_000
+    deep = '{"prompt": "x", "answer": "A", "kind": "mcq", "extra": ' + nested + "}"
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "train.json").write_text(deep + "\n")
+    (folder / "test.json").write_text(deep + "\n")
+    err = refused(run_sequence.main, tiny_argv(tasks=str(folder)) + ["--out", str(tmp_path / "r")],
+                  capsys)
+    assert "train.json, line 1: JSON nested too deeply" in err
+
+
+def test_a_null_in_an_accuracy_matrix_is_named(tmp_path, capsys):
+    (tmp_path / "results.json").write_text(json.dumps({"tasks": ["a"], "trained": [0], "runs": {
+        "grpo": {"0": {"R": [[0.5], [None]], "records": []}}}}))
+    err = refused(eval_forgetting.main, [str(tmp_path)], capsys)
+    assert "grpo seed 0 has an accuracy that is not a number in [0, 1]" in err
+
+
+def write_results(folder, steps, runs):
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps({
+        "name": folder.name, "tasks": ["a"], "trained": [0], "config": {"steps": steps},
+        "runs": runs}))
+    return str(folder)
+
+
+def test_runs_with_other_stage_lengths_are_not_merged(tmp_path, capsys):
+    first = write_results(tmp_path / "one", [5], {})
+    second = write_results(tmp_path / "two", [7], {})
+    err = refused(eval_forgetting.main, [first, second, "--out", str(tmp_path / "vs")], capsys)
+    assert "run 'two' has steps [7], expected [5]" in err
+
+
+def test_several_runs_need_their_own_out_folder(tmp_path, capsys):
+    first, second = (write_results(tmp_path / n, [5], {}) for n in ("one", "two"))
+    err = refused(eval_forgetting.main, [first, second], capsys)
+    assert "several run folders: give --out" in err
+    assert not (tmp_path / "one" / "report.md").exists()
+
+
+def test_cuda_without_a_gpu_is_refused(tmp_path, capsys, monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    err = refused(run_sequence.main, TINY + ["--device", "cuda", "--out", str(tmp_path)], capsys)
+    assert "--device cuda: this torch has no CUDA device" in err
+
+
+def test_a_model_folder_with_a_truncated_weights_file_is_named(tmp_path, capsys, random_lab):
+    model, tok = random_lab
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    err = refused(run_sequence.main, ["--model", str(tmp_path / "m"), "--out",
+                                      str(tmp_path / "r")], capsys)
+    assert f"model {str(tmp_path / 'm')!r} could not be loaded" in err

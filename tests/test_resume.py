@@ -69,3 +69,18 @@ def test_a_folder_with_other_settings_is_refused_and_left_as_it_was(smoke_run, c
     err = capsys.readouterr().err
     assert "holds a run with other settings" in err and "eval_examples: was 10, now 5" in err
     assert (folder / "config.json").read_text() == config and not (folder / ".lock").exists()
+
+
+def test_a_resume_on_edited_task_data_is_refused(official_task, tmp_path, capsys):
+    """A run records a hash of every task's rows; after the data changed, the same command is
+    refused instead of mixing the two datasets in one accuracy matrix."""
+    from conftest import tiny_argv, write_jsonl, MCQ_ROWS
+    argv = tiny_argv(tasks=str(official_task), probes="", steps="1", methods="grpo") + [
+        "--seeds", "0", "--out", str(tmp_path), "--name", "edited"]
+    run_sequence.main(argv)
+    write_jsonl(official_task / "train.json", MCQ_ROWS[1:] + MCQ_ROWS[:1])   # reordered rows
+    with pytest.raises(SystemExit) as stop:
+        run_sequence.main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "holds a run with other settings" in err and "data_sha256" in err

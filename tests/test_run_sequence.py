@@ -3,6 +3,7 @@ tool, grpo and sdpo) writes a complete run folder whose numbers agree with each 
 accuracy matrix is the stage records', row 0 is the base model's evaluation, the log is the
 stages' training, the checkpoint is the model the stage measured, and the report and the printed
 summary show the matrix's metrics, computed here by hand."""
+import copy
 import json
 
 import pytest
@@ -118,3 +119,11 @@ def test_eval_forgetting_pairs_against_any_method_that_ran(smoke_run, tmp_path, 
     with pytest.raises(SystemExit):
         eval_forgetting.main([str(folder), "--out", str(tmp_path), "--baselines", "ppo"])
     assert "['ppo'] did not run here" in capsys.readouterr().err
+
+
+def test_a_report_names_the_runs_it_left_out_unfinished(smoke_run, tmp_path):
+    _, results, _ = smoke_run
+    cut = copy.deepcopy(results)
+    cut["runs"]["sdpo"]["0"]["R"] = cut["runs"]["sdpo"]["0"]["R"][:-1]     # stopped a stage short
+    text = eval_forgetting.write_report(cut, tmp_path)
+    assert "Not finished, so left out of the comparisons: sdpo seed 0" in text

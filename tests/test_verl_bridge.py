@@ -27,7 +27,8 @@ def parse_verl(text) -> dict:
 
 def test_print_verl_maps_settings_to_official_keys(capsys, official_task, tmp_path):
     run_sequence.main(["--print-verl", "--model", "Qwen/Qwen3-0.6B", "--methods",
-                       "grpo,sdpo_frozen,hybrid", "--tasks", f"{official_task},math",
+                       "grpo,sdpo_frozen,sdpo_frozen_base,hybrid", "--tasks",
+                       f"{official_task},math",
                        "--steps", "50,20", "--set", "alpha=1.0", "distillation_topk=20",
                        "--export-verl-data", str(tmp_path / "verl")])
     verl = parse_verl(capsys.readouterr().out)
@@ -43,7 +44,7 @@ def test_print_verl_maps_settings_to_official_keys(capsys, official_task, tmp_pa
                 "data.apply_chat_template_kwargs.enable_thinking": "false",
                 "actor_rollout_ref.rollout.val_kwargs.temperature": "0.6",
                 "actor_rollout_ref.rollout.val_kwargs.n": "4",
-                "trainer.total_training_steps": "50",
+                "trainer.total_training_steps": "50", "data.max_response_length": "8192",
                 "data.train_files": str(tmp_path / "verl" / "letters" / "train.parquet")}
     assert {k: grpo[1][k] for k in expected} == expected
     assert not any(k.startswith(sd) for k in grpo[1])
@@ -53,7 +54,9 @@ def test_print_verl_maps_settings_to_official_keys(capsys, official_task, tmp_pa
     assert frozen[1][sd + "alpha"] == "1.0" and frozen[1][sd + "distillation_topk"] == "20"
     assert frozen[1][sd + "teacher_update_rate"] == "0.0"
     assert "+" + sd + "teacher_path" not in frozen[1]                 # stage 1: the base itself
-    assert frozen[2]["+" + sd + "teacher_path"] == "Qwen/Qwen3-0.6B"   # later: still the base
+    assert "+" + sd + "teacher_path" not in frozen[2]    # later: the stage's start, as verl does
+    base = verl["sdpo_frozen_base"]
+    assert base[2]["+" + sd + "teacher_path"] == "Qwen/Qwen3-0.6B"     # later: still the base
     assert any("no verl key" in n for n in verl["hybrid"]["notes"])
     assert "+" + sd + "mask_ratio" not in frozen[1] and sd + "mask_ratio" not in frozen[1]
 
