@@ -320,7 +320,7 @@ class Config:
     eval_mode: str = knob("sample", EVAL_MODES)   # 'sample' (mean of eval_samples) or 'greedy'
     eval_temperature: float = knob(0.6, 0, 100, open_low=True)
     eval_top_p: float = knob(0.95, 0, 1, open_low=True)
-    eval_samples: int = knob(4, 1)          # samples per test prompt (val_kwargs.n)
+    eval_samples: int = knob(16, 1)         # val_kwargs.n: the paper's scripts' (yaml: 4)
     eval_examples: int = knob(200, 1)       # the first this many test rows of each task
     # --- optimiser (actor.optim) ----------------------------------------------------------------
     ppo_mini_batch_size: int = knob(0, 0)   # prompts per optimizer step, 0 = all (SDPO: 32 of 32)
@@ -351,6 +351,7 @@ class Config:
     distillation_add_tail: bool = True      # a tail bucket for the rest (False: renormalise)
     is_clip: float | None = knob(2.0, 0, open_low=True)   # cap of the weight pi/pi_old
     success_reward_threshold: float = knob(0.5, 0, 1)   # a sibling this good is a demonstration
+    max_reprompt_len: int = knob(10240, 1)  # teacher prompts cut to this many tokens, on the right
     dont_reprompt_on_self_success: bool = True   # never show a sample its own answer
     remove_thinking_from_demonstration: bool = True
     include_environment_feedback: bool = False   # the task's feedback in the teacher context
@@ -396,10 +397,12 @@ def format_prompt(tokenizer, prompt: str, system: str | None = None,
     return (f"{system}\n\n" if system else "") + f"User: {prompt}\nAssistant:"
 
 
-def tokenize_prompts(tokenizer, texts, device):
-    """Prompt texts -> left-padded ids and attention mask [B, P], as generate() wants them."""
-    tokenizer.padding_side = "left"
-    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+def tokenize_prompts(tokenizer, texts, device, max_length=None):
+    """Prompt texts -> left-padded ids and attention mask [B, P], as generate() wants them; with
+    max_length, each cut to that many tokens on the right (verl's max_reprompt_len)."""
+    tokenizer.padding_side, tokenizer.truncation_side = "left", "right"
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False,
+                    truncation=max_length is not None, max_length=max_length)
     return enc.input_ids.to(device), enc.attention_mask.to(device)
 
 
@@ -599,9 +602,8 @@ def trust_region_logits(ref_logits, student_logits, tau):
 
 class Teacher:
     """Scores response tokens after a teacher context, without gradients. ema: its own weights,
-    moved toward the student every teacher_update_every rollout batches of a stage (tau 0: the
-    paper's frozen SDPO_0; k > 1: frozen between moves, StableSDPO's "restart-and-freeze").
-    frozen: never moved. live: the current student. trust-region: lerp(initial, student, tau)."""
+    moved toward the student every teacher_update_every batches of a stage (tau 0: SDPO_0; k > 1:
+    StableSDPO's restart-and-freeze). frozen: never moved. live: the student. trust-region: lerp."""
 
     def __init__(self, policy, cfg: Config):
         self.kind, self.tau, self.cfg = cfg.teacher_regularization, cfg.teacher_update_rate, cfg
@@ -760,7 +762,8 @@ def add_teacher_inputs(targets, rollout, samples, rewards, task, tokenizer, cfg)
         keep = torch.rand_like(targets.distill_mask) >= cfg.mask_ratio
         targets.distill_mask = targets.distill_mask * keep
     if distinct:
-        targets.teacher_ids, targets.teacher_mask = tokenize_prompts(tokenizer, distinct, device)
+        targets.teacher_ids, targets.teacher_mask = tokenize_prompts(tokenizer, distinct, device,
+                                                                     cfg.max_reprompt_len)
 
 
 def loss_targets(rollout, samples, rewards, task, tokenizer, cfg) -> Targets:
@@ -1001,8 +1004,7 @@ SERIES = ("reward", "distill_frac", "repetition_rate", "demo_repetition_rate", "
 
 
 def stage_summary(history) -> dict:
-    """A stage's training in a few numbers (reward at its start and end, seconds per step, mean
-    distilled share), and the per-step series of SERIES (None where a step has no value)."""
+    """A stage's training in a few numbers, and the per-step SERIES (None where a step has none)."""
     def mean(key, part=slice(None)):
         values = [h[key] for h in history[part] if key in h]
         return sum(values) / len(values) if values else None
@@ -1142,8 +1144,7 @@ def base_row(base, tokenizer, tasks, cfg, measures=None) -> dict:
 
 def train_stage(k, sequence, policy, tokenizer, teacher, base, cfg, *, eval_tasks,
                 base_sequences, steps=None, log=None, desc="", measures=None) -> dict:
-    """Stage k >= 1: train sequence[k - 1] (the teacher restarted first with
-    reset_teacher_each_task), then row k of the accuracy matrix with its `measures`."""
+    """Stage k >= 1: train sequence[k - 1] (its teacher re-created first), then row k of R."""
     t0, task = time.time(), sequence[k - 1]
     rng = seed_everything(cfg.seed, "train", k)
     if teacher is not None and cfg.reset_teacher_each_task and k > 1:
@@ -1173,10 +1174,9 @@ def continual_sequence(cfg, policy, tokenizer, sequence, probes=(), *, steps=Non
                        desc="", row0=None, measures=None, resume=None, on_stage=None) -> list:
     """Train the tasks of `sequence` in order from `policy`, evaluating sequence + probes before
     (row 0) and after each stage; returns one record per stage, record["accuracy"] = row k of R.
-    The SDPO teacher is re-created from the policy at each stage, as each of the paper's stages
-    is a verl run that builds its own (reset_teacher_each_task=False carries it over). Plugged in by the caller: row0 (base_row());
-    measures (.step as in train_step; .stage(policy, base, outputs, base_sequences) and
-    .curve(policy, base) -> more fields of a stage's record, of a curve point: drift);
+    The SDPO teacher is re-created at each stage, as a verl run per stage does (unless
+    reset_teacher_each_task=False). Plugged in: row0 (base_row()); measures (.step as in
+    train_step; .stage(policy, base, outputs, base_sequences), .curve(policy, base): drift);
     resume(policy, teacher) -> earlier records, weights loaded; on_stage(k, record, policy,
     teacher) after each stage (checkpoints)."""
     eval_tasks = evaluation_tasks(sequence, probes)

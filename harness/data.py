@@ -21,7 +21,7 @@ from sdpo_cl import Task
 from harness.models import offline_unless_reachable
 from harness import sandbox
 
-OFFICIAL_KINDS = ("mcq", "tooluse", "math", "code", "")
+OFFICIAL_KINDS = ("mcq", "gpqa", "tooluse", "math", "code", "")
 MATH_PROMPT_SUFFIX = "\n\nPlease reason step by step, and put your final answer within \\boxed{}."
 
 
@@ -39,6 +39,19 @@ def mcq_reward(completion: str, example: dict) -> float:
     """1 iff the chosen text equals the gold letter, exactly (case-sensitive), as the official
     `mcq` reward. The gold may be written `B` or `<answer>B</answer>`."""
     return float(mcq_choice(completion) == mcq_choice(example["answer"]))
+
+
+def gpqa_choice(text: str) -> str:
+    """The official GPQA extraction (feedback/gpqa.py of SDPO-CL): the last standalone A-D of the
+    upper-cased text, else the whole text stripped of a final '.'; then a trailing '.' or '/'
+    dropped."""
+    letters = re.findall(r"\b(A|B|C|D)\b", text.upper())
+    return (letters[-1] if letters else text.strip().strip(".")).rstrip(".").rstrip("/")
+
+
+def gpqa_reward(completion: str, example: dict) -> float:
+    """1 iff the extracted letter equals the gold one (the official `gpqa` data source)."""
+    return float(gpqa_choice(completion) == example["answer"])
 
 
 def tool_calls(text: str):
@@ -368,7 +381,8 @@ def code_feedback(completion: str, example: dict) -> str | None:
     return None if result["score"] == 1.0 else result["feedback"]
 
 
-OFFICIAL_REWARDS = {"mcq": (mcq_reward, None), "tooluse": (tooluse_reward, tooluse_feedback),
+OFFICIAL_REWARDS = {"mcq": (mcq_reward, None), "gpqa": (gpqa_reward, None),
+                    "tooluse": (tooluse_reward, tooluse_feedback),
                     "math": (math_reward, math_feedback), "code": (code_reward, code_feedback)}
 
 
@@ -388,6 +402,8 @@ def official_well_formed(completion: str, example: dict) -> bool:
     kind = example["kind"]
     if kind == "mcq":
         return re.fullmatch(r"[A-Z]", mcq_choice(completion).strip()) is not None
+    if kind == "gpqa":                 # the official incorrect_format: not one of A-D
+        return gpqa_choice(completion) in ("A", "B", "C", "D")
     if kind == "tooluse":
         return re.search(r"Action:\s*\w+", completion) is not None
     if kind == "math":
@@ -448,6 +464,9 @@ def check_official_answer(where, kind, row):
     if kind == "mcq" and not re.fullmatch(r"[A-Z]", mcq_choice(row["answer"])):
         raise ValueError(f"{where}: a mcq answer must be one capital letter (A, B, ...), "
                          f"got {row['answer']!r}")
+    if kind == "gpqa" and row["answer"] not in ("A", "B", "C", "D"):
+        raise ValueError(f"{where}: a gpqa answer must be one of A, B, C, D, got "
+                         f"{row['answer']!r}")
     if kind == "tooluse":
         try:
             names, _ = gold_tool_calls(row["answer"])

@@ -33,7 +33,8 @@ SELF_DISTILLATION_KEYS = (   # declared in the official actor config (SDPO's ver
     "alpha", "full_logit_distillation", "distillation_topk", "distillation_add_tail", "is_clip",
     "success_reward_threshold", "teacher_regularization", "teacher_update_rate",
     "dont_reprompt_on_self_success", "remove_thinking_from_demonstration",
-    "include_environment_feedback", "environment_feedback_only_without_solution")
+    "include_environment_feedback", "environment_feedback_only_without_solution",
+    "max_reprompt_len")
 SDPO_CL_KEYS = ("mask_ratio", "teacher_path", "teacher_init_alpha")   # SDPO-CL's, undeclared: +key
 
 

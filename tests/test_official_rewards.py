@@ -29,6 +29,18 @@ def test_mcq_is_the_text_after_the_last_answer_tag(completion, reward):
     assert data.official_reward(completion, MCQ) == reward
 
 
+@pytest.mark.parametrize("completion, reward, well_formed", [
+    ("... so the answer is \\boxed{B}", 1.0, True),     # the last standalone A-D
+    ("A or B? I pick b.", 1.0, True),                   # upper-cased first: 'b' counts
+    ("B, not C", 0.0, True),                            # the last one is C
+    ("ABC", 0.0, False),                                # no standalone letter: the whole text
+    ("B.", 1.0, True)])
+def test_gpqa_is_the_last_standalone_letter(completion, reward, well_formed):
+    row = {"kind": "gpqa", "answer": "B"}
+    assert data.official_reward(completion, row) == reward
+    assert data.official_well_formed(completion, row) == well_formed
+
+
 def test_tooluse_needs_every_action_and_the_merged_inputs():
     right = ('Thought: find images\nAction: searchImages\nAction Input: {"color": "wild", '
              '"size": "", "page": 1}\nAction: getDetails\nAction Input: {"id": "7"}')

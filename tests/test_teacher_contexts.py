@@ -123,3 +123,15 @@ def test_the_teacher_sees_exactly_the_official_prompt():
     text = tok.decode(targets.teacher_ids[0][targets.teacher_mask[0] > 0])
     assert text == ("<|system|>Be brief.<|user|>2+2=?\nCorrect solution:\n\n4\n\n"
                     "Correctly solve the original question.<|assistant|><think>\n\n</think>\n\n")
+
+
+def test_a_teacher_prompt_longer_than_max_reprompt_len_is_cut_on_the_right():
+    """verl tokenizes the teacher's messages with max_length=max_reprompt_len and truncation, on
+    the tokenizer's right: the prompt's start is kept, its end (the instruction) lost."""
+    import sdpo_cl as s
+    tok = qwen3_like_tokenizer()
+    full = "<|user|>" + "x" * 50
+    ids, mask = s.tokenize_prompts(tok, [full, "<|user|>y"], "cpu", max_length=10)
+    assert ids.shape[1] == 10 and mask[0].sum() == 10
+    assert tok.decode(ids[0]) == full[:len("<|user|>") + 9]            # one special token + 9 x
+    assert tok.decode(ids[1][mask[1] > 0]) == "<|user|>y"               # short ones: untouched

@@ -43,7 +43,7 @@ def test_print_verl_maps_settings_to_official_keys(capsys, official_task, tmp_pa
                 ppo + "loss_agg_mode": "token-mean", ppo + "ppo_micro_batch_size_per_gpu": "1",
                 "data.apply_chat_template_kwargs.enable_thinking": "false",
                 "actor_rollout_ref.rollout.val_kwargs.temperature": "0.6",
-                "actor_rollout_ref.rollout.val_kwargs.n": "4",
+                "actor_rollout_ref.rollout.val_kwargs.n": "16",
                 "trainer.total_training_steps": "50", "data.max_response_length": "8192",
                 "data.train_files": str(tmp_path / "verl" / "letters" / "train.parquet")}
     assert {k: grpo[1][k] for k in expected} == expected
