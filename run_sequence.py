@@ -44,9 +44,9 @@ METHODS = {
     "grpo": dict(loss_mode="grpo", ppo_mini_batch_size=quarter_of_the_batch),
     "grpo_one_step": dict(loss_mode="grpo", ppo_mini_batch_size=0),   # SDPO's number of steps
     "sdpo": dict(loss_mode="sdpo"),                                    # official: EMA at 5%
-    "sdpo_frozen": dict(loss_mode="sdpo", teacher_update_rate=0.0),    # SDPO_0: frozen at each
-    "sdpo_frozen_base": dict(loss_mode="sdpo", teacher_update_rate=0.0,  # stage's start, or at the
-                             reset_teacher_each_task=False),           # base (teacher_path)
+    "sdpo_frozen": dict(loss_mode="sdpo", teacher_update_rate=0.0),    # SDPO_0, a run per stage
+    "sdpo_frozen_base": dict(loss_mode="sdpo", teacher_update_rate=0.0,  # SDPO_0 read as
+                             reset_teacher_each_task=False),           # teacher_path=<base>
     "sdpo_ema01": dict(loss_mode="sdpo", teacher_update_rate=0.01),    # the paper's EMA sweep
     "sdpo_ema02": dict(loss_mode="sdpo", teacher_update_rate=0.02),
     "stable_sdpo": dict(loss_mode="sdpo", teacher_update_rate=0.4,     # restart-and-freeze:
@@ -85,7 +85,6 @@ METHOD_HELP = {
     "sdpo_ema02": "SDPO with an EMA teacher at rate 0.02",
     "stable_sdpo": "the paper's StableSDPO as read here: the teacher frozen, and every 10 batches "
                    "moved 40%% of the way to the student (restart-and-freeze, gamma 40%%)",
-
     "sdpo_live": "SDPO whose teacher is the current student (no_grad)",
     "sdpo_trust_region": "SDPO with the trust-region teacher (logit lerp, rate 0.05)",
     "sdpo_mask50": "SDPO dropping 50%% of distilled tokens at random (mask_ratio=0.5)",
@@ -213,18 +212,25 @@ def build_parser():
 
 def load_task(name: str, model: str = "lab") -> sc.Task:
     """A task by name: a family of the lab `model` runs on (the trace lab's families for a real
-    model), `gsm8k` (from the hub), or a folder in the official SDPO layout (train.json and
-    test.json)."""
+    model), `gsm8k` or `sciknoweval:<domain>` (from the hub), or a folder in the official SDPO
+    layout (train.json and test.json)."""
     lab_name = model if model in lab.LABS else "lab"
     families = lab.LABS[lab_name].families
     if name in families:
         return lab.make_lab_task(name, lab_name)
     if name == "gsm8k":
         return data.load_gsm8k()
+    if name.startswith("sciknoweval:"):
+        return data.load_sciknoweval(name.split(":", 1)[1], models.cache_dir() / "data")
     if Path(name).is_dir():
         return data.load_official_task(name)
+    if name == "tooluse":
+        raise ValueError("task 'tooluse': ToolAlpaca as the paper used it is not on the hub; its "
+                         "files are datasets/tooluse/{train,test}.json of "
+                         "github.com/Moenupa/SDPO-CL: pass their folder")
     raise ValueError(f"unknown task {name!r}: allowed are the lab families "
-                     f"{', '.join(families)}, 'gsm8k', or a folder with train.json and "
+                     f"{', '.join(families)}, 'gsm8k', 'sciknoweval:<domain>' (domains "
+                     f"{', '.join(data.SCIKNOWEVAL_DOMAINS)}), or a folder with train.json and "
                      f"test.json")
 
 

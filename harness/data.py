@@ -527,3 +527,64 @@ def load_gsm8k() -> Task:
     except (OSError, ConnectionError, ValueError) as e:
         raise ValueError(f"task 'gsm8k' could not be loaded from the hub or the local cache "
                          f"({type(e).__name__}: {str(e)[:200]})") from None
+
+
+# --- SciKnowEval, as the paper's fork prepares it (data/format/sciknoweval.py, data/README.md,
+# data/split_tasks.py of Moenupa/SDPO-CL): the test split of hicai-zju/SciKnowEval, one domain,
+# level L3, the 4- and 2-choice multiple-choice questions, the official system prompt, then 10%
+# held out for test with datasets' train_test_split at seed 42 -----------------------------------
+
+SCIKNOWEVAL_DOMAINS = {"biology": "Biology", "chemistry": "Chemistry", "material": "Material",
+                       "physics": "Physics"}
+SCIKNOWEVAL_SYSTEM = (
+    "\nGiven a question and four options, please select the right answer. Respond in the "
+    "following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>\n\nFor the "
+    "answer, only output the letter corresponding to the correct option (A, B, C, or D), and "
+    "nothing else. Do not restate the answer text. For example, if the answer is \"A\", just "
+    "output:\n<answer>\nA\n</answer>\n")
+
+
+def sciknoweval_row(row: dict) -> dict:
+    """A hub row (question, choices {text, label}, answerKey) in the official layout."""
+    choices = "\n".join(f"{label}: {text}" for label, text in zip(row["choices"]["label"],
+                                                                  row["choices"]["text"]))
+    return {"prompt": row["question"] + "\n\n" + choices + "\nPlease reason step by step.",
+            "answer": row["answerKey"], "system": SCIKNOWEVAL_SYSTEM, "kind": "mcq",
+            "dataset": "sciknoweval"}
+
+
+def write_sciknoweval(hub_test, domain: str, folder: Path) -> Path:
+    """The official preparation of one domain from the hub's test split, written as train.json
+    and test.json (JSON lines) in `folder`."""
+    rows = hub_test.filter(lambda x: x["domain"] == SCIKNOWEVAL_DOMAINS[domain]
+                           and x["details"]["level"] == "L3"
+                           and x["type"] in ("mcq-4-choices", "mcq-2-choices"))
+    rows = rows.map(sciknoweval_row, remove_columns=rows.column_names)
+    split = rows.train_test_split(test_size=0.1, seed=42)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("train", "test"):
+        text = "".join(json.dumps(r) + "\n" for r in split[name])
+        (folder / f"{name}.json").write_text(text, encoding="utf-8")
+    return folder
+
+
+def load_sciknoweval(domain: str, cache: Path) -> Task:
+    """`sciknoweval:<domain>`: prepared once from the hub and kept in `cache`; without the hub
+    and without the cache, one error in seconds that says how to get it."""
+    if domain not in SCIKNOWEVAL_DOMAINS:
+        raise ValueError(f"unknown SciKnowEval domain {domain!r}: allowed are "
+                         f"{', '.join(SCIKNOWEVAL_DOMAINS)}")
+    folder = cache / f"sciknoweval-{domain}"
+    if not (folder / "test.json").exists():
+        from datasets import load_dataset
+        offline_unless_reachable("the SciKnowEval data set")
+        try:
+            hub = load_dataset("hicai-zju/SciKnowEval", split="test")
+        except Exception as e:          # offline and not cached, or the hub refused
+            raise ValueError(
+                f"task 'sciknoweval:{domain}' is built from the hub data set "
+                f"hicai-zju/SciKnowEval, which is neither reachable nor cached here "
+                f"({type(e).__name__}); run once with a network, or pass the folder "
+                f"datasets/sciknoweval/{domain} of github.com/Moenupa/SDPO-CL instead") from None
+        write_sciknoweval(hub, domain, folder)
+    return load_official_task(folder)

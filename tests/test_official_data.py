@@ -53,3 +53,46 @@ def test_gsm8k_rows_get_the_official_math_prompt_and_reward(tmp_path):
     assert task.reward("\\boxed{2300}", ex) == 0.0
     assert "\\boxed{your_answer}" in task.feedback("It is 2300.", ex)
     assert task.feedback("\\boxed{2400}", ex) is None
+
+
+def hub_sciknoweval():
+    """Rows in the hub's SciKnowEval schema: 12 that the official preparation keeps (chemistry,
+    level L3, 4- or 2-choice MCQ) and 3 it drops (another domain, level, type)."""
+    from datasets import Dataset
+    def row(i, domain="Chemistry", level="L3", kind="mcq-4-choices"):
+        return {"question": f"Which is compound {i}?", "answerKey": "B", "domain": domain,
+                "type": kind, "details": {"level": level},
+                "choices": {"text": ["x", f"c{i}", "y", "z"], "label": ["A", "B", "C", "D"]}}
+    rows = [row(i, kind="mcq-2-choices" if i % 3 else "mcq-4-choices") for i in range(12)]
+    rows += [row(90, domain="Biology"), row(91, level="L2"), row(92, kind="true_or_false")]
+    return Dataset.from_list(rows)
+
+
+def test_sciknoweval_is_prepared_as_the_papers_fork_does(tmp_path):
+    task = data.load_official_task(data.write_sciknoweval(hub_sciknoweval(), "chemistry",
+                                                          tmp_path / "chem"))
+    assert (len(task.train), len(task.test)) == (10, 2)          # 10% held out, seed 42
+    ex = task.test[0]
+    assert ex["prompt"].endswith("\n\nA: x\nB: c" + ex["prompt"].split("compound ")[1][0]
+                                 + "\nC: y\nD: z\nPlease reason step by step.")
+    assert ex["system"] == data.SCIKNOWEVAL_SYSTEM and ex["kind"] == "mcq"
+    assert {r["prompt"].split("?")[0] for r in task.train}.isdisjoint(
+        {r["prompt"].split("?")[0] for r in task.test})
+    assert task.reward("<reasoning>...</reasoning>\n<answer>\nB\n</answer>", ex) == 1.0
+
+
+def test_sciknoweval_without_hub_or_cache_fails_in_seconds_saying_how(tmp_path, monkeypatch):
+    import time
+    import datasets.config
+    import huggingface_hub.constants
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")          # as offline_unless_reachable sets them
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    t0 = time.time()
+    with pytest.raises(ValueError, match="neither reachable nor cached here .* or pass the "
+                                         "folder datasets/sciknoweval/chemistry"):
+        data.load_sciknoweval("chemistry", tmp_path / "cache")
+    assert time.time() - t0 < 30
+    with pytest.raises(ValueError, match="unknown SciKnowEval domain 'chem'"):
+        data.load_sciknoweval("chem", tmp_path / "cache")
