@@ -30,12 +30,13 @@ def load_pretrained(name: str, device: str = "cpu"):
     if path.suffix == ".gguf":       # transformers de-quantises GGUF weights (needs `gguf`)
         if not path.is_file():
             raise FileNotFoundError(f"model {name!r}: no such GGUF file")
-        name, kwargs = str(path.parent), {"gguf_file": path.name}
+        kwargs = {"gguf_file": path.name}
     elif not path.exists():          # a hub id
         offline_unless_reachable(f"the model {name!r}")
+    source = str(path.parent) if kwargs else name
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
     except Exception as e:          # a missing id, a damaged file (safetensors' own error), ...
         raise ValueError(f"model {name!r} could not be loaded: allowed are 'lab', a hub id, a "
                          f"folder saved with save_pretrained, or a .gguf file ({e})") from e
