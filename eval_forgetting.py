@@ -93,6 +93,16 @@ def paired_difference(a, b) -> dict:
     return {"n": len(d), "mean": m, "low": m - half, "high": m + half}
 
 
+def interval_text(diff, scale=1.0, digits=1) -> str:
+    """A paired difference as text: '+1.2 [-0.3, +2.7]', the mean alone with one pair, n/a
+    without any."""
+    if diff["mean"] is None:
+        return "n/a"
+    text = f"{scale * diff['mean']:+.{digits}f}"
+    return text if diff["low"] is None else (
+        text + f" [{scale * diff['low']:+.{digits}f}, {scale * diff['high']:+.{digits}f}]")
+
+
 def verdict(diff) -> str:
     """'beyond noise' when the 95% interval excludes 0, 'within noise' when it contains 0."""
     if diff["low"] is None:
@@ -399,14 +409,14 @@ def set_embeddings(model, tokenizer, rows, batch_size=50) -> torch.Tensor:
     """[n, d]: the model's last hidden state averaged over the tokens of each row's chat prompt
     and gold answer, i.e. what the set asks and what answering it looks like: in the lab a
     family's content lives in its prompts and its format in its answers' wrapper."""
-    from sdpo_cl import format_prompt, pad_cat
     out = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        ids = [tokenizer(format_prompt(tokenizer, ex["prompt"], ex.get("system")) + ex["answer"],
-                         add_special_tokens=False).input_ids for ex in chunk]
-        input_ids = pad_cat(ids, tokenizer.pad_token_id)                       # [b, T]
-        mask = pad_cat([[1.0] * len(i) for i in ids], 0.0)                     # [b, T]
+        texts = [sc.format_prompt(tokenizer, ex["prompt"], ex.get("system")) + ex["answer"]
+                 for ex in chunk]
+        ids = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+        input_ids = sc.pad_cat(ids, tokenizer.pad_token_id)                    # [b, T]
+        mask = sc.pad_cat([[1.0] * len(i) for i in ids], 0.0)                  # [b, T]
         hidden = model(input_ids=input_ids.to(model.device), attention_mask=mask.long().to(
             model.device), output_hidden_states=True).hidden_states[-1].float().cpu()  # [b, T, d]
         out.append((hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True))
@@ -665,11 +675,7 @@ def paired_table(results, baseline="grpo", metrics=PAIRED) -> str:
     for method, diffs in rows.items():
         cells = []
         for key, _ in metrics:
-            d, f = diffs[key], SCALE[key]
-            digits = 3 if key == "response_kl" else 1
-            cells.append("n/a" if d["mean"] is None else f"{f * d['mean']:+.{digits}f}" + (
-                "" if d["low"] is None else
-                f" [{f * d['low']:+.{digits}f}, {f * d['high']:+.{digits}f}]"))
+            cells.append(interval_text(diffs[key], SCALE[key], 3 if key == "response_kl" else 1))
         lines.append(f"| {method} | {diffs[metrics[0][0]]['n']} | " + " | ".join(cells) + " |")
         f, a = diffs.get("forgetting"), diffs.get("acc")
         said = []
@@ -780,8 +786,7 @@ def matched_gain_table(results, baseline="grpo") -> str:
                     d = paired_difference([seeds[s][key] for s in common],
                                           [values[baseline][s][key] for s in common])
                     if d["low"] is not None:
-                        cell += (f" ({SCALE[key] * d['mean']:+.2f} [{SCALE[key] * d['low']:+.2f},"
-                                 f" {SCALE[key] * d['high']:+.2f}])")
+                        cell += f" ({interval_text(d, SCALE[key], 2)})"
                 cells.append(cell)
             lines.append(f"| {k} {results['tasks'][results['trained'][k - 1]]} | "
                          f"{100 * g_star:.1f} | {m} | " + " | ".join(cells) + " |")
@@ -837,9 +842,6 @@ def ood_peak(pairs) -> dict:
 def ood_table(results, distances) -> str:
     """Per method: each distance tercile's MMD range and mean forgetting, how far the
     intermediate one's exceeds the near and the far one's, and whether that is a peak."""
-    def cell(d):
-        return "n/a" if d["mean"] is None else f"{100 * d['mean']:+.1f}" + (
-            "" if d["low"] is None else f" [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]")
     lines = ["| method | " + " | ".join(f"forgetting, {b} (MMD)" for b in BINS)
              + " | intermediate − near | intermediate − far | a peak at intermediate? |",
              "|" + "---|" * 7]
@@ -853,7 +855,8 @@ def ood_table(results, distances) -> str:
         peak = ("n/a" if near["low"] is None or far["low"] is None else
                 "yes, beyond noise" if near["low"] > 0 and far["low"] > 0 else
                 "no" if near["high"] < 0 or far["high"] < 0 else "not beyond noise")
-        lines.append(f"| {method} | " + " | ".join(cells + [cell(near), cell(far), peak]) + " |")
+        lines.append(f"| {method} | " + " | ".join(
+            cells + [interval_text(near, 100), interval_text(far, 100), peak]) + " |")
     return "\n".join(lines)
 
 

@@ -640,8 +640,7 @@ class Teacher:
         return score(self.model)
 
     def after_rollout_batch(self, policy, batch):
-        """The EMA moves after the stage's `batch`-th rollout batch: every one (official), or
-        every teacher_update_every-th; `batch` counts from 1, so a resumed stage counts alike."""
+        """The EMA moves after the stage's `batch`-th batch (1, 2, ...): each, or every k-th."""
         if self.kind == "ema" and self.tau > 0 and not batch % self.cfg.teacher_update_every:
             ema_update_(self.model, policy, self.tau)
 
@@ -1150,9 +1149,10 @@ def train_stage(k, sequence, policy, tokenizer, teacher, base, cfg, *, eval_task
     if teacher is not None and cfg.reset_teacher_each_task and k > 1:
         teacher.reset(policy)
     stage_cfg = dataclasses.replace(cfg, steps_per_task=steps[k - 1]) if steps else cfg
-    curve = lambda step: {"accuracy": curve_point(   # mid-stage: accuracy, and drift etc.
-        policy, tokenizer, eval_tasks, cfg, (cfg.seed, "curve", k, step))} | (
-        measures.curve(policy, base) if measures is not None else {})
+    def curve(step):     # a mid-stage evaluation, and what `measures` sees of the weights then
+        seen = measures.curve(policy, base) if measures is not None else {}
+        return {"accuracy": curve_point(policy, tokenizer, eval_tasks, cfg,
+                                        (cfg.seed, "curve", k, step)), **seen}
     history = train_task(
         policy, tokenizer, teacher, task, stage_cfg, rng=rng, reference=base,
         log=(lambda m: log({"stage": k, "task": task.name, **m})) if log else None,

@@ -53,8 +53,13 @@ def drift_of(policy, base) -> dict:
     return {"l2": 100 * d["overall"], "angle": d["subspace_angle"], **ef.paper_drift(policy, base)}
 
 
-HEADER = ("param drift % | mean angle ° | NSS ×1e3 | max angle ° | PM overlap % | PM update % |\n"
-          "---|---|---|---|---|---|")
+COLUMNS = ("param drift %", "mean angle °", "NSS ×1e3", "max angle °", "PM overlap %",
+           "PM update %")
+
+
+def header(*first) -> str:
+    names = first + COLUMNS
+    return "| " + " | ".join(names) + " |\n|" + "---|" * len(names)
 
 
 def cells(d) -> str:
@@ -88,13 +93,13 @@ def main(argv=None):
     cfg = lab.lab_config(args.lab)
     print(f"{args.lab}: stages {stages}, lr {cfg.lr:g}, warm-up {cfg.warmup_steps}, weight decay "
           f"{cfg.weight_decay:g}, clip {cfg.grad_clip:g}")
-    print("| optimizer steps | gradient | " + HEADER.replace("\n", "\n|---|---|") + " |")
+    print(header("optimizer steps", "gradient"))
     for label, per_batch in (("SDPO", 1), ("GRPO", 4)):
         for gradient in ("zero", "random", "fixed"):
             d = replay(base, cfg, stages, per_batch, gradient)
             print(f"| {label}: {sum(stages) * per_batch} | {gradient} | {cells(d)} |", flush=True)
     if args.runs:
-        print("\n| method | seed | " + HEADER.replace("\n", "\n|---|---|") + " |")
+        print("\n" + header("method", "seed"))
         for method, seed, d in run_drift(args.runs, base):
             print(f"| {method} | {seed} | {cells(d)} |", flush=True)
 
