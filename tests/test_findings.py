@@ -55,7 +55,7 @@ def test_a_finding_sets_the_experiment_it_needs(planned):
 
 
 @pytest.mark.parametrize("model, steps, expected", [
-    ("lab", "paper", [20, 20, 20, 8]),                  # the paper's 50/50/50/20, times 0.4
+    ("lab", "paper", [25, 25, 25, 10]),                 # the paper's 50/50/50/20, times 0.5
     ("lab-short", "paper", [15, 15, 15, 6]),            # times 0.3
     ("some/hub-model", "paper", [50, 50, 50, 20]),      # a real model: the paper's own
     ("lab", None, [6, 6, 6, 3]),                        # the quick run's
