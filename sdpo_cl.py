@@ -325,6 +325,7 @@ class Config:
     # --- optimiser (actor.optim) ----------------------------------------------------------------
     ppo_mini_batch_size: int = knob(0, 0)   # prompts per optimizer step, 0 = all (SDPO: 32 of 32)
     ppo_epochs: int = knob(1, 1)            # passes over the rollout batch
+    balance_batch: bool = True              # trainer.balance_batch: mini-batches by length
     lr: float = knob(1e-5, 0, 1, open_low=True)   # AdamW learning rate
     warmup_steps: int = knob(10, 0)         # verl's: rollout batch k (from 0) gets lr * k / 10
     weight_decay: float = knob(0.01, 0, 1e6)
@@ -334,8 +335,7 @@ class Config:
     gradient_checkpointing: bool = False    # trade compute for activation memory
     bf16: bool = True                       # bf16 autocast on CUDA (the CPU runs fp32)
     # --- which loss -----------------------------------------------------------------------------
-    loss_mode: str = knob("sdpo", LOSS_MODES)   # grpo / sdpo (policy_loss.loss_mode vanilla /
-    #                                         sdpo); sft trains on the gold answers instead
+    loss_mode: str = knob("sdpo", LOSS_MODES)   # grpo, sdpo (policy_loss.loss_mode), sft: gold
     distillation_weight: float = knob(1.0, 0, 1)   # w in (1-w) GRPO + w SDPO; 1: pure SDPO (TRL)
     # --- GRPO -----------------------------------------------------------------------------------
     norm_adv_by_std_in_grpo: bool = False   # divide by the group's std (the paper: off)
@@ -501,8 +501,6 @@ def generate(model, tokenizer, prompt_texts, max_new_tokens, *, sample=True, tem
 def concat_rollouts(rollouts, pad_id) -> Rollout:
     """One Rollout from several (rollout_chunk_size): prompts left-padded and responses
     right-padded to the widest."""
-    if len(rollouts) == 1:
-        return rollouts[0]
     field = lambda name: [getattr(r, name) for r in rollouts]
     return Rollout(pad_cat(field("prompt_ids"), pad_id, left=True),
                    pad_cat(field("prompt_mask"), 0, left=True),
@@ -859,13 +857,16 @@ def micro_batch_loss(policy, teacher, reference, rollout, targets, rows, minibat
     return loss, metrics
 
 
-def minibatches(cfg, n_rows) -> list:
-    """Row indices of each optimizer step: ppo_epochs passes over consecutive groups of
-    ppo_mini_batch_size prompts (verl splits the batch in order, without shuffling)."""
-    rows_per_step = (cfg.ppo_mini_batch_size or cfg.prompts_per_step) * cfg.group_size
-    steps = [torch.arange(r0, min(r0 + rows_per_step, n_rows))
-             for r0 in range(0, n_rows, rows_per_step)]
-    return steps * cfg.ppo_epochs
+def minibatches(cfg, lengths) -> list:
+    """Row indices of each optimizer step: ppo_epochs passes over slices of ppo_mini_batch_size
+    prompts' rows; with several, in verl's _balance_batch order on one device (docs/departures.md:
+    by length, even ranks up, odd ones down). lengths: [B] prompt + response tokens."""
+    size = (cfg.ppo_mini_batch_size or cfg.prompts_per_step) * cfg.group_size
+    order = list(range(len(lengths)))
+    if cfg.balance_batch and size < len(order):
+        order.sort(key=lambda i: (int(lengths[i]), i))
+        order = order[::2] + order[1::2][::-1]
+    return [torch.tensor(order[r:r + size]) for r in range(0, len(order), size)] * cfg.ppo_epochs
 
 
 def backward_finite(loss):
@@ -889,7 +890,8 @@ def update(policy, teacher, optimizer, scheduler, rollout, targets, cfg, referen
     """One optimizer step per mini-batch (gradients accumulated over micro-batches), then the
     learning-rate schedule and the EMA teacher move once. Returns the loss metrics, averaged
     over the optimizer steps."""
-    totals, updates = {}, minibatches(cfg, len(targets.rewards))
+    lengths = rollout.prompt_mask.sum(1) + rollout.response_mask.sum(1)     # [B]
+    totals, updates = {}, minibatches(cfg, lengths.tolist())
     for minibatch in updates:
         optimizer.zero_grad(set_to_none=True)
         for micro in minibatch.split(cfg.micro_batch_size or len(minibatch)):
@@ -1038,12 +1040,10 @@ def train_task(policy, tokenizer, teacher, task, cfg, *, rng, reference=None, lo
     for step in bar:
         examples, batch_task = next_batch(task, others, cfg, rng, order)
         try:
-            if cfg.loss_mode == "sft":
-                metrics = sft_step(policy, tokenizer, optimizer, scheduler, batch_task, examples,
-                                   cfg)
-            else:
-                metrics = train_step(policy, tokenizer, teacher, optimizer, scheduler,
-                                     batch_task, examples, cfg, reference, measures)
+            metrics = (sft_step(policy, tokenizer, optimizer, scheduler, batch_task, examples, cfg)
+                       if cfg.loss_mode == "sft" else train_step(
+                           policy, tokenizer, teacher, optimizer, scheduler, batch_task, examples,
+                           cfg, reference, measures))
         except FloatingPointError as e:
             last = history[-1] if history else {}
             raise FloatingPointError(f"{desc}: step {step}: {e}; last finite metrics: {last}")

@@ -15,6 +15,7 @@ VERL_KEYS = {   # this project's Config fields -> the official verl override key
     "prompts_per_step": "data.train_batch_size",
     "group_size": "actor_rollout_ref.rollout.n",
     "ppo_epochs": "actor_rollout_ref.actor.ppo_epochs",
+    "balance_batch": "trainer.balance_batch",
     "max_new_tokens": "data.max_response_length",
     "temperature": "actor_rollout_ref.rollout.temperature",
     "lr": "actor_rollout_ref.actor.optim.lr",

@@ -118,8 +118,8 @@ def narrate_updates(b, i, signals, say) -> dict:
     ids, result = ro.response_ids[i:i + 1], {}
     say()
     say("## 5. The two losses on this batch, and one update of each (`update`, the training "
-        "step's own: GRPO takes the paper's four optimizer steps, one per quarter of the batch, "
-        "the quarter holding this group among them; SDPO one step on the whole batch)")
+        "step's own: GRPO takes the paper's four optimizer steps, one per quarter of the batch in "
+        "verl's length-balanced order; SDPO one step on the whole batch)")
     say()
     say("| method | loss | log p(answer) before | after the update | change |\n"
         "|---|---|---|---|---|")

@@ -53,8 +53,8 @@ def test_grpo_takes_four_optimizer_steps_per_batch_and_grpo_one_step_one():
     settings = {"prompts_per_step": 16}
     four = run_sequence.method_config("grpo", settings, {}, lab.lab_config)
     one = run_sequence.method_config("grpo_one_step", settings, {}, lab.lab_config)
-    assert len(s.minibatches(four, 16 * four.group_size)) == 4
-    assert len(s.minibatches(one, 16 * one.group_size)) == 1
+    assert len(s.minibatches(four, [1] * 16 * four.group_size)) == 4
+    assert len(s.minibatches(one, [1] * 16 * one.group_size)) == 1
 
 
 def test_grpo_needs_a_batch_of_a_multiple_of_four_prompts():

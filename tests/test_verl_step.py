@@ -134,11 +134,25 @@ def test_four_mini_batches_take_four_steps_and_clip_from_the_second(tiny_base):
 
 
 def test_mini_batches_are_consecutive_groups_of_prompts_repeated_each_epoch():
-    cfg = lab.lab_config("lab-short", prompts_per_step=4, group_size=2, ppo_mini_batch_size=2, ppo_epochs=2)
-    steps = [rows.tolist() for rows in s.minibatches(cfg, 8)]
+    cfg = lab.lab_config("lab-short", prompts_per_step=4, group_size=2, ppo_mini_batch_size=2, ppo_epochs=2,
+                         balance_batch=False)
+    steps = [rows.tolist() for rows in s.minibatches(cfg, [5, 3, 8, 1, 9, 2, 7, 4])]
     assert steps == [[0, 1, 2, 3], [4, 5, 6, 7]] * 2
     whole = lab.lab_config("lab-short", prompts_per_step=4, group_size=2)               # 0: all prompts
-    assert [rows.tolist() for rows in s.minibatches(whole, 8)] == [list(range(8))]
+    assert [rows.tolist() for rows in s.minibatches(whole, [5, 3, 8, 1, 9, 2, 7, 4])] == [list(range(8))]
+
+
+def test_mini_batches_follow_verls_length_balanced_order_on_one_device():
+    # by length: rows 3 5 1 7 0 6 2 4 (1, 2, 3, 4, 5, 7, 8, 9 tokens); the even ranks ascending
+    # (3 1 0 2), then the odd ranks descending (4 6 7 5); cut into two steps of two prompts' rows
+    cfg = lab.lab_config("lab-short", prompts_per_step=4, group_size=2, ppo_mini_batch_size=2)
+    steps = [rows.tolist() for rows in s.minibatches(cfg, [5, 3, 8, 1, 9, 2, 7, 4])]
+    assert steps == [[3, 1, 0, 2], [4, 6, 7, 5]]
+
+
+def test_equal_lengths_keep_their_order_within_each_half():
+    cfg = lab.lab_config("lab-short", prompts_per_step=4, group_size=2, ppo_mini_batch_size=2)
+    assert [rows.tolist() for rows in s.minibatches(cfg, [6] * 8)] == [[0, 2, 4, 6], [7, 5, 3, 1]]
 
 
 def test_the_ema_teacher_moves_once_after_all_updates(tiny_base):

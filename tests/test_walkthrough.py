@@ -93,15 +93,18 @@ def test_its_sdpo_loss_is_the_mean_divergence_over_every_answer(walk, batch):
     assert walk[0]["sdpo"]["loss"] == pytest.approx(expected, abs=1e-5)
 
 
-def test_its_grpo_loss_is_four_clipped_steps_one_per_quarter_of_the_batch(walk, batch):
+def test_its_grpo_loss_is_four_clipped_steps_one_per_length_ordered_quarter(walk, batch):
     model, tok, cfg, ro, _, rewards = batch
     policy = copy.deepcopy(model).train()
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
     groups = rewards.view(-1, G)
     advantages = (groups - groups.mean(1, keepdim=True)).flatten()
+    lengths = (ro.prompt_mask.sum(1) + ro.response_mask.sum(1)).tolist()
+    ranked = sorted(range(PROMPTS * G), key=lambda r: (lengths[r], r))
+    order = torch.tensor(ranked[::2] + ranked[1::2][::-1])   # verl's _balance_batch, one device
     losses = []
-    for g in range(PROMPTS):                              # one prompt's group per mini-batch
-        rows = slice(g * G, (g + 1) * G)
+    for g in range(PROMPTS):                              # a quarter of the rows per mini-batch
+        rows = order[g * G:(g + 1) * G]
         logits = policy(**s.sequence_inputs(ro.prompt_ids[rows], ro.prompt_mask[rows],
                                             ro.response_ids[rows], ro.response_mask[rows])
                         ).logits[:, :-1]
@@ -116,7 +119,7 @@ def test_its_grpo_loss_is_four_clipped_steps_one_per_quarter_of_the_batch(walk, 
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
         optimizer.step()
         losses.append(loss.item())
-    assert losses[0] == pytest.approx(0.0, abs=1e-5)      # on-policy: the centred advantages
+    assert losses[0] == pytest.approx(-advantages[order[:G]].mean().item(), abs=1e-5)  # ratio 1
     assert walk[0]["grpo"]["loss"] == pytest.approx(sum(losses) / PROMPTS, abs=1e-6)
 
 
