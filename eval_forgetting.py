@@ -115,7 +115,7 @@ def verdict(diff) -> str:
 FINDINGS = {
     "teacher-stability": dict(
         methods="grpo,sdpo_frozen,sdpo_ema01,sdpo_ema02,sdpo,stable_sdpo", tasks="math",
-        probes="math_hard", steps="20", seeds="0,1,2", set=["eval_every=4"],
+        probes="math_hard", steps="25", seeds="0,1,2", set=["eval_every=4"],   # 50 x 0.5
         paper="stable teachers outperform rapidly updated EMA teachers: on a math stage scored "
               "on held-out math (AIME), base 32.7, frozen teacher 56.4, EMA 5% 34.4, StableSDPO "
               "55.0, with an EMA sweep 0/1/2/5%",
@@ -155,7 +155,7 @@ FINDINGS = {
              "reward"),
     "cot": dict(
         methods="grpo,sdpo_frozen,sdpo_frozen_cot,sdpo_frozen_answer", tasks="math_cot",
-        probes="", steps="20", seeds="0,1,2", set=["eval_every=4"],
+        probes="", steps="25", seeds="0,1,2", set=["eval_every=4"],
         paper="long chains of thought amplify noise: SDPO_0 whose teacher sees the "
               "demonstration's reasoning (SDPO_0^CoT) drifts most; distilling the chain of "
               "thought too is not better",

@@ -45,7 +45,7 @@ def test_a_finding_sets_the_experiment_it_needs(planned):
     assert continual.tasks == "math,science,tool,code" and continual.steps == "paper"
     stability = planned(["--finding", "teacher-stability"])
     assert (stability.methods, stability.tasks, stability.probes, stability.steps) == (
-        "grpo,sdpo_frozen,sdpo_ema01,sdpo_ema02,sdpo,stable_sdpo", "math", "math_hard", "20")
+        "grpo,sdpo_frozen,sdpo_ema01,sdpo_ema02,sdpo,stable_sdpo", "math", "math_hard", "25")
     drift = planned(["--finding", "drift"])
     assert drift.steps == "paper" and "eval_every=10" in drift.set
     collapse = planned(["--finding", "collapse"])
