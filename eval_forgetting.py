@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import hashlib
 import json
 import math
 import re
+import weakref
 from pathlib import Path
 
 import torch
@@ -253,6 +255,27 @@ def layer_type(name: str) -> str:
     return "other"
 
 
+_SVDS = {}   # id(matrix) -> (its content hash, k, U[:, :k], S, Vh[:k]), while the matrix lives
+
+
+@torch.no_grad()
+def top_svd(w, k):
+    """The top-k singular triplets of W in float64 (U [m, k], all of S, Vh [k, n]), kept per
+    tensor while its content is the same (a hash of its bytes: optimizers change weights in
+    place without a trace): a run's base matrices are decomposed once, and the model's once per
+    measurement, not once per measure (five and four times before)."""
+    digest = hashlib.blake2b(w.detach().cpu().contiguous().view(torch.uint8).numpy()).digest()
+    seen = _SVDS.get(id(w))
+    if seen is None or seen[0] != digest or seen[1] < k:
+        if seen is None:
+            weakref.finalize(w, _SVDS.pop, id(w), None)
+        u, sv, vh = torch.linalg.svd(w.detach().double(), full_matrices=False)
+        keep = max(k, 64)      # the principal mask's rank: one decomposition serves every measure
+        seen = (digest, keep, u[:, :keep].clone(), sv, vh[:keep].clone())
+        _SVDS[id(w)] = seen
+    return seen[2][:, :k], seen[3], seen[4][:k]
+
+
 @torch.no_grad()
 def principal_angles(w0, w, fraction=0.1):
     """[k] principal angles (degrees) between the top-k left singular subspaces of a weight
@@ -261,8 +284,7 @@ def principal_angles(w0, w, fraction=0.1):
     writes to, 90 when it replaced them."""
     k = max(1, int(fraction * min(w.shape)))
     # float64: arccos is steep near 1, and float32 rounding alone reads as 0.02 degrees
-    u0 = torch.linalg.svd(w0.double(), full_matrices=False).U[:, :k]      # [m, k]
-    u = torch.linalg.svd(w.double(), full_matrices=False).U[:, :k]
+    u0, u = top_svd(w0, k)[0], top_svd(w, k)[0]                            # [m, k]
     cosines = torch.linalg.svdvals(u0.T @ u).clamp(max=1.0)                 # [k]
     return torch.rad2deg(torch.arccos(cosines))
 
@@ -282,7 +304,7 @@ def subspace_angle(w0, w, fraction=0.1) -> float:
 def normalised_spectral_shift(w0, w) -> float:
     """NSS = ||sigma(W) - sigma(W0)|| / ||sigma(W0)||, sigma the singular values in descending
     order: how much the matrix's spectrum moved, whatever its singular vectors did."""
-    s0, s = torch.linalg.svdvals(w0.double()), torch.linalg.svdvals(w.double())
+    s0, s = top_svd(w0, 1)[1], top_svd(w, 1)[1]
     return ((s - s0).norm() / s0.norm()).item()
 
 
@@ -295,7 +317,7 @@ def max_principal_angle(w0, w, fraction=0.1) -> float:
 def principal_mask(w, rank=64, alpha=0.5):
     """[m, n] bool: the top `alpha` share of entries, by magnitude, of W's rank-`rank`
     reconstruction U_r S_r V_r^T (the weights the matrix's principal directions rest on)."""
-    u, sv, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    u, sv, vh = top_svd(w, rank)
     r = min(rank, sv.numel())
     scores = ((u[:, :r] * sv[:r]) @ vh[:r]).abs().flatten()
     mask = torch.zeros_like(scores, dtype=torch.bool)

@@ -100,3 +100,13 @@ def test_drift_at_matched_gain_reads_each_run_where_its_gain_reaches_the_smalles
     assert ef.at_gain(paths["sdpo"], 0.5, "nss") is None               # never that high
     table = ef.matched_gain_table(results)
     assert "| 1 math | 20.0 | sdpo | 40.00 | 400.00 | 4.00 | 60.00 | 40.00 |" in table
+
+
+def test_a_matrix_changed_in_place_is_decomposed_again():
+    # the decompositions are kept per matrix (a run's base once): an optimizer step changes the
+    # weights in place, and the next measure must see the new ones (doubled: NSS 1)
+    w0 = torch.randn(8, 6)
+    w = w0.clone()
+    assert ef.normalised_spectral_shift(w0, w) == pytest.approx(0.0, abs=1e-12)
+    w.mul_(2.0)
+    assert ef.normalised_spectral_shift(w0, w) == pytest.approx(1.0, abs=1e-12)
