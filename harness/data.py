@@ -9,6 +9,8 @@ process (sandbox.py, docs/sandbox.md); the trainer compares the outputs.
 """
 from __future__ import annotations
 
+import ast
+import builtins
 import json
 import os
 import re
@@ -184,6 +186,59 @@ def compile_problem(source: str, what: str) -> str | None:
     return None
 
 
+# ---- Assert tests (testtype "code"). The official code runs the program and then the test code
+# in one namespace (code.py:491-505), where the program can read the expected values in the
+# test code. Here they run apart (sandbox.run_assert_test): the program answers calls of one
+# function, the test code makes them. Which function that is, is read from the test code here.
+
+PREDEFINED = set(dir(builtins)) | set(sandbox.TYPING_NAMES) | {"__builtins__", "debug_print",
+                                                               "__debug_buffer__"}
+
+
+def bound_names(tree) -> set:
+    """Every name the code binds, in any scope: assignments and loop targets, definitions,
+    parameters, imports, `except ... as` and match captures."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
+            names.add(node.id)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.arg):
+            names.add(node.arg)
+        elif isinstance(node, ast.alias):
+            names.add((node.asname or node.name).split(".")[0])
+        elif isinstance(node, (ast.ExceptHandler, ast.MatchAs, ast.MatchStar)) and node.name:
+            names.add(node.name)
+        elif isinstance(node, ast.MatchMapping) and node.rest:
+            names.add(node.rest)
+    return names
+
+
+@lru_cache(maxsize=256)
+def assert_test_names(test_code: str, context: str = "") -> tuple:
+    """(the function under test, the allowed modules the test code uses without importing
+    them) of an assert test. The function under test is the one name the test code reads that
+    neither it, the context nor the runner defines: the program must. ValueError if there is
+    not exactly one."""
+    try:
+        tree = ast.parse(test_code)
+        free = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)
+                and isinstance(n.ctx, ast.Load)}
+        free -= bound_names(tree) | bound_names(ast.parse(context)) | PREDEFINED
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
+        raise ValueError(f"the test code or context does not parse ({type(e).__name__})") from None
+    modules = sorted(free & set(sandbox.ALLOWED_MODULES))
+    names = sorted(free - set(modules))
+    if not names:
+        raise ValueError("the test code calls no function of the program")
+    if len(names) > 1:
+        raise ValueError(f"the test code uses {len(names)} names only the program defines "
+                         f"({', '.join(names)}): only one, the function under test, can be "
+                         f"called from outside the program")
+    return names[0], tuple(modules)
+
+
 def one_test_problem(kind: str, given, want) -> str | None:
     """Why one official test can never pass, or None."""
     if kind == "stdin" and not (isinstance(given, str) and isinstance(want, str)):
@@ -250,15 +305,28 @@ def expected_stdout(output: str) -> str:
     return output[:output.rfind("-")].rstrip() if output.endswith("-") else output
 
 
+def sandbox_report(code: str, tests: dict, given) -> dict:
+    """The sandbox's report of the program on one test input; an assert test runs split in
+    two (sandbox.run_assert_test), its function under test read from its code."""
+    seconds = tests["time_limit"] + 1           # the official + 1 s (code.py:780)
+    if tests["testtype"] != "code":
+        return sandbox.run_program(code, given, kind=tests["testtype"], fn_name=tests["fn_name"],
+                                   context=tests["context"], seconds=seconds)
+    try:
+        entry, imports = assert_test_names(given, tests["context"])
+    except ValueError as e:
+        raise ValueError(f"an assert test that cannot be run apart from the program: {e}") from None
+    return sandbox.run_assert_test(code, given, entry=entry, imports=imports,
+                                   context=tests["context"], seconds=seconds)
+
+
 def run_code_test(code: str, tests: dict, index: int) -> dict:
     """One official test record (code.py:560-568): the program's output or error, and whether
     it matches the expected output (compared here, never in the program's process)."""
     kind, given, want = tests["testtype"], tests["inputs"][index], tests["outputs"][index]
     if kind == "stdin":
         want = expected_stdout(want)
-    run = sandbox.run_program(code, given, kind=kind, fn_name=tests["fn_name"],
-                              context=tests["context"],
-                              seconds=tests["time_limit"] + 1)   # the official + 1 s (code.py:780)
+    run = sandbox_report(code, tests, given)
     record = {"test_idx": index, "input": given, "expected": want, "actual": "",
               "passed": False, "debug": run.get("debug", "")}
     if run.get("timed_out"):
