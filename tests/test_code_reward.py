@@ -176,6 +176,12 @@ def test_the_feedback_shows_the_shortest_wrong_answers_as_the_official_one():
     (functional(["1 2"], ["not json"]), "output must be a string holding JSON"),
     (functional([[1, 2]], ["3"]), "input must be a string"),
     ({"inputs": ["assert (1"], "outputs": [""], "testtype": "code"}, "does not compile"),
+    (asserts("assert apply(lambda x: x + 1, 2) == 3"),
+     "passes a lambda to apply (test code line 1: apply(lambda x: x + 1, 2))"),
+    (asserts("def check(f):\n    assert f(x for x in 'ab') == 2\ncheck(count)"),
+     "passes a generator to f (test code line 2"),
+    (asserts("assert decode(encode('ab')) == 'ab'"), "2 names only the program defines"),
+    (asserts("assert 1 + 1 == 2"), "calls no function of the program"),
     (stdin(["1"], ["1"], time_limit=0), "`time_limit`"),
 ])
 def test_a_row_whose_tests_cannot_fail_or_cannot_pass_is_named(tests, problem):
@@ -185,3 +191,6 @@ def test_a_row_whose_tests_cannot_fail_or_cannot_pass_is_named(tests, problem):
 def test_a_good_row_has_no_problem():
     assert data.check_code_row({"tests": json.dumps(stdin(["1 2"], ["3"]))}) is None
     assert data.check_code_row({"tests": functional([{"a": 1}], ["1"])}) is None
+    assert data.check_code_row({"tests": asserts(
+        "import math\ndef check(candidate):\n    for x in [1, 2]:\n"
+        "        assert math.isclose(candidate(x), x)\ncheck(f)")}) is None
