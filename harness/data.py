@@ -9,6 +9,8 @@ process (sandbox.py, docs/sandbox.md); the trainer compares the outputs.
 """
 from __future__ import annotations
 
+import ast
+import builtins
 import json
 import os
 import re
@@ -184,7 +186,118 @@ def compile_problem(source: str, what: str) -> str | None:
     return None
 
 
-def one_test_problem(kind: str, given, want) -> str | None:
+# ---- Assert tests (testtype "code"). The official code runs the program and then the test code
+# in one namespace (code.py:491-505), where the program can read the expected values in the
+# test code. Here they run apart (sandbox.run_assert_test): the program answers calls of one
+# function, the test code makes them. Which function that is, is read from the test code here.
+
+PREDEFINED = set(dir(builtins)) | set(sandbox.TYPING_NAMES) | {"__builtins__", "debug_print",
+                                                               "__debug_buffer__"}
+# Builtins whose calls make values that are not literals (iterators, objects, frozensets)
+NOT_LITERAL_MAKERS = {"iter", "map", "filter", "zip", "reversed", "enumerate", "range",
+                      "object", "frozenset", "open"}
+
+
+def bound_names(tree) -> set:
+    """Every name the code binds, in any scope: assignments and loop targets, definitions,
+    parameters, imports, `except ... as` and match captures."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
+            names.add(node.id)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.arg):
+            names.add(node.arg)
+        elif isinstance(node, ast.alias):
+            names.add((node.asname or node.name).split(".")[0])
+        elif isinstance(node, (ast.ExceptHandler, ast.MatchAs, ast.MatchStar)) and node.name:
+            names.add(node.name)
+        elif isinstance(node, ast.MatchMapping) and node.rest:
+            names.add(node.rest)
+    return names
+
+
+@lru_cache(maxsize=256)
+def assert_test_names(test_code: str, context: str = "") -> tuple:
+    """(the function under test, the allowed modules the test code uses without importing
+    them) of an assert test. The function under test is the one name the test code reads that
+    neither it, the context nor the runner defines: the program must. ValueError if there is
+    not exactly one, or if a call of it can never be sent to the program (see not_literal)."""
+    try:
+        tree = ast.parse(test_code)
+        free = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)
+                and isinstance(n.ctx, ast.Load)}
+        free -= bound_names(tree) | bound_names(ast.parse(context)) | PREDEFINED
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
+        raise ValueError(f"the test code or context does not parse ({type(e).__name__})") from None
+    modules = sorted(free & set(sandbox.ALLOWED_MODULES))
+    names = sorted(free - set(modules))
+    if not names:
+        raise ValueError("the test code calls no function of the program")
+    if len(names) > 1:
+        raise ValueError(f"the test code uses {len(names)} names only the program defines "
+                         f"({', '.join(names)}): only one, the function under test, can be "
+                         f"called from outside the program")
+    problem = unsendable_call(tree, names[0])
+    if problem:
+        raise ValueError(problem)
+    return names[0], tuple(modules)
+
+
+def stand_in_names(tree, entry: str, defs: dict) -> set:
+    """The names the function under test is called by: its own, and the parameter of each
+    test function it is passed to (`candidate` in `def check(candidate)` ... `check(entry)`)."""
+    names = {entry}
+    for call in ast.walk(tree):
+        if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name)
+                and isinstance(defs.get(call.func.id), ast.FunctionDef)):
+            continue
+        params = defs[call.func.id].args.posonlyargs + defs[call.func.id].args.args
+        names |= {p.arg for p, a in zip(params, call.args)
+                  if isinstance(a, ast.Name) and a.id == entry}
+        names |= {k.arg for k in call.keywords
+                  if isinstance(k.value, ast.Name) and k.value.id == entry}
+    return names
+
+
+def unsendable_call(tree, entry: str) -> str | None:
+    """A call of the function under test with an argument that can never be a literal value,
+    named with its line in the test code; None if there is none to see. (Arguments are values
+    only when the test runs: one that is not a literal then fails the test, naming the row.)"""
+    defs = {n.name: n for n in ast.walk(tree)
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+    callers = stand_in_names(tree, entry, defs)
+    functions = set(defs) | callers | ({n for n in dir(builtins) if callable(getattr(builtins, n))}
+                                       - bound_names(tree))
+    makers = {n for n, d in defs.items() if isinstance(d, ast.ClassDef)} | NOT_LITERAL_MAKERS
+    for call in ast.walk(tree):
+        if isinstance(call, ast.Call) and isinstance(call.func, ast.Name) \
+                and call.func.id in callers:
+            for arg in call.args + [k.value for k in call.keywords]:
+                what = not_literal(arg, functions, makers)
+                if what:
+                    return (f"the test code passes {what} to {call.func.id} (test code line "
+                            f"{arg.lineno}: {ast.unparse(call)[:80]}); only literal values can "
+                            f"be sent to the program")
+    return None
+
+
+def not_literal(node, functions: set, makers: set) -> str | None:
+    """What an argument expression is, when it is surely not a literal value."""
+    node = node.value if isinstance(node, ast.Starred) else node
+    if isinstance(node, ast.Lambda):
+        return "a lambda"
+    if isinstance(node, ast.GeneratorExp):
+        return "a generator"
+    if isinstance(node, ast.Name) and node.id in functions:
+        return f"the function or class {node.id}"
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in makers:
+        return f"the {node.func.id}(...) object"
+    return None
+
+
+def one_test_problem(kind: str, given, want, context: str = "") -> str | None:
     """Why one official test can never pass, or None."""
     if kind == "stdin" and not (isinstance(given, str) and isinstance(want, str)):
         return "a stdin test's input and output must be strings"
@@ -199,7 +312,13 @@ def one_test_problem(kind: str, given, want) -> str | None:
     if kind == "code":
         if not isinstance(given, str):
             return "a code test's input must be a string of Python (its asserts)"
-        return compile_problem(given, "the test code")
+        problem = compile_problem(given, "the test code")
+        if problem:
+            return problem
+        try:
+            assert_test_names(given, context)
+        except ValueError as e:
+            return str(e)
     return None
 
 
@@ -230,11 +349,14 @@ def check_code_row(row: dict) -> str | None:
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float))
                               or not limit > 0):
         return "`time_limit` must be a positive number of seconds"
+    problem = compile_problem(tests.get("context", ""), "context")
+    if problem:
+        return problem
     for i, (given, want) in enumerate(zip(inputs, outputs), 1):
-        problem = one_test_problem(kind, given, want)
+        problem = one_test_problem(kind, given, want, tests.get("context", ""))
         if problem:
             return f"test {i}: {problem}"
-    return compile_problem(tests.get("context", ""), "context")
+    return None
 
 
 def stdout_words(text: str) -> str:
@@ -250,15 +372,28 @@ def expected_stdout(output: str) -> str:
     return output[:output.rfind("-")].rstrip() if output.endswith("-") else output
 
 
+def sandbox_report(code: str, tests: dict, given) -> dict:
+    """The sandbox's report of the program on one test input; an assert test runs split in
+    two (sandbox.run_assert_test), its function under test read from its code."""
+    seconds = tests["time_limit"] + 1           # the official + 1 s (code.py:780)
+    if tests["testtype"] != "code":
+        return sandbox.run_program(code, given, kind=tests["testtype"], fn_name=tests["fn_name"],
+                                   context=tests["context"], seconds=seconds)
+    try:
+        entry, imports = assert_test_names(given, tests["context"])
+    except ValueError as e:     # the loader refuses such a row (check_code_row)
+        raise ValueError(f"an assert test that cannot be run apart from the program: {e}") from None
+    return sandbox.run_assert_test(code, given, entry=entry, imports=imports,
+                                   context=tests["context"], seconds=seconds)
+
+
 def run_code_test(code: str, tests: dict, index: int) -> dict:
     """One official test record (code.py:560-568): the program's output or error, and whether
     it matches the expected output (compared here, never in the program's process)."""
     kind, given, want = tests["testtype"], tests["inputs"][index], tests["outputs"][index]
     if kind == "stdin":
         want = expected_stdout(want)
-    run = sandbox.run_program(code, given, kind=kind, fn_name=tests["fn_name"],
-                              context=tests["context"],
-                              seconds=tests["time_limit"] + 1)   # the official + 1 s (code.py:780)
+    run = sandbox_report(code, tests, given)
     record = {"test_idx": index, "input": given, "expected": want, "actual": "",
               "passed": False, "debug": run.get("debug", "")}
     if run.get("timed_out"):

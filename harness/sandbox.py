@@ -9,6 +9,9 @@ trainer (Linux namespaces, see docs/sandbox.md):
 - The program receives its code and ONE test input, never an expected output: the trainer
   compares what it reads back (at most OUTPUT_CAP bytes) with the expected output itself
   (harness/data.py), so a program can neither learn the answer nor report a pass.
+- An assert test (whose expected values are inside its test code) is split in two runners:
+  the program answers calls of the function under test, the test code makes them and checks
+  the answers; only literal values, parsed by the trainer, pass between them (run_assert_test).
 - It runs as an unprivileged user with no capabilities (`no_new_privs`), in its own user, mount,
   pid, network, IPC and UTS namespaces: every mount read-only except a fresh, size-limited
   /tmp (its working folder), the host's /tmp, /run, /var/tmp, /dev/shm and the trainer's data
@@ -24,6 +27,7 @@ in a plain subprocess with resource limits only, and a warning says so.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -41,7 +45,16 @@ OUTPUT_CAP = 8 * 2 ** 20        # bytes of stdout the trainer reads from one tes
 STDERR_CAP = 64 * 2 ** 10       # the program's stderr is captured inside; this is stray writes
 WORK_SIZE = "64m"               # the program's writable /tmp
 NOBODY = 65534                  # the user a trainer run as root hands the program to
+VALUE_CAP = 2 ** 20             # characters of one return value of an assert test's call
 HIDDEN_PATHS: set[str] = set()  # folders the program must not see; see hide_path
+# The modules a program may import (code.py:83-152) and the typing names predefined for it
+# (code.py:198-232); the runner receives both with its job.
+ALLOWED_MODULES = ("math cmath itertools functools operator statistics random collections "
+                   "heapq bisect array string re typing json io fractions decimal dataclasses "
+                   "datetime time sys sortedcontainers numpy").split()
+TYPING_NAMES = ("Any Optional Union List Dict Set Tuple Callable Iterable Iterator Sequence "
+                "Mapping MutableMapping MutableSequence MutableSet DefaultDict Deque FrozenSet "
+                "Type TypeVar Generic Literal TypedDict NoReturn overload").split()
 
 
 def hide_path(path) -> None:
@@ -191,15 +204,65 @@ os.execv(sys.executable, [sys.executable, "-I", "-B", "-c", cfg["runner"]])
 '''
 
 
+# ---- Literal values: what passes between the two halves of an assert test ---------------------
+# Defined here, where they can be tested, and shipped into the runner as source text.
+
+def encode_literal(value, depth: int = 0) -> str:
+    """Python source for a value made only of None, bools, numbers, strings, bytes, lists,
+    tuples, dicts and sets (a numpy scalar as its Python value), exact types only, which
+    parse_literal reads back; TypeError for anything else."""
+    import math
+    if type(value).__module__ == "numpy" and getattr(value, "shape", None) == ():
+        value = value.item()
+    kind = type(value)
+    if value is None or kind in (bool, int, float, str, bytes):
+        return repr(value)              # a float may read inf, -inf or nan: see parse_literal
+    if kind is complex and math.isfinite(value.real) and math.isfinite(value.imag):
+        return repr(value)
+    if kind not in (list, tuple, dict, set):
+        raise TypeError(f"a {kind.__name__} is not a literal value")
+    if depth > 100:
+        raise TypeError("a value nested more than 100 levels deep")
+    if kind is dict:
+        return "{" + ", ".join(f"{encode_literal(k, depth + 1)}: {encode_literal(v, depth + 1)}"
+                               for k, v in value.items()) + "}"
+    items = [encode_literal(v, depth + 1) for v in value]
+    if kind is set:
+        return "{" + ", ".join(items) + "}" if items else "set()"
+    if kind is tuple:
+        return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
+    return "[" + ", ".join(items) + "]"
+
+
+def parse_literal(text: str):
+    """The value of a literal as encode_literal writes it: ast.literal_eval, with the names
+    inf and nan read as those floats. Raises (ValueError, SyntaxError, RecursionError, ...)
+    for any other text: nothing in it is ever called."""
+    import ast
+
+    class Floats(ast.NodeTransformer):
+        def visit_Name(self, node):
+            if node.id in ("inf", "nan"):
+                return ast.copy_location(ast.Constant(float(node.id)), node)
+            return node
+    tree = ast.parse(text.strip(), mode="eval")
+    if "inf" in text or "nan" in text:
+        tree = Floats().visit(tree)
+    return ast.literal_eval(tree)
+
+
 # ---- The runner: executes the program on one test, the official way ---------------------------
 # Child-side half of the official code reward (verl/utils/reward_score/feedback/code.py in
 # lasgroup/SDPO; line numbers below). It reports what the program did after a delimiter on
 # stdout; the trainer decides pass or fail. The program runs in this process and can forge
 # that report, so the report holds only the program's own answer, nothing to forge a pass with.
+# An assert test runs in two runners (run_assert_test): one serves the program's function
+# ("serve"), the other runs the test code ("asserts"), each call relayed through the trainer.
 
-RUNNER = r'''
+RUNNER = inspect.getsource(encode_literal) + inspect.getsource(parse_literal) + r'''
 import __future__, ast, io, json, resource, sys
-job = json.loads(sys.stdin.buffer.read())
+requests = sys.stdin.buffer     # the job's line; then, in an assert test, one line per message
+job = json.loads(requests.readline())
 real_stdout = sys.stdout
 for kind, value in ((resource.RLIMIT_AS, job["memory"]), (resource.RLIMIT_CPU, job["cpu"]),
                     (resource.RLIMIT_FSIZE, 2 ** 24), (resource.RLIMIT_NOFILE, 64),
@@ -212,13 +275,7 @@ import builtins
 SAFE = ("abs all any bool bytes callable chr dict enumerate filter float format frozenset hash "
         "hex int isinstance issubclass iter len list map max min next object ord pow print "
         "range repr reversed round set slice sorted str sum tuple zip input").split()
-MODULES = {"math", "cmath", "itertools", "functools", "operator", "statistics", "random",
-           "collections", "heapq", "bisect", "array", "string", "re", "typing", "json", "io",
-           "fractions", "decimal", "dataclasses", "datetime", "time", "sys",
-           "sortedcontainers", "numpy"}
-TYPING = ("Any Optional Union List Dict Set Tuple Callable Iterable Iterator Sequence Mapping "
-          "MutableMapping MutableSequence MutableSet DefaultDict Deque FrozenSet Type TypeVar "
-          "Generic Literal TypedDict NoReturn overload").split()
+MODULES, TYPING = set(job["modules"]), job["typing"]
 
 
 def allowed_import(name, globals=None, locals=None, fromlist=(), level=0):
@@ -283,18 +340,112 @@ def jsonable(value):
     raise TypeError(f"Non-serializable result type: {type(value).__name__}")
 
 
+def say(message):
+    """One message to the trainer: a line after the delimiter. (The program may write such
+    lines too: the trainer takes none as more than the program's own answer.)"""
+    real_stdout.write("\n" + job["delimiter"] + json.dumps(message) + "\n")
+    real_stdout.flush()
+
+
+# An assert test (code.py:491-505 runs the program, then the test code, in one namespace)
+# runs here in two runners that never share a process: the program's ("serve") and the test
+# code's ("asserts"); the trainer relays each call between them.
+
+def load_program(code, ns):
+    """The program's half: the program loaded as the official one loads it; then serve."""
+    ns["__name__"] = "__main__"
+    sys.stdin, sys.stdout = io.StringIO(), io.StringIO()
+    exec(compile(code, "Solution.py", "exec"), ns)
+    return {"ready": True}
+
+
+def answer(request, ns):
+    """One call of the function under test on literal arguments: the value as a literal, or
+    the exception (its type, message and the official short trace)."""
+    try:
+        args, kwargs = (parse_literal(text) for text in request["call"])
+        if job["fn_name"] not in ns:
+            raise NameError(f"name {job['fn_name']!r} is not defined")
+        result = ns[job["fn_name"]](*args, **kwargs)
+    except BaseException as e:
+        return {"error": f"Error: {short_trace(e)}", "type": type(e).__name__,
+                "message": str(e)[:1000]}
+    try:
+        return {"value": encode_literal(result)}
+    except Exception as e:
+        return {"unsendable": str(e)}
+
+
+def serve(ns):
+    """Answer each call the trainer relays until it closes stdin; each answer carries the
+    debug output written since the one before."""
+    sys.stdin, sys.stdout, sys.stderr = io.StringIO(), io.StringIO(), debug
+    shown = len(debug.getvalue())
+    for line in iter(requests.readline, b""):
+        reply = answer(json.loads(line), ns)
+        reply["debug"], shown = debug.getvalue()[shown:][-4000:], len(debug.getvalue())
+        say(reply)
+
+
+def relayed(reply):
+    """The program's exception, raised again in the test code: the builtin class of its name
+    (else Exception), marked as the program's."""
+    kind = getattr(builtins, reply.get("raise", ""), None)
+    if not (isinstance(kind, type) and issubclass(kind, BaseException)):
+        kind = Exception
+    try:
+        error = kind(reply.get("message", ""))
+    except Exception:
+        error = Exception(reply.get("message", ""))
+    error.relayed = True
+    return error
+
+
+def stand_in(name):
+    """What the test code calls instead of the program's function: each call goes to the
+    trainer as literals; the answer comes back as a literal value, or as an exception."""
+    def call(*args, **kwargs):
+        try:
+            say({"call": [encode_literal(list(args)), encode_literal(kwargs)]})
+        except Exception as e:          # the row's fault: the trainer ends the test
+            say({"unsendable": str(e)})
+            requests.readline()
+            raise SystemExit(1)
+        reply = json.loads(requests.readline())
+        if "value" in reply:
+            return parse_literal(reply["value"])
+        raise relayed(reply)
+    call.__name__ = call.__qualname__ = name
+    return call
+
+
+def run_asserts(code, imports, ns):
+    """The test code's half, in the official order (the context, then the test code), with a
+    stand-in for the function under test and the allowed modules it uses without importing."""
+    for module in imports:
+        ns[module] = allowed_import(module)
+    ns[job["fn_name"]] = stand_in(job["fn_name"])
+    ns["__name__"] = "__main__"
+    sys.stdin, sys.stdout = io.StringIO(), io.StringIO()
+    try:
+        exec(compile(code, "Tests.py", "exec"), ns)
+    except BaseException as e:
+        if getattr(e, "relayed", False):
+            return {"relayed": True}        # the trainer reports the program's own trace
+        raise
+    return {"passed": True}
+
+
 def run(code, given, kind, fn_name, ns):
     if kind == "stdin":     # code.py:470-488: stdin and stdout are strings, __name__ is main
         out = io.StringIO()
         sys.stdin, sys.stdout = io.StringIO(given), out
         exec(compile('__name__ = "__main__"\n' + code, "Solution.py", "exec"), ns)
         return {"output": out.getvalue()}
-    if kind == "code":      # code.py:491-505: the program, then the test's own asserts
-        ns["__name__"] = "__main__"
-        sys.stdout = io.StringIO()
-        exec(compile(code, "Solution.py", "exec"), ns)
-        exec(compile(given, "Tests.py", "exec"), ns)
-        return {"passed": True}
+    if kind == "serve":     # an assert test's program
+        return load_program(code, ns)
+    if kind == "asserts":   # an assert test's test code; `given`: the modules to import
+        return run_asserts(code, given, ns)
     # functional, code.py:404-467: postponed annotations; a dict is keyword arguments, a
     # string is one JSON value per whitespace-separated word
     exec(compile(code, "Solution.py", "exec", flags=__future__.annotations.compiler_flag,
@@ -324,8 +475,9 @@ except BaseException as e:
 finally:
     sys.stdout, sys.stderr = real_stdout, sys.__stderr__
 report["debug"] = debug.getvalue()[-4000:]
-real_stdout.write("\n" + job["delimiter"] + json.dumps(report))
-real_stdout.flush()
+say(report)
+if report.get("ready") is True:
+    serve(ns)
 '''
 
 
@@ -430,8 +582,7 @@ def _read_report(done: dict, delimiter: str) -> dict:
         report = json.loads(tail) if found else None
     except json.JSONDecodeError:
         report = None
-    types = {"output": str, "value": str, "shown": str, "passed": bool, "error": str,
-             "debug": str}
+    types = {"output": str, "value": str, "shown": str, "error": str, "debug": str}
     if not isinstance(report, dict) or not all(
             k in types and isinstance(v, types[k]) for k, v in report.items()):
         code = done["returncode"]
@@ -442,18 +593,204 @@ def _read_report(done: dict, delimiter: str) -> dict:
     return report
 
 
+def _full_job(job: dict, seconds: float) -> dict:
+    """A job with the limits, the allowed modules and typing names, and a fresh delimiter."""
+    return {**job, "memory": MEMORY_BYTES, "cpu": math.ceil(seconds) + 1,
+            "modules": ALLOWED_MODULES, "typing": TYPING_NAMES,
+            "delimiter": f"@@sdpo-cl-report-{os.urandom(8).hex()}@@"}
+
+
+def _runner_argv(isolated: bool) -> list:
+    if isolated:
+        return [sys.executable, "-I", "-B", "-c", LAUNCHER, json.dumps(_launcher_config())]
+    return [sys.executable, "-I", "-B", "-c", RUNNER]
+
+
 def _run_job(job: dict, *, seconds: float, isolated: bool) -> dict:
-    job = {**job, "memory": MEMORY_BYTES, "cpu": math.ceil(seconds) + 1,
-           "delimiter": f"@@sdpo-cl-report-{os.urandom(8).hex()}@@"}
+    job = _full_job(job, seconds)
     payload = json.dumps(job).encode()
     if isolated:
-        argv = [sys.executable, "-I", "-B", "-c", LAUNCHER, json.dumps(_launcher_config())]
-        done = _exchange(argv, _child_env("/tmp"), None, payload, seconds)
+        done = _exchange(_runner_argv(True), _child_env("/tmp"), None, payload, seconds)
     else:
         with tempfile.TemporaryDirectory(prefix="sdpo-cl-code-") as work:
-            done = _exchange([sys.executable, "-I", "-B", "-c", RUNNER], _child_env(work),
-                             work, payload, seconds)
+            done = _exchange(_runner_argv(False), _child_env(work), work, payload, seconds)
     return _read_report(done, job["delimiter"])
+
+
+# ---- Assert tests: two runners, the trainer between them --------------------------------------
+
+class _Child:
+    """A runner spoken to in messages, one JSON object a line after its delimiter, both ways:
+    its stdout read with the byte cap, everything by a shared deadline; close() kills its
+    process group."""
+
+    def __init__(self, job: dict, deadline: float, isolated: bool):
+        job = _full_job(job, deadline - time.monotonic())
+        self.delimiter, self.deadline, self.stop = job["delimiter"].encode(), deadline, None
+        self.work = None if isolated else tempfile.TemporaryDirectory(prefix="sdpo-cl-code-")
+        home = self.work.name if self.work else "/tmp"
+        self.proc = subprocess.Popen(_runner_argv(isolated), stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     env=_child_env(home), cwd=home if self.work else None,
+                                     start_new_session=True)
+        self.out, self.err, self.pending = bytearray(), bytearray(), bytearray()
+        self.selector = selectors.DefaultSelector()
+        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            os.set_blocking(pipe.fileno(), False)
+        self.selector.register(self.proc.stdout, selectors.EVENT_READ)
+        self.selector.register(self.proc.stderr, selectors.EVENT_READ)
+        self.send(job)
+
+    def send(self, message: dict) -> None:
+        if not self.pending and not self.proc.stdin.closed:
+            self.selector.register(self.proc.stdin, selectors.EVENT_WRITE)
+        self.pending += json.dumps(message).encode() + b"\n"
+
+    def receive(self) -> dict | None:
+        """Its next message ({} if it is not a JSON object); None once it has ended, run past
+        the deadline or written more than OUTPUT_CAP without a message (`stop` says which)."""
+        while True:
+            start = self.out.find(self.delimiter)
+            end = self.out.find(b"\n", start) if start >= 0 else -1
+            if end >= 0:
+                text = bytes(self.out[start + len(self.delimiter):end])
+                del self.out[:end + 1]
+                try:
+                    message = json.loads(text)
+                except (ValueError, RecursionError):
+                    message = {}
+                return message if isinstance(message, dict) else {}
+            if self.stop:
+                return None
+            self._pump()
+
+    def _pump(self) -> None:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            self.stop = "timeout"
+            return
+        for key, _ in self.selector.select(left):
+            if key.fileobj is self.proc.stdin:
+                self._write()
+                continue
+            data = os.read(key.fd, 65536)
+            if key.fileobj is self.proc.stderr:
+                self.err = (self.err + data)[-STDERR_CAP:]
+                if not data:
+                    self.selector.unregister(key.fileobj)
+                continue
+            self.out += data
+            if not data:
+                self.stop = "ended"
+            elif len(self.out) > OUTPUT_CAP:
+                self.stop = "too much output"
+
+    def _write(self) -> None:
+        try:
+            del self.pending[:os.write(self.proc.stdin.fileno(), self.pending[:65536])]
+        except BlockingIOError:
+            return
+        except BrokenPipeError:             # it stopped reading: it has ended, or will
+            self.pending.clear()
+        if not self.pending:
+            self.selector.unregister(self.proc.stdin)
+
+    def failure(self) -> dict:
+        """Why it gave no message, as a report: the deadline, the cap, or how it exited."""
+        for _ in range(100 if self.stop == "ended" else 0):   # its exit status, not reaped
+            if os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
+                break
+            time.sleep(0.01)
+        self.close()
+        done = {"stop": None if self.stop == "ended" else self.stop, "stdout": b"",
+                "returncode": self.proc.returncode, "stderr": bytes(self.err)}
+        return _read_report(done, self.delimiter.decode())
+
+    def close(self) -> None:
+        if self.proc.returncode is None:
+            try:                            # before wait(): the group id cannot be reused yet
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            self.proc.wait()
+        self.selector.close()
+        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            pipe.close()
+        if self.work:
+            self.work.cleanup()
+
+
+class _Decided(Exception):
+    """An assert test decided: `report` says how."""
+
+    def __init__(self, report: dict):
+        super().__init__(report)
+        self.report = report
+
+
+class _AssertRun:
+    """One assert test between its two runners. Each call the test code makes goes to the
+    program; the answer goes back only as a value this trainer has parsed as a literal, or as
+    the program's exception. The program never holds the test code or its expected values."""
+
+    def __init__(self, program: _Child, tests: _Child, entry: str):
+        self.program, self.tests, self.entry = program, tests, entry
+        self.debug, self.raised = "", "Error: "
+
+    def result(self) -> dict:
+        """The report, as run_program's, with the program's "debug"."""
+        try:
+            self._start()
+            while True:
+                message = self.tests.receive()
+                if not (isinstance(message, dict) and "call" in message):
+                    raise _Decided(self._verdict(message))
+                self.tests.send(self._call(message["call"]))
+        except _Decided as decided:
+            return {**decided.report, "debug": self.debug}
+
+    def _from_program(self, message: dict | None) -> dict:
+        if message is None:                 # it ended, ran out of time or flooded
+            raise _Decided(self.program.failure())
+        self.debug = (self.debug + str(message.get("debug", "")))[-4000:]
+        return message
+
+    def _start(self) -> None:
+        ready = self._from_program(self.program.receive())
+        if ready.get("ready") is not True:  # the program (or the context) failed to load
+            raise _Decided({"error": str(ready.get("error", "Error: the program did not load"))})
+
+    def _call(self, call) -> dict:
+        """The program's answer to one call, for the test code."""
+        self.program.send({"call": call})
+        reply = self._from_program(self.program.receive())
+        if isinstance(reply.get("error"), str):
+            self.raised = reply["error"]
+            return {"raise": str(reply.get("type")), "message": str(reply.get("message"))}
+        value = reply.get("value")
+        try:        # an object with its own __eq__ never gets here: only literal text does
+            if not isinstance(value, str):
+                raise ValueError(str(reply.get("unsendable", "no value")))
+            if len(value) > VALUE_CAP:
+                raise ValueError(f"over {VALUE_CAP} characters")
+            parse_literal(value)
+        except Exception as e:
+            raise _Decided({"error": f"Error: {self.entry} returned what is not a literal value "
+                                     f"({str(e)[:200]}); only literal values are compared"})
+        return {"value": value}
+
+    def _verdict(self, message: dict | None) -> dict:
+        """The test code's report, or why it gave none."""
+        if message is None:
+            return self.tests.failure()
+        if message.get("passed") is True:
+            return {"passed": True}
+        if message.get("relayed") is True:  # the program's exception, uncaught by the tests
+            return {"error": self.raised}
+        if "unsendable" in message:
+            return {"error": f"Error: the row's test code passes {self.entry} a value that is "
+                             f"not a literal ({message['unsendable']}); it cannot be checked"}
+        return {"error": str(message.get("error", "Error: the test code did not report"))}
 
 
 # ---- Availability: tried once, then refused or opted out of -------------------------------
@@ -502,9 +839,29 @@ def _isolated() -> bool:
 def run_program(code: str, test_input, *, kind: str = "stdin", fn_name: str = "",
                 context: str = "", seconds: float = 2.0) -> dict:
     """Run `code` on one test input; the runner's report: {"output": stdout} (stdin tests),
-    {"value": the return value's JSON, "shown": its str} (functional), {"passed": True}
-    (assert tests) or {"error": "Error: ..."}, each with "debug" (stderr); or {"timed_out":
-    True}. Isolated, or refused (see the module docstring)."""
+    {"value": the return value's JSON, "shown": its str} (functional) or {"error": "Error:
+    ..."}, each with "debug" (stderr); or {"timed_out": True}. Assert tests: run_assert_test.
+    Isolated, or refused (see the module docstring)."""
     job = {"code": code, "input": test_input, "kind": kind, "fn_name": fn_name,
            "context": context}
     return _run_job(job, seconds=seconds, isolated=_isolated())
+
+
+def run_assert_test(code: str, test_code: str, *, entry: str, imports=(), context: str = "",
+                    seconds: float = 2.0) -> dict:
+    """An assert test (testtype "code") split in two runners: the program answers the calls of
+    its function `entry`; the test code, with a stand-in for `entry` (and the allowed modules
+    `imports` bound), makes them and checks the answers. Both run the row's context first.
+    The report as run_program's. Isolated, or refused (see the module docstring)."""
+    isolated, deadline = _isolated(), time.monotonic() + seconds
+    jobs = [{"code": code, "kind": "serve", "input": ""},
+            {"code": test_code, "kind": "asserts", "input": list(imports)}]
+    children = []
+    try:
+        for job in jobs:
+            children.append(_Child({**job, "fn_name": entry, "context": context}, deadline,
+                                   isolated))
+        return _AssertRun(*children, entry).result()
+    finally:
+        for child in children:
+            child.close()

@@ -101,10 +101,14 @@ def test_a_mcq_answer_that_is_not_a_letter_is_refused(tmp_path, capsys):
     ({"kind": "code", "answer": "-", "tests": {"inputs": [], "outputs": []}},
      "line 1: a code row has no tests: every program would pass"),
     ({"kind": "code", "answer": "-", "tests": {"inputs": "ab", "outputs": "ab"}},
-     "line 1: a code row `tests.inputs` and `tests.outputs` must be lists")])
+     "line 1: a code row `tests.inputs` and `tests.outputs` must be lists"),
+    ({"kind": "code", "answer": "-", "tests": {"inputs": ["assert apply(lambda x: x, 2) == 2"],
+                                               "outputs": [""], "testtype": "code"}},
+     "line 1: a code row test 1: the test code passes a lambda to apply (test code line 1")])
 def test_a_row_whose_reward_cannot_vary_is_refused_with_its_line(tmp_path, capsys, row, said):
-    """A row every answer passes (no gold call, no test) or whose tests are malformed would give
-    a constant reward: refused at load, naming the file and line."""
+    """A row every answer passes (no gold call, no test) or whose tests are malformed (or
+    cannot run apart from the program) would give a constant reward: refused at load, naming
+    the file and line."""
     folder = official_task(tmp_path, train=[{"prompt": "do it", **row}])
     err = refused(run_sequence.main, tiny_argv(tasks=folder) + ["--out", str(tmp_path / "runs")],
                   capsys)

@@ -84,6 +84,45 @@ def test_an_assert_test_runs_the_rows_test_code():
     assert r["score"] == 0.0 and r["feedback"].startswith("Runtime Error\nAssertionError")
 
 
+def asserts(test_code, **extra):
+    return {"inputs": [test_code], "outputs": [""], "testtype": "code", **extra}
+
+
+def test_an_assert_test_passes_a_value_within_its_float_tolerance():
+    tests = asserts("def check(candidate):\n    assert abs(candidate(1) - 0.3) < 1e-9\n"
+                    "    assert math.isclose(candidate(2), 0.6)\n\ncheck(tenths)")
+    program = "def tenths(n):\n    return n * 0.1 + n * 0.2"       # 0.30000000000000004
+    assert result(program, tests)["score"] == 1.0
+
+
+def test_an_assert_test_loops_over_its_own_tables_as_the_official_humaneval_plus_rows():
+    """The evalplus layout: inputs and expected outputs in lists, a helper that compares."""
+    test_code = ("def assertion(out, exp, atol):\n    assert out == exp or abs(out - exp) <= atol\n"
+                 "\ndef check(candidate):\n    inputs = [[2, 3], [0, 0], [-1, 1]]\n"
+                 "    results = [5, 0, 0]\n    for inp, exp in zip(inputs, results):\n"
+                 "        assertion(candidate(*inp), exp, 0)\n\ncheck(add)")
+    assert result("def add(a, b):\n    return a + b", asserts(test_code))["score"] == 1.0
+    assert result("def add(a, b):\n    return a + b + (a < 0)", asserts(test_code))[
+        "score"] == 0.0
+
+
+def test_the_programs_exception_reaches_the_test_code_and_its_feedback():
+    """Caught where the test expects one (the official namespace has no exception names: a bare
+    except), it passes; uncaught, the feedback shows the program's own trace."""
+    program = "def inverse(x):\n    return 1 / x"
+    expects_one = "try:\n    inverse(0)\nexcept:\n    pass\nelse:\n    assert False\n"
+    assert result(program, asserts(expects_one + "assert inverse(4) == 0.25"))["score"] == 1.0
+    r = result(program, asserts(expects_one + "assert inverse(0) == 0"))
+    assert r["score"] == 0.0 and r["feedback"].startswith(
+        "Runtime Error\nZeroDivisionError: division by zero\nLine 2 in inverse (Solution.py)")
+
+
+def test_a_non_literal_value_the_test_code_passes_fails_naming_the_row():
+    r = result("def first(xs):\n    return next(xs)",
+               asserts("xs = iter([1, 2])\nassert first(xs) == 1"))
+    assert r["score"] == 0.0 and "the row's test code passes first a value" in r["feedback"]
+
+
 def test_a_rows_context_runs_before_the_program():
     tests = stdin(["4\n"], ["8"], context="SCALE = 2\n")
     assert result("print(int(input()) * SCALE)", tests)["score"] == 1.0
@@ -137,6 +176,12 @@ def test_the_feedback_shows_the_shortest_wrong_answers_as_the_official_one():
     (functional(["1 2"], ["not json"]), "output must be a string holding JSON"),
     (functional([[1, 2]], ["3"]), "input must be a string"),
     ({"inputs": ["assert (1"], "outputs": [""], "testtype": "code"}, "does not compile"),
+    (asserts("assert apply(lambda x: x + 1, 2) == 3"),
+     "passes a lambda to apply (test code line 1: apply(lambda x: x + 1, 2))"),
+    (asserts("def check(f):\n    assert f(x for x in 'ab') == 2\ncheck(count)"),
+     "passes a generator to f (test code line 2"),
+    (asserts("assert decode(encode('ab')) == 'ab'"), "2 names only the program defines"),
+    (asserts("assert 1 + 1 == 2"), "calls no function of the program"),
     (stdin(["1"], ["1"], time_limit=0), "`time_limit`"),
 ])
 def test_a_row_whose_tests_cannot_fail_or_cannot_pass_is_named(tests, problem):
@@ -146,3 +191,6 @@ def test_a_row_whose_tests_cannot_fail_or_cannot_pass_is_named(tests, problem):
 def test_a_good_row_has_no_problem():
     assert data.check_code_row({"tests": json.dumps(stdin(["1 2"], ["3"]))}) is None
     assert data.check_code_row({"tests": functional([{"a": 1}], ["1"])}) is None
+    assert data.check_code_row({"tests": asserts(
+        "import math\ndef check(candidate):\n    for x in [1, 2]:\n"
+        "        assert math.isclose(candidate(x), x)\ncheck(f)")}) is None

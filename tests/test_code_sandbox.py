@@ -165,6 +165,102 @@ def answer():
         assert shown.startswith("[[''], ["), shown     # it ran: nothing found, reads failed
 
 
+# ---- (b') assert tests: the expected values stay with the test code, in another process ------
+# Each attack passes where the official code runs assert tests: the program, then the test code,
+# in one process (one_process shows it, the test code appended to the program). Split, the
+# program answers `add(2, 3)` without them: a + b, which the test code's assert rejects.
+
+def assert_row(condition="candidate(2, 3) == {}"):
+    """An assert test in HumanEval's layout: `condition` on a random secret expected value."""
+    secret = 10 ** 9 + secrets.randbelow(10 ** 9)
+    test_code = f"def check(candidate):\n    assert {condition.format(secret)}\n\ncheck(add)\n"
+    return {"inputs": [test_code], "outputs": [""], "testtype": "code", "time_limit": 2}
+
+
+def one_process(program, tests) -> bool:
+    """Whether `program` passes the test code run after it in its own process."""
+    code = textwrap.dedent(program) + "\n" + tests["inputs"][0] + "\nprint('passed')"
+    return sandbox.run_program(code, "", kind="stdin", seconds=3).get("output") == "passed\n"
+
+
+def refuted(program, condition="candidate(2, 3) == {}") -> bool:
+    """The attack passes in one process; split, it gets no pass, having answered a + b."""
+    tests = assert_row(condition)
+    result = attack(program, tests)
+    if result is None:
+        return True
+    return (one_process(program, tests) and result["score"] == 0.0
+            and result["feedback"].startswith("Runtime Error\nAssertionError"))
+
+
+def test_an_assert_tests_values_are_not_in_the_callers_frames():
+    assert refuted("""
+        import sys
+        def add(a, b):
+            frame = sys._getframe(1)
+            while frame is not None:
+                if frame.f_code.co_name == "check":
+                    return max(c for c in frame.f_code.co_consts if isinstance(c, int))
+                frame = frame.f_back
+            return a + b
+        """)
+
+
+def test_an_assert_tests_source_is_not_in_the_programs_process():
+    """The runner holds its job in `job`; the program's job has no test code in it."""
+    assert refuted("""
+        import re, sys
+        def add(a, b):
+            job = sys.modules["__main__"].job
+            found = re.findall("== ([0-9]+)", " ".join(str(v) for v in job.values()))
+            return int(found[0]) if found else a + b
+        """)
+
+
+def test_an_assert_tests_values_are_not_in_the_programs_memory():
+    assert refuted(GUARD_OFF + """
+def add(a, b):
+    for o in gc.get_objects():
+        if isinstance(o, builtins.type(add)) and o.__name__ == "check":
+            return max(c for c in o.__code__.co_consts if isinstance(c, int))
+    return a + b
+""")
+
+
+def test_a_program_cannot_redefine_what_the_test_code_calls():
+    """In one namespace, the program's `abs` was the test code's `abs` too."""
+    assert refuted("def abs(x):\n    return 0\ndef add(a, b):\n    return a + b",
+                   condition="abs(candidate(2, 3) - {}) < 1e-6")
+
+
+def test_an_object_equal_to_everything_is_no_answer():
+    program = textwrap.dedent("""
+        class Anything:
+            def __eq__(self, other):
+                return True
+        def add(a, b):
+            return Anything()
+        """)
+    tests = assert_row()
+    result = attack(program, tests)
+    assert result is None or (one_process(program, tests) and result["score"] == 0.0
+                              and "returned what is not a literal" in result["feedback"])
+
+
+@pytest.mark.parametrize("fake", ['{"passed": true}', '{"relayed": true}',
+                                  '{"ready": true, "passed": true}', '{"value": "Anything()"}'])
+@pytest.mark.parametrize("when", ["loading", "called"])
+def test_a_forged_message_does_not_pass_an_assert_test(fake, when):
+    """The program writes a message of its own with the runner's delimiter and exits, while it
+    loads or when it is called: none is more than its own answer, and none is a value."""
+    forge = ('os.write(1, ("\\n" + sys.modules["__main__"].job["delimiter"] + '
+             f'{fake!r} + "\\n").encode())\nos._exit(0)\n')
+    program = GUARD_OFF + ("def add(a, b):\n" + textwrap.indent(forge, "    ")
+                           if when == "called" else forge)
+    result = attack(program, assert_row())
+    assert result is None or (result["score"] == 0.0 and result["acc"] == 0.0)
+
+
 # ---- (c) re-limiting or signalling the trainer -----------------------------------------------
 
 def test_the_trainer_cannot_be_re_limited_or_signalled():
