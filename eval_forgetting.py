@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 import sdpo_cl as sc
+from harness import lora
 from harness.lab_families import WRAPPERS
 from harness.runs import atomic_write
 
@@ -350,21 +351,27 @@ PAPER_DRIFT = ("nss", "max_angle", "pm_overlap", "pm_update")
 
 @torch.no_grad()
 def paper_drift(model, base) -> dict:
-    """The paper's four measures, each averaged over the attention and MLP weight matrices."""
-    rows = [(p0, p) for (name, p), p0 in zip(model.named_parameters(), base.parameters())
-            if p.dim() == 2 and layer_type(name) in ("attention", "mlp")]
+    """The paper's four measures, each averaged over the attention and MLP weight matrices (a
+    LoRA policy's as it computes with them: lora.effective_weights), one matrix at a time."""
     measures = dict(zip(PAPER_DRIFT, (normalised_spectral_shift, max_principal_angle,
                                       principal_mask_overlap, principal_mask_update)))
-    return {key: sum(f(p0, p) for p0, p in rows) / len(rows) for key, f in measures.items()}
+    totals, n = dict.fromkeys(PAPER_DRIFT, 0.0), 0
+    for (name, p), (_, p0) in zip(lora.effective_weights(model), lora.effective_weights(base)):
+        if p.dim() == 2 and layer_type(name) in ("attention", "mlp"):
+            n += 1
+            for key, f in measures.items():
+                totals[key] += f(p0, p)
+    return {key: total / n for key, total in totals.items()}
 
 
 @torch.no_grad()
 def parameter_drift(model, base) -> dict:
     """||theta - theta_0|| / ||theta_0||, overall and per layer type (attention, mlp, ...), and
     the mean principal angle between the top singular subspaces of each attention and MLP
-    weight matrix before and after ("subspace_angle", degrees; the paper's analysis)."""
+    weight matrix before and after ("subspace_angle", degrees; the paper's analysis). A LoRA
+    policy's weights are those it computes with: W + (alpha / r) B A (lora.effective_weights)."""
     diff, ref, angles = {}, {}, []
-    for (name, p), p0 in zip(model.named_parameters(), base.parameters()):
+    for (name, p), (_, p0) in zip(lora.effective_weights(model), lora.effective_weights(base)):
         kind = layer_type(name)
         diff[kind] = diff.get(kind, 0.0) + (p.float() - p0.float()).pow(2).sum().item()
         ref[kind] = ref.get(kind, 0.0) + p0.float().pow(2).sum().item()

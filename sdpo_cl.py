@@ -2,9 +2,8 @@
 
 GRPO (DeepSeekMath, arXiv 2402.03300) samples a group of G answers per prompt, scores each with a
 verifier (a reward in [0, 1]), gives answer i the advantage A_i = r_i - mean_j r_j, and raises
-the log-probability of every token of the answer in proportion to it, through a PPO-style clipped
-ratio. Every token of an answer gets the same number; a group whose answers all score the same
-gives no gradient at all.
+the log-probability of each of its tokens in proportion, through a PPO-style clipped ratio. Every
+token of an answer gets the same number; a group whose answers all score the same gives no gradient.
 
 SDPO (Hübotter et al., arXiv 2601.20802) uses the same samples with a dense signal. The model is
 its own teacher: shown a successful sibling answer (or textual feedback) in its prompt, it scores
@@ -136,10 +135,9 @@ def log_tail(logp_k):
 
 
 def topk_support(student_logp, teacher_logp, topk, add_tail=True):
-    """Restrict both distributions to the student's top-k tokens at each position.
-    Inputs are log-probs over the full vocabulary [B, T, V]; outputs [B, T, k+1] with the tail
-    bucket (a proper distribution: k tokens plus "everything else"), or [B, T, k] renormalised
-    over the k tokens."""
+    """Restrict both distributions to the student's top-k tokens at each position. Inputs are
+    log-probs over the full vocabulary [B, T, V]; outputs [B, T, k+1] with the tail bucket (a proper
+    distribution: k tokens plus "everything else"), or [B, T, k] renormalised over the k tokens."""
     k = min(topk, student_logp.shape[-1])
     student_k, index = student_logp.topk(k, dim=-1)
     teacher_k = teacher_logp.gather(-1, index)
@@ -217,8 +215,7 @@ def generation_budget(cfg, task) -> int:
 
 
 def mix_tasks(tasks) -> Task:
-    """One task scoring examples of several (replay, multitask): each example names its task in
-    "task"."""
+    """One task scoring examples of several (replay, multitask), each naming its task in "task"."""
     own = {t.name: t for t in tasks}
     budgets = [t.max_new_tokens for t in tasks]
     return Task("+".join(own), [], [], lambda c, ex: own[ex["task"]].reward(c, ex),
@@ -251,8 +248,9 @@ CONFIG_TYPES = {   # what a Config field of each declared type accepts (bool is 
 CONFIG_RULES = (   # (field, when it is wrong, what is allowed): combinations that cannot run
     ("ppo_mini_batch_size", lambda c: c.prompts_per_step % max(c.ppo_mini_batch_size, 1),
      lambda c: f"0 or a divisor of prompts_per_step={c.prompts_per_step}"),
-    ("teacher_path", lambda c: c.teacher_path and c.teacher_regularization == "live",
-     "None with teacher_regularization='live' (the live teacher has no weights of its own)"),
+    ("teacher_path", lambda c: c.teacher_path and (c.teacher_regularization == "live"
+                                                   or c.lora_rank),
+     "None with teacher_regularization='live' (no weights of its own) or lora_rank > 0 (adapters)"),
     ("kl_loss_coef", lambda c: c.loss_mode == "sft" and c.kl_loss_coef,
      "0 with loss_mode='sft' (supervised fine-tuning keeps no anchor)"),
     ("alpha", lambda c: not c.full_logit_distillation and c.alpha != 1.0,
@@ -322,7 +320,7 @@ class Config:
     eval_top_p: float = knob(0.95, 0, 1, open_low=True)
     eval_samples: int = knob(16, 1)         # val_kwargs.n: the paper's scripts' (yaml: 4)
     eval_examples: int = knob(200, 1)       # the first this many test rows of each task
-    # --- optimiser (actor.optim) ----------------------------------------------------------------
+    # --- optimiser and memory (actor.optim; LoRA: model.lora_rank etc., harness/lora.py) --------
     ppo_mini_batch_size: int = knob(0, 0)   # prompts per optimizer step, 0 = all (SDPO: 32 of 32)
     ppo_epochs: int = knob(1, 1)            # passes over the rollout batch
     balance_batch: bool = True              # trainer.balance_batch: mini-batches by length
@@ -334,6 +332,11 @@ class Config:
     micro_batch_size: int = knob(0, 0)      # sequences per forward/backward, 0 = a mini-batch
     gradient_checkpointing: bool = False    # trade compute for activation memory
     bf16: bool = True                       # bf16 autocast on CUDA (the CPU runs fp32)
+    optim_8bit: bool = False                # bitsandbytes' 8-bit AdamW (CUDA): 2 bytes, not 8
+    lora_rank: int = knob(0, 0)             # train adapters of this rank on frozen weights; 0: off
+    lora_alpha: float = knob(16.0, 0, open_low=True)   # adapter scale alpha / rank (verl's 16)
+    lora_dropout: float = knob(0.0, 0, 0.99)   # on the adapter's input (peft's 0; verl sets none)
+    lora_target_modules: str = "all-linear"   # target_modules, or names: q_proj,k_proj,v_proj
     # --- which loss -----------------------------------------------------------------------------
     loss_mode: str = knob("sdpo", LOSS_MODES)   # grpo, sdpo (policy_loss.loss_mode), sft: gold
     distillation_weight: float = knob(1.0, 0, 1)   # w in (1-w) GRPO + w SDPO; 1: pure SDPO (TRL)
@@ -365,6 +368,7 @@ class Config:
     teacher_path: str | None = None         # SDPO-CL: start the teacher from this checkpoint
     teacher_init_alpha: float = knob(1.0, 0, 1)   # SDPO-CL: teacher = a ckpt + (1-a) student
     reset_teacher_each_task: bool = True    # re-create it at each stage, as a verl run per stage
+    teacher_bf16: bool = False              # the teacher's weights in bf16: 2 bytes each, not 4
     mask_ratio: float = knob(0.0, 0, 1)     # SDPO-CL: drop this share of distilled tokens
     distill_scope: str = knob("all", ("all", "final_answer"))   # or only what follows the last
     answer_marker: str = "#"                # answer_marker (this project's)
@@ -407,11 +411,9 @@ def tokenize_prompts(tokenizer, texts, device, max_length=None):
 
 
 def pad_cat(rows, value, left=False):
-    """The one padding helper: rows (tensors [b_i, T_i], or lists of ids, one row each) padded
-    with `value` to the widest, on the left (prompts) or the right (responses), concatenated:
-    [sum b_i, max T_i]."""
-    rows = [torch.as_tensor(r)[None] if not torch.is_tensor(r) or r.dim() == 1 else r
-            for r in rows]
+    """The one padding helper: rows (tensors [b_i, T_i], or id lists, one row each) padded with
+    `value` to the widest, left (prompts) or right (responses), concatenated: [sum b_i, max T_i]."""
+    rows = [torch.as_tensor(r)[None] if not torch.is_tensor(r) or r.dim() == 1 else r for r in rows]
     width = max(r.shape[1] for r in rows)
     return torch.cat([F.pad(r, (width - r.shape[1], 0) if left else (0, width - r.shape[1]),
                             value=value) for r in rows])
@@ -499,8 +501,7 @@ def generate(model, tokenizer, prompt_texts, max_new_tokens, *, sample=True, tem
 
 
 def concat_rollouts(rollouts, pad_id) -> Rollout:
-    """One Rollout from several (rollout_chunk_size): prompts left-padded and responses
-    right-padded to the widest."""
+    """One Rollout from several (rollout_chunk_size): prompts left-, responses right-padded."""
     field = lambda name: [getattr(r, name) for r in rollouts]
     return Rollout(pad_cat(field("prompt_ids"), pad_id, left=True),
                    pad_cat(field("prompt_mask"), 0, left=True),
@@ -521,13 +522,11 @@ def sequence_inputs(prompt_ids, prompt_mask, response_ids, response_mask):
     count real tokens only, as generate() does with left padding."""
     attn = torch.cat([prompt_mask, response_mask.long()], dim=1)
     return dict(input_ids=torch.cat([prompt_ids, response_ids], dim=1), attention_mask=attn,
-                position_ids=real_token_positions(attn),
-                logits_to_keep=response_ids.shape[1] + 1)
+                position_ids=real_token_positions(attn), logits_to_keep=response_ids.shape[1] + 1)
 
 
 def response_scores(model, prompt_ids, prompt_mask, response_ids, response_mask):
-    """Logits [B, T, V] of the responses after their prompts, in one forward: position t
-    predicts response_ids[:, t]."""
+    """Logits [B, T, V] of the responses after their prompts: t predicts response_ids[:, t]."""
     return model(**sequence_inputs(prompt_ids, prompt_mask, response_ids, response_mask),
                  use_cache=False).logits[:, :-1]
 
@@ -552,10 +551,9 @@ def teacher_prompt(prompt, cfg, demonstration=None, feedback=None) -> str:
 
 
 def teacher_contexts(prompts, completions, rewards, feedbacks, group_size, cfg) -> list:
-    """One teacher prompt per sample (the raw user text; the chat template is applied later), or
-    None when there is neither a demonstration nor feedback: that sample's distillation mask is
-    0. prompts: the prompt of each sample (length N, repeated G times); rewards: N floats;
-    feedbacks: N strings or None."""
+    """One teacher prompt per sample (raw user text, before the chat template), or None when there
+    is neither a demonstration nor feedback: that sample's distillation mask is 0. prompts: the
+    prompt of each sample (N, repeated G times); rewards: N floats; feedbacks: N strings or None."""
     contexts = []
     for i in range(len(completions)):
         group = range(i - i % group_size, i - i % group_size + group_size)
@@ -580,16 +578,24 @@ def final_answer_mask(tokenizer, response_ids, marker) -> torch.Tensor:
     rows = []
     for ids in response_ids.tolist():
         pieces = tokenizer.convert_ids_to_tokens(ids)
-        last = max((t for t, piece in enumerate(pieces) if piece and marker in piece),
-                   default=None)
+        last = max((t for t, piece in enumerate(pieces) if piece and marker in piece), default=None)
         rows.append([float(last is not None and t > last) for t in range(len(ids))])
     return torch.tensor(rows, device=response_ids.device)
 
 
+def frozen_copy(model, role, bf16=False):
+    """A frozen copy of the model for the teacher or the reference (`role`), in bf16 if asked;
+    a LoRA policy makes its own: an adapter on its base, or the bare base (harness/lora.py)."""
+    make = getattr(model, "adapter_copy", None)
+    weights = make(role) if make else copy.deepcopy(model).eval().requires_grad_(False)
+    return weights.to(torch.bfloat16) if bf16 else weights
+
+
 @torch.no_grad()
 def ema_update_(teacher, student, tau):
-    """theta_T <- (1 - tau) theta_T + tau theta_S, in place."""
-    for t, s in zip(teacher.parameters(), student.parameters()):
+    """theta_T <- (1 - tau) theta_T + tau theta_S, in place, over the weights the student trains."""
+    trained = [s for s in student.parameters() if s.requires_grad]
+    for t, s in zip(teacher.parameters(), trained, strict=True):
         t.lerp_(s.detach().to(t.dtype), tau)
 
 
@@ -605,28 +611,18 @@ class Teacher:
 
     def __init__(self, policy, cfg: Config):
         self.kind, self.tau, self.cfg = cfg.teacher_regularization, cfg.teacher_update_rate, cfg
-        self.model = self.reference = None
+        self.model = None   # its weights, which checkpoints keep (trust-region: the reference)
         self.reset(policy)
 
     def reset(self, policy):
         """(Re-)initialise from the policy, or from teacher_path mixed in by teacher_init_alpha."""
         if self.kind == "live":
             return
-        weights = copy.deepcopy(policy).eval().requires_grad_(False)
+        self.model = frozen_copy(policy, "teacher", self.cfg.teacher_bf16)
         if self.cfg.teacher_path:
             from transformers import AutoModelForCausalLM
-            ckpt = AutoModelForCausalLM.from_pretrained(self.cfg.teacher_path)
-            for t, c in zip(weights.parameters(), ckpt.parameters()):
-                t.lerp_(c.to(t.device, t.dtype), self.cfg.teacher_init_alpha)
-        if self.kind == "trust-region":
-            self.reference = weights
-        else:
-            self.model = weights
-
-    @property
-    def weights(self):
-        """What a checkpoint keeps: its own weights, or the reference (trust-region), or None."""
-        return self.model if self.model is not None else self.reference
+            ckpt = AutoModelForCausalLM.from_pretrained(self.cfg.teacher_path).to(policy.device)
+            ema_update_(self.model, ckpt, self.cfg.teacher_init_alpha)   # alpha of the way to it
 
     @torch.no_grad()
     def logits(self, policy, score):
@@ -634,7 +630,7 @@ class Teacher:
         if self.kind == "live":
             return score(policy)
         if self.kind == "trust-region":
-            return trust_region_logits(score(self.reference), score(policy), self.tau)
+            return trust_region_logits(score(self.model), score(policy), self.tau)
         return score(self.model)
 
     def after_rollout_batch(self, policy, batch):
@@ -750,8 +746,7 @@ def add_teacher_inputs(targets, rollout, samples, rewards, task, tokenizer, cfg)
     distinct = list(dict.fromkeys(t for t in texts if t is not None))
     index = {t: u for u, t in enumerate(distinct)}
     targets.teacher_of = torch.tensor([index.get(t, -1) for t in texts], device=device)
-    has_context = (targets.teacher_of >= 0).float()
-    targets.distill_mask = rollout.response_mask * has_context[:, None]
+    targets.distill_mask = rollout.response_mask * (targets.teacher_of >= 0).float()[:, None]
     if cfg.distill_scope == "final_answer":   # not the chain of thought, only the answer
         targets.distill_mask = targets.distill_mask * final_answer_mask(
             tokenizer, rollout.response_ids, cfg.answer_marker)
@@ -888,8 +883,7 @@ def clipped_optimizer_step(policy, optimizer, max_norm) -> float:
 
 def update(policy, teacher, optimizer, scheduler, rollout, targets, cfg, reference=None) -> dict:
     """One optimizer step per mini-batch (gradients accumulated over micro-batches), then the
-    learning-rate schedule and the EMA teacher move once. Returns the loss metrics, averaged
-    over the optimizer steps."""
+    lr schedule and the EMA teacher move once. Returns the loss metrics, averaged over the steps."""
     lengths = rollout.prompt_mask.sum(1) + rollout.response_mask.sum(1)     # [B]
     totals, updates = {}, minibatches(cfg, lengths.tolist())
     for minibatch in updates:
@@ -1017,10 +1011,16 @@ def stage_summary(history) -> dict:
 
 
 def make_optimizer(policy, cfg):
-    """A fresh AdamW with verl's warm-up (rollout batch s gets lr * s / warmup_steps); fused: one
-    kernel for all parameters (transformers' Trainer default), several times faster on a CPU."""
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
-                                  weight_decay=cfg.weight_decay, fused=True)
+    """A fresh AdamW over the weights the policy trains (a LoRA policy's adapter) with verl's
+    warm-up (rollout batch s gets lr * s / warmup_steps); fused: one kernel for all parameters
+    (transformers' Trainer default), several times faster on a CPU. Or bitsandbytes' AdamW8bit."""
+    trained = [p for p in policy.parameters() if p.requires_grad]
+    if cfg.optim_8bit:   # its two moments in 8 bits (verl: optim.optimizer=AdamW8bit)
+        from bitsandbytes.optim import AdamW8bit
+        optimizer = AdamW8bit(trained, cfg.lr, cfg.adam_betas, weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(trained, cfg.lr, cfg.adam_betas,
+                                      weight_decay=cfg.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, s / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
     return optimizer, scheduler
@@ -1180,7 +1180,7 @@ def continual_sequence(cfg, policy, tokenizer, sequence, probes=(), *, steps=Non
     resume(policy, teacher) -> earlier records, weights loaded; on_stage(k, record, policy,
     teacher) after each stage (checkpoints)."""
     eval_tasks = evaluation_tasks(sequence, probes)
-    base = copy.deepcopy(policy).eval().requires_grad_(False)
+    base = frozen_copy(policy, "base")
     teacher = Teacher(policy, cfg) if cfg.loss_mode == "sdpo" else None
     records = resume(policy, teacher) if resume is not None else []
     if row0 is None:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from harness import lora
+
 
 def strict_json(obj):
     """obj with every non-finite float replaced by None, so that json.dumps writes strict JSON
@@ -81,16 +83,34 @@ def last_finished_stage(folder, on_damage=None) -> int:
     return k
 
 
+def save_weights(model, folder):
+    """A model's weights for a resume: save_pretrained, or a LoRA adapter alone (harness/lora.py:
+    the base is the run's own model, loaded again on a resume)."""
+    if lora.is_lora(model):
+        lora.save_adapter(model, folder)
+    else:
+        model.save_pretrained(folder)
+
+
+def load_weights(model, folder):
+    """Weights written by save_weights, loaded in place."""
+    if lora.is_lora(model):
+        return lora.load_adapter(model, folder)
+    from transformers import AutoModelForCausalLM
+    with torch.no_grad():
+        model.load_state_dict(AutoModelForCausalLM.from_pretrained(folder).state_dict())
+
+
 def save_stage(folder, k, record, policy, tokenizer, teacher, extra=None):
     """Write stage k atomically: a temporary folder renamed into place, so a crash leaves either
     the whole stage or nothing, with a manifest of its files' digests that a resume checks. The
     teacher is saved with the policy: resuming needs it. extra: more JSON files, {name: obj}."""
     final, tmp = Path(folder) / f"stage{k}", Path(folder) / f"stage{k}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(tmp / "policy")
+    save_weights(policy, tmp / "policy")
     tokenizer.save_pretrained(tmp / "policy")
-    if teacher is not None and teacher.weights is not None:
-        teacher.weights.save_pretrained(tmp / "teacher")
+    if teacher is not None and teacher.model is not None:
+        save_weights(teacher.model, tmp / "teacher")
     for name, obj in (extra or {}).items():
         (tmp / name).write_text(json.dumps(obj))
     (tmp / "stage.json").write_text(json.dumps(strict_json(record), indent=1, allow_nan=False))
@@ -101,14 +121,10 @@ def save_stage(folder, k, record, policy, tokenizer, teacher, extra=None):
 
 def load_stage_weights(folder, k, policy, teacher):
     """Stage k's weights, loaded in place into the policy and the teacher (if it has weights)."""
-    from transformers import AutoModelForCausalLM
-
     stage = Path(folder) / f"stage{k}"
-    with torch.no_grad():
-        for target, sub in ((policy, "policy"), (teacher and teacher.weights, "teacher")):
-            if target is not None:
-                saved = AutoModelForCausalLM.from_pretrained(stage / sub)
-                target.load_state_dict(saved.state_dict())
+    for target, sub in ((policy, "policy"), (teacher and teacher.model, "teacher")):
+        if target is not None:
+            load_weights(target, stage / sub)
 
 
 def stage_records(folder, done) -> list:
