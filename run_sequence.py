@@ -25,7 +25,7 @@ from pathlib import Path
 
 import eval_forgetting as ef
 import sdpo_cl as sc
-from harness import data, lab, models, runs, verl
+from harness import data, lab, lora, models, runs, verl
 
 
 def quarter_of_the_batch(settings):
@@ -36,6 +36,12 @@ def quarter_of_the_batch(settings):
         raise ValueError(f"the grpo method takes four optimizer steps per rollout batch, so "
                          f"prompts_per_step={prompts} must be a multiple of 4")
     return prompts // 4
+
+
+def ten_times_the_rate(settings):
+    """A LoRA adapter's learning rate: ten times the full model's, as verl's LoRA guide advises
+    ("increase the learning rate by an order of magnitude", docs/advance/ppo_lora.rst)."""
+    return 10 * settings["lr"]
 
 
 # The methods of the paper and its variants: the Config values each one fixes (a function of the
@@ -69,6 +75,10 @@ METHODS = {
     "multitask": dict(loss_mode="sdpo", multitask=True),
     "grpo_multitask": dict(loss_mode="grpo", ppo_mini_batch_size=quarter_of_the_batch,
                            multitask=True),
+    # LoRA (harness/lora.py): a rank-8 adapter on every linear layer, verl's alpha 16
+    "grpo_lora": dict(loss_mode="grpo", ppo_mini_batch_size=quarter_of_the_batch, lora_rank=8,
+                      lr=ten_times_the_rate),
+    "sdpo_lora": dict(loss_mode="sdpo", lora_rank=8, lr=ten_times_the_rate),
 }
 METHOD_HELP = {
     "grpo": "GRPO, the paper's baseline (no std normalisation, clip 0.2/0.28, no KL, four "
@@ -100,6 +110,10 @@ METHOD_HELP = {
     "sft": "supervised fine-tuning on the gold answers, the same steps and prompts",
     "multitask": "SDPO on all tasks of the sequence mixed from the start (the upper bound)",
     "grpo_multitask": "GRPO on all tasks mixed from the start",
+    "grpo_lora": "GRPO training a rank-8 LoRA adapter (every linear layer, alpha 16) at ten "
+                 "times the learning rate, the base frozen",
+    "sdpo_lora": "SDPO (EMA teacher at 0.05, a second adapter) training a rank-8 LoRA adapter at "
+                 "ten times the learning rate",
 }
 
 DEFAULTS = dict(methods="grpo,sdpo", seeds="0", tasks=",".join(lab.LABS["lab"].sequence),
@@ -324,6 +338,26 @@ def check_paths(args, configs):
                                  f"loadable hub id ({type(e).__name__})") from None
 
 
+def check_memory_options(configs, device, model=None):
+    """What LoRA and 8-bit AdamW need, refused before anything trains: peft installed and, once
+    the model is loaded (`model`), target modules it has; bitsandbytes installed, and CUDA."""
+    for cfg in configs:
+        if cfg.lora_rank:
+            lora.require_peft()
+            problem = model is not None and lora.target_problem(model, cfg)
+            if problem:
+                raise ValueError(problem)
+        if cfg.optim_8bit and device != "cuda":
+            raise ValueError(f"optim_8bit=true: bitsandbytes' 8-bit AdamW runs on CUDA; this run "
+                             f"is on {device} (allowed there: optim_8bit=false)")
+        if cfg.optim_8bit:
+            try:
+                import bitsandbytes  # noqa: F401
+            except ImportError:
+                raise ImportError("optim_8bit=true needs the bitsandbytes package, which is not "
+                                  "installed: pip install bitsandbytes") from None
+
+
 def plan_run(args) -> RunPlan | None:
     """Every check that can fail, before any training and any write: flags, settings, tasks,
     the model, prompt lengths. Returns what the run needs, or None after --print-verl or
@@ -349,7 +383,9 @@ def plan_run(args) -> RunPlan | None:
     if args.print_verl or args.export_verl_data:
         return None
     device = models.resolve_device(args.device, args.model)
+    check_memory_options(configs.values(), device)
     base, tokenizer = load_policy(args.model, device, args.lab_steps)
+    check_memory_options(configs.values(), device, base)
     cfg = next(iter(configs.values()))
     any_sdpo = any(c.loss_mode == "sdpo" for c in configs.values())
     for i, task in enumerate(tasks + probes):
@@ -495,12 +531,15 @@ def base_row_and_signal(plan: RunPlan, folder) -> dict:
 def run_in_folder(cfg, policy, tokenizer, tasks, probes, folder, *, row0=None, steps=None,
                   log=None, desc="") -> list:
     """sdpo_cl.continual_sequence with a run folder: every finished stage checkpointed (policy
-    and teacher), and a rerun resumes after the last finished, intact stage."""
+    and teacher), and a rerun resumes after the last finished, intact stage. With lora_rank, the
+    policy trains a LoRA adapter on its frozen weights (harness/lora.py)."""
     done, measures = runs.last_finished_stage(folder), ef.Measures(tokenizer)
     if done >= 0:
         row0 = runs.stored_row0(folder)
     elif row0 is None:
         row0 = sc.base_row(policy, tokenizer, sc.evaluation_tasks(tasks, probes), cfg, measures)
+    if cfg.lora_rank:
+        policy = lora.add_lora(policy, cfg)
     return sc.continual_sequence(cfg, policy, tokenizer, tasks, probes, steps=steps, log=log,
                                  desc=desc, row0=row0, measures=measures,
                                  resume=runs.resume_from(folder, done),

@@ -54,6 +54,14 @@ CASES = {
     "no pre-training steps": (["--lab-steps", "0"], "--lab-steps 0: give a positive number"),
     "a teacher_path that is not there": (["--set", "teacher_path=/missing/model"],
                                          "teacher_path='/missing/model' is neither a model"),
+    "a negative LoRA rank": (["--set", "lora_rank=-1"],
+                             "Config.lora_rank=-1 is invalid: allowed an integer >= 0"),
+    "a teacher_path with LoRA": (["--set", "lora_rank=4", "teacher_path=/some/model"],
+                                 "Config.teacher_path='/some/model' is invalid: allowed None with"),
+    "LoRA on layers the model lacks": (["--set", "lora_rank=4", "lora_target_modules=qkv_proj"],
+                                       "lora_target_modules='qkv_proj': allowed 'all-linear' or"),
+    "8-bit AdamW on the CPU": (["--set", "optim_8bit=true"],
+                               "optim_8bit=true: bitsandbytes' 8-bit AdamW runs on CUDA"),
 }
 
 
