@@ -492,6 +492,7 @@ def run(plan: RunPlan, folder, t_start) -> dict:
     row0 = None     # the base model, once for every method and seed
     if any(done_stages(m, s) < 0 for m in plan.methods for s in plan.seeds):
         row0 = base_row_and_signal(plan, folder)
+    plan.base.to("cpu")     # each run takes a copy to the device: no second one stays there
     log_path = folder / "log.jsonl"
     try:
         for m in plan.methods:
@@ -560,7 +561,8 @@ def run_one(plan: RunPlan, folder, m, s, done, row0, log_path):
             f.write(json.dumps(runs.strict_json({"method": m, "seed": s, **metrics})) + "\n")
             f.flush()
         t0 = time.time()
-        records = run_in_folder(plan.configs[(m, s)], copy.deepcopy(plan.base), plan.tokenizer,
+        policy = copy.deepcopy(plan.base).to(plan.device)
+        records = run_in_folder(plan.configs[(m, s)], policy, plan.tokenizer,
                                 plan.tasks, plan.probes, folder / m / f"seed{s}", row0=row0,
                                 steps=plan.steps, log=log, desc=f"{m} seed {s}")
     gains = [records[k + 1]["accuracy"][t.name] - records[k]["accuracy"][t.name]
