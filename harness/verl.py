@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 
 import sdpo_cl as sc
+from harness import lora
 from harness.lab import LABS
 
 LAB_NAMES = {name for spec in LABS.values() for name in spec.families}
@@ -41,6 +42,27 @@ SDPO_CL_KEYS = ("mask_ratio", "teacher_path", "teacher_init_alpha")   # SDPO-CL'
 
 def verl_value(v) -> str:
     return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def memory_overrides(cfg: sc.Config) -> list:
+    """LoRA and the memory savers as verl's keys: model.lora_rank, lora_alpha and target_modules
+    (hf_model.yaml; verl builds peft's LoraConfig from them with bias 'none'); 8-bit AdamW as
+    optim.optimizer from optim.optimizer_impl (optim/fsdp.yaml); the teacher in bf16 as the
+    dtype of the reference model verl builds it as (ref.fsdp_config.model_dtype, fp32 by
+    default). lora_dropout has no verl key (print_verl says so)."""
+    out = []
+    if cfg.lora_rank:
+        targets = lora.target_modules(cfg)
+        out += [f"actor_rollout_ref.model.lora_rank={cfg.lora_rank}",
+                f"actor_rollout_ref.model.lora_alpha={verl_value(cfg.lora_alpha)}",
+                "actor_rollout_ref.model.target_modules="
+                + (targets if isinstance(targets, str) else f"[{','.join(targets)}]")]
+    if cfg.optim_8bit:
+        out += ["actor_rollout_ref.actor.optim.optimizer=AdamW8bit",
+                "actor_rollout_ref.actor.optim.optimizer_impl=bitsandbytes.optim"]
+    if cfg.teacher_bf16 and cfg.loss_mode == "sdpo":
+        out.append("actor_rollout_ref.ref.fsdp_config.model_dtype=bf16")
+    return out
 
 
 def verl_overrides(cfg: sc.Config, model_path: str, steps: int, stage: int, base_model: str,
@@ -86,6 +108,7 @@ def verl_overrides(cfg: sc.Config, model_path: str, steps: int, stage: int, base
             value = teacher_path if name == "teacher_path" else getattr(cfg, name)
             if value != dataclasses.asdict(sc.Config())[name]:
                 out.append(f"+{sd}{name}={verl_value(value)}")
+    out += memory_overrides(cfg)
     if data is not None:
         out += [f"data.train_files={data / 'train.parquet'}",
                 f"data.val_files={data / 'test.parquet'}"]
@@ -105,6 +128,12 @@ def print_verl(methods, configs, names, steps, model, data_dir=None):
                          "restart-and-freeze) has no verl key; verl moves the EMA every step")
         if cfg.teacher_regularization == "live":
             notes.append("the live teacher has no verl key; shown as ema at rate 1.0")
+        if cfg.lora_rank and cfg.lora_dropout:
+            notes.append(f"lora_dropout={cfg.lora_dropout} has no verl key (verl's LoraConfig "
+                         "takes none: peft's default 0)")
+        if cfg.lora_rank and cfg.loss_mode == "sdpo":
+            notes.append("with LoRA, verl's teacher is a whole second model that carries an "
+                         "adapter of its own; here it is a second adapter on the policy's base")
         if (cfg.loss_mode == "sdpo" and cfg.teacher_update_rate > 0 and len(names) > 1
                 and not cfg.reset_teacher_each_task):
             notes.append("verl re-creates the EMA teacher from each stage's starting checkpoint; "
