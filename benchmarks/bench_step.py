@@ -4,6 +4,8 @@
     python benchmarks/bench_step.py          # CPU, the lab model (the shipped lab base)
     python benchmarks/bench_step.py --model path/to/model.gguf --prompts 4 --group 4
     python benchmarks/bench_step.py --experiment   # also time `python run_sequence.py`
+    python benchmarks/bench_step.py --memory-rule  # the memory rule for every option (computed)
+    python benchmarks/bench_step.py --shape qwen3-0.6b --lora 32   # a step at a real size
 
 Prints one table and exits non-zero if any loss differs from TRL's by more than 1e-5.
 1. Loss identity: `sdpo_loss` vs TRL's self-distillation helpers (trl.experimental.sdpo.
@@ -28,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import sdpo_cl as sc  # noqa: E402
+from harness import lora  # noqa: E402
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -308,6 +311,9 @@ SHAPES = {
     "qwen3-1.7b": dict(model_type="qwen3", hidden_size=2048, intermediate_size=6144,
                        num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
                        head_dim=128),
+    "qwen3-4b": dict(model_type="qwen3", hidden_size=2560, intermediate_size=9728,     # the paper's
+                     num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                     head_dim=128),
 }
 QWEN_VOCAB = 151936
 
@@ -338,6 +344,65 @@ def shape_model(name, device):
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
+# --- 4b. the memory rule: what a training step holds before activations, for every option --------
+
+def shape_sizes(name, lora_rank=0) -> tuple:
+    """(parameters, LoRA adapter parameters at lora_rank on every linear layer but the output
+    head, peft's 'all-linear'), counted on the meta device: nothing is allocated."""
+    model = shape_model(name, "meta")
+    linear = [m for n, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")]
+    return (sum(p.numel() for p in model.parameters()),
+            lora_rank * sum(m.in_features + m.out_features for m in linear))
+
+
+def memory_rule(n, adapter, method, *, with_lora=False, optim_8bit=False, teacher_bf16=False,
+                device="cuda", sequence=False) -> float:
+    """Bytes held before activations, for n model parameters and `adapter` LoRA parameters. The
+    trained weights (all n, or the adapter) take 4 bytes each in fp32, their gradients 4 and
+    AdamW's two moments 8 (2 with bitsandbytes' 8-bit AdamW); a LoRA policy's frozen base takes 2
+    (bf16, on CUDA) or 4 (fp32, on the CPU); SDPO's teacher is a copy of the trained weights, 4 a
+    weight (2 in bf16): a model, or an adapter. sequence: continual_sequence also keeps the
+    frozen start for the KL anchor and the drift measures, a copy (4 bytes a weight) with full
+    fine-tuning, nothing with LoRA (the bare base)."""
+    trained = adapter if with_lora else n
+    total = trained * (4 + 4 + (2 if optim_8bit else 8))
+    if with_lora:
+        total += n * (2 if device == "cuda" else 4)
+    if method == "sdpo":
+        total += trained * (2 if teacher_bf16 else 4)
+    if sequence and not with_lora:
+        total += 4 * n
+    return total
+
+
+MEMORY_OPTIONS = [   # (label, options) of the memory table
+    ("full", {}), ("full, 8-bit AdamW", dict(optim_8bit=True)),
+    ("full, bf16 teacher", dict(teacher_bf16=True)),
+    ("full, 8-bit AdamW, bf16 teacher", dict(optim_8bit=True, teacher_bf16=True)),
+    ("LoRA r=32", dict(with_lora=True)),
+    ("LoRA r=32, 8-bit AdamW", dict(with_lora=True, optim_8bit=True)),
+]
+
+
+def memory_table(device="cuda", rank=32) -> str:
+    """The rule for every shape, method and option (GiB, before activations; computed, not
+    measured): a training step alone, and in continual_sequence (its frozen start too)."""
+    lines = ["| shape | parameters | method | options | step GiB | sequence GiB |",
+             "|---|---|---|---|---|---|"]
+    for name in SHAPES:
+        n, adapter = shape_sizes(name, rank)
+        for method in ("grpo", "sdpo"):
+            for label, options in MEMORY_OPTIONS:
+                if method == "grpo" and "teacher" in label:
+                    continue
+                step, run = (memory_rule(n, adapter, method, device=device, sequence=seq,
+                                         **options) / 2**30 for seq in (False, True))
+                lines.append(f"| {name} | {n / 1e9:.2f}B | {method} | {label} | {step:.1f} | "
+                             f"{run:.1f} |")
+    return "\n".join(lines)
+
+
 def forced_length_task(prompt_len, answer_len, group, success_per_group=2, n=512):
     """Random prompts of prompt_len tokens; every answer is forced to answer_len tokens (the
     model's min_new_tokens is set to it); the first success_per_group answers of every group
@@ -361,11 +426,21 @@ def hwm_gib() -> float:
 
 
 def time_shape(name, mode, *, device, prompts, group, prompt_len, answer_len, micro_batch,
-               checkpointing, topk, chunk, steps=1) -> dict:
+               checkpointing, topk, chunk, steps=1, memory=None) -> dict:
     """One warm-up step on a tiny batch, then `steps` timed steps of this project's train_step at
     the requested batch. The split is measured with the device synchronised around the teacher
-    forward and the optimizer step; the student forward+backward is the rest of the update."""
+    forward and the optimizer step; the student forward+backward is the rest of the update.
+    memory: Config's memory options (lora_rank, optim_8bit, teacher_bf16); "rule" is what the
+    memory rule gives for them (GiB, before activations)."""
+    memory = memory or {}
     model = shape_model(name, device)
+    n_params = sum(p.numel() for p in model.parameters())
+    if memory.get("lora_rank"):
+        model = lora.add_lora(model, sc.Config(**memory))
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    rule = memory_rule(n_params, trained, mode, with_lora=bool(memory.get("lora_rank")),
+                       optim_8bit=memory.get("optim_8bit", False),
+                       teacher_bf16=memory.get("teacher_bf16", False), device=device) / 2**30
     tok = shape_tokenizer()
     model.generation_config.min_new_tokens = answer_len        # every answer exactly answer_len
     if checkpointing:
@@ -404,11 +479,10 @@ def time_shape(name, mode, *, device, prompts, group, prompt_len, answer_len, mi
                             prompts_per_step=p, group_size=g, max_new_tokens=budget,
                             ppo_mini_batch_size=p // 4 if mode == "grpo" and p % 4 == 0 else 0,
                             micro_batch_size=micro_batch, distillation_topk=topk,
-                            rollout_chunk_size=chunk, warmup_steps=0, device=device)
+                            rollout_chunk_size=chunk, warmup_steps=0, **memory)
             model.generation_config.min_new_tokens = budget
             teacher = sc.Teacher(model, cfg) if mode == "sdpo" else None
-            opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=True)
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+            opt, sched = sc.make_optimizer(model, cfg)
             opt.step = timed(opt.step, "optimizer")
             split.update(teacher=0.0, optimizer=0.0)
             if device == "cuda":
@@ -435,20 +509,28 @@ def time_shape(name, mode, *, device, prompts, group, prompt_len, answer_len, mi
             "gen_tok_s": rows * answer_len / m["t_rollout"],
             "train_tok_s": rows * (prompt_len + answer_len) / update,
             "distill_frac": out[-1].get("distill_frac", 0.0),
-            "length": out[-1]["response_length"]}
+            "length": out[-1]["response_length"], "rule": rule}
 
 
-SHAPE_HEAD = ("| shape | method | batch | prompt+answer | micro-batch | ckpt | top-k | rollout "
-              "chunk | s/step | rollout | teacher | student fwd+bwd | optimizer | generated tok/s "
-              "| trained tok/s | peak GiB rollout / update |\n" + "|---" * 16 + "|")
+SHAPE_HEAD = ("| shape | method | memory options | batch | prompt+answer | micro-batch | ckpt | "
+              "top-k | rollout chunk | s/step | rollout | teacher | student fwd+bwd | optimizer | "
+              "generated tok/s | trained tok/s | peak GiB rollout / update | rule GiB |\n"
+              + "|---" * 18 + "|")
+
+
+def memory_label(memory) -> str:
+    """The memory options of a row, as --set would give them."""
+    return " ".join(f"{k}={v}" for k, v in (memory or {}).items() if v) or "-"
 
 
 def shape_row(name, mode, r, a) -> str:
-    return (f"| {name} | {mode} | {a.prompts}x{a.group} | {a.prompt_len}+{a.answer_len} | "
+    return (f"| {name} | {mode} | {memory_label(getattr(a, 'memory', None))} | "
+            f"{a.prompts}x{a.group} | {a.prompt_len}+{a.answer_len} | "
             f"{a.micro_batch} | {'on' if a.checkpointing else 'off'} | {a.topk or 'full'} | "
             f"{a.chunk or 'all'} | {r['seconds']:.2f} | {r['t_rollout']:.2f} | {r['teacher']:.2f} "
             f"| {r['student']:.2f} | {r['optimizer']:.3f} | {r['gen_tok_s']:.0f} | "
-            f"{r['train_tok_s']:.0f} | {r['peak_rollout']:.1f} / {r['peak_update']:.1f} |")
+            f"{r['train_tok_s']:.0f} | {r['peak_rollout']:.1f} / {r['peak_update']:.1f} | "
+            f"{r['rule']:.1f} |")
 
 
 def shapes_main(args):
@@ -461,7 +543,7 @@ def shapes_main(args):
         r = time_shape(args.shape, mode, device=device, prompts=args.prompts, group=args.group,
                        prompt_len=args.prompt_len, answer_len=args.answer_len,
                        micro_batch=args.micro_batch, checkpointing=args.checkpointing,
-                       topk=args.topk, chunk=args.chunk, steps=args.steps)
+                       topk=args.topk, chunk=args.chunk, steps=args.steps, memory=args.memory)
         print(shape_row(args.shape, mode, r, args), flush=True)
 
 
@@ -495,6 +577,15 @@ GPU_PLAN = [
     ("qwen3-1.7b", "grpo,sdpo", dict(micro_batch=8, checkpointing=True, topk=100, chunk=0)),
     ("qwen3-0.6b", "grpo", dict(micro_batch=2, checkpointing=True, topk=100, chunk=8)),
 ]
+GPU_LORA_PLAN = [    # LoRA and the memory savers at 8 x 8, micro-batch 2, checkpointing: what a
+    # 24 GB card would take, up to the paper's 4B model
+    ("qwen3-1.7b", "sdpo", dict(prompts=8, micro_batch=2, checkpointing=True, topk=100, chunk=0,
+                                memory=dict(optim_8bit=True, teacher_bf16=True))),
+    ("qwen3-1.7b", "grpo,sdpo", dict(prompts=8, micro_batch=2, checkpointing=True, topk=100,
+                                     chunk=0, memory=dict(lora_rank=32))),
+    ("qwen3-4b", "grpo,sdpo", dict(prompts=8, micro_batch=2, checkpointing=True, topk=100,
+                                   chunk=0, memory=dict(lora_rank=32))),
+]
 
 
 def gpu_plan_main(args, plan, budget=420):
@@ -516,7 +607,7 @@ def gpu_plan_main(args, plan, budget=420):
                 r = time_shape(shape, mode, device=device, prompts=a.prompts, group=a.group,
                                prompt_len=a.prompt_len, answer_len=a.answer_len,
                                micro_batch=a.micro_batch, checkpointing=a.checkpointing,
-                               topk=a.topk, chunk=a.chunk)
+                               topk=a.topk, chunk=a.chunk, memory=getattr(a, "memory", None))
                 print(shape_row(shape, mode, r, a), flush=True)
             except torch.cuda.OutOfMemoryError:
                 print(f"| {shape} | {mode} | out of memory with {options} |", flush=True)
@@ -558,18 +649,32 @@ def main():
                     "call (rollout_chunk_size), 0 = all")
     ap.add_argument("--device", choices=("cpu", "cuda"), default=None,
                     help="with --shape or --plan (default: cuda if available)")
-    ap.add_argument("--plan", choices=("gpu", "gpu-memory"), help="run the GPU check's list of "
-                    "shapes and options (benchmarks/gpu_check.sh)")
+    ap.add_argument("--plan", choices=("gpu", "gpu-memory", "gpu-lora"), help="run the GPU "
+                    "check's list of shapes and options (benchmarks/gpu_check.sh)")
+    ap.add_argument("--lora", type=int, default=0, help="with --shape: train a LoRA adapter of "
+                    "this rank (lora_rank), the base frozen")
+    ap.add_argument("--optim-8bit", action="store_true", help="with --shape: bitsandbytes' 8-bit "
+                    "AdamW (CUDA)")
+    ap.add_argument("--teacher-bf16", action="store_true", help="with --shape: the SDPO teacher "
+                    "in bf16")
+    ap.add_argument("--memory-rule", action="store_true", help="print the memory rule for every "
+                    "shape, method and memory option (computed, nothing runs), then exit")
     ap.add_argument("--budget", type=float, default=420, help="with --plan: start no new "
                     "configuration after this many seconds")
     ap.add_argument("--no-header", action="store_true", help="with --shape: rows only")
     args = ap.parse_args()
     quiet()
+    if args.memory_rule:
+        print("Memory rule, GiB before activations (computed, not measured; bench_step.py "
+              "memory_rule): one training step, and continual_sequence with its frozen start\n")
+        return print(memory_table())
     if args.plan:
-        return gpu_plan_main(args, {"gpu": GPU_PLAN, "gpu-memory": GPU_MEMORY_PLAN}[args.plan],
-                             args.budget)
+        plans = {"gpu": GPU_PLAN, "gpu-memory": GPU_MEMORY_PLAN, "gpu-lora": GPU_LORA_PLAN}
+        return gpu_plan_main(args, plans[args.plan], args.budget)
     if args.shape:
         args.topk = args.topk or None
+        args.memory = dict(lora_rank=args.lora, optim_8bit=args.optim_8bit,
+                           teacher_bf16=args.teacher_bf16)
         args.steps = 1 if args.steps == 16 else args.steps
         return shapes_main(args)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
