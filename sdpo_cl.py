@@ -652,8 +652,8 @@ def shared_prefix_logits(model, prefix_ids, prefix_mask, rows, response_ids, res
     try:
         T, P = response_ids.shape[1], prefix_ids.shape[1]
         cache = DynamicCache(config=model.config)   # transformers 5.24 renamed past_key_values
-        cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else (
-            "past_key_values")
+        fwd = getattr(model, "get_base_model", lambda: model)().forward   # under a LoRA adapter too
+        cache_arg = "cache" if "cache" in inspect.signature(fwd).parameters else "past_key_values"
         attn = torch.cat([prefix_mask[rows], response_mask.long()], dim=1)      # [b, P + T]
         last = model(input_ids=prefix_ids, attention_mask=prefix_mask,
                      position_ids=real_token_positions(prefix_mask), logits_to_keep=1,
