@@ -157,3 +157,13 @@ def test_lora_without_peft_is_one_clear_error(tmp_path, capsys, monkeypatch):
     assert "needs the peft package, which is not installed: pip install peft" in (
         capsys.readouterr().err)
     assert not any(tmp_path.iterdir())
+
+
+def test_print_verl_gives_verls_lora_keys():
+    from harness import verl
+    cfg = lora_config(lora_rank=8, lora_target_modules="q_proj,v_proj", loss_mode="sdpo",
+                      teacher_bf16=True)
+    out = verl.verl_overrides(cfg, "base", 1, 1, "base")
+    assert {"actor_rollout_ref.model.lora_rank=8", "actor_rollout_ref.model.lora_alpha=16.0",
+            "actor_rollout_ref.model.target_modules=[q_proj,v_proj]",
+            "actor_rollout_ref.ref.fsdp_config.model_dtype=bf16"} <= set(out)
