@@ -167,3 +167,22 @@ def test_print_verl_gives_verls_lora_keys():
     assert {"actor_rollout_ref.model.lora_rank=8", "actor_rollout_ref.model.lora_alpha=16.0",
             "actor_rollout_ref.model.target_modules=[q_proj,v_proj]",
             "actor_rollout_ref.ref.fsdp_config.model_dtype=bf16"} <= set(out)
+
+
+@pytest.mark.parametrize("method", ["sdpo_live", "sdpo_trust_region", "stable_sdpo", "sdpo_kl",
+                                    "replay", "hybrid"])
+def test_every_teacher_kind_replay_and_the_kl_anchor_train_with_lora(random_lab, method):
+    """Two stages of one rollout batch each (replay draws from the first): the run finishes and
+    the student's adapter has moved off its zero B."""
+    model, tok = random_lab
+    settings = dict(lora_rank=4, prompts_per_step=4, group_size=2, max_new_tokens=4,
+                    steps_per_task=1, warmup_steps=0, lr=1e-2, eval_examples=2, eval_samples=1)
+    cfg = run_sequence.method_config(method, settings, {},
+                                     lambda **k: lab.lab_config("lab-short", **k))
+    policy = with_lora(model, cfg)
+    tasks = [lab.make_lab_task(name, "lab-short", n_train=4, n_test=2) for name in ("math", "code")]
+    for task in tasks:
+        task.reward = alternating_reward()
+    records = s.continual_sequence(cfg, policy, tok, tasks)
+    assert len(records) == 3
+    assert any(p.any() for n, p in policy.named_parameters() if "lora_B.default." in n)
