@@ -131,3 +131,17 @@ def test_the_teacher_restarts_from_the_policy_at_each_task_as_a_verl_run_does(ra
     assert not torch.equal(policy_1, base)                      # stage 1 trained the policy
     assert torch.equal(teacher_1, base)
     assert torch.equal(teacher_2, policy_1 if restarted else base)
+
+
+def test_a_bf16_teacher_keeps_its_weights_in_half_the_bytes_and_moves_by_the_ema(random_lab):
+    """teacher_bf16: 2 bytes a weight; the EMA moves it in bf16, toward the fp32 student."""
+    model, _ = random_lab
+    student = copy.deepcopy(model)
+    teacher = Teacher(student, Config(teacher_update_rate=0.5, teacher_bf16=True))
+    assert {p.dtype for p in teacher.model.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    before = flat_params(teacher.model).float()
+    teacher.after_rollout_batch(student, 1)
+    assert torch.allclose(flat_params(teacher.model).float(), before + 0.5, atol=0.05)
