@@ -171,3 +171,33 @@ def flat_grad(model):
 
 def flat_params(model):
     return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def run_and_resume(cfg, model, tok, folder):
+    """A run through lab-short's math then code in folder/a (an alternating reward: asked an even
+    number of times per evaluation and step, it answers a resumed stage as the uninterrupted
+    one), and the same run resumed in folder/b after a crash during stage 2 (its folder gone:
+    atomic writes leave nothing half-written). Both results, each record without its wall
+    times, which no two runs share."""
+    import copy
+    import shutil
+    import run_sequence
+    from harness import lab
+
+    def sequence():
+        tasks = [lab.make_lab_task(name, "lab-short", n_test=8) for name in ("math", "code")]
+        for task in tasks:
+            task.reward = alternating_reward()
+        return tasks
+
+    def without_times(record):
+        out = {k: v for k, v in record.items() if k != "seconds"}
+        out["train"] = {k: v for k, v in record.get("train", {}).items()
+                        if k != "seconds_per_step"}
+        return out
+    full = run_sequence.run_in_folder(cfg, copy.deepcopy(model), tok, sequence(), [], folder / "a")
+    shutil.copytree(folder / "a", folder / "b")
+    shutil.rmtree(folder / "b" / "stage2")
+    resumed = run_sequence.run_in_folder(cfg, copy.deepcopy(model), tok, sequence(), [],
+                                         folder / "b")
+    return [without_times(r) for r in full], [without_times(r) for r in resumed]
