@@ -110,3 +110,10 @@ def test_a_matrix_changed_in_place_is_decomposed_again():
     assert ef.normalised_spectral_shift(w0, w) == pytest.approx(0.0, abs=1e-12)
     w.mul_(2.0)
     assert ef.normalised_spectral_shift(w0, w) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_a_matrix_changed_in_place_gets_a_new_principal_mask():
+    w = torch.tensor([[4.0, 0.1], [0.2, 0.0]], dtype=torch.float64)
+    assert ef.principal_mask(w, rank=2, alpha=0.25).tolist() == [[True, False], [False, False]]
+    w[0, 0] = 0.0                                       # in place, as an optimizer step
+    assert ef.principal_mask(w, rank=2, alpha=0.25).tolist() == [[False, False], [True, False]]
