@@ -2,6 +2,7 @@
 
     python benchmarks/lab_properties.py              # the lab in the paper's regime
     python benchmarks/lab_properties.py --lab lab-short
+    python benchmarks/lab_properties.py --learnability   # each stage trained alone, 3 seeds
 
 Per family: the answer's length in tokens and its final answer's; how many different right
 traces a prompt has (distinct solutions among 50 drawn); the base's test accuracy with its
@@ -10,6 +11,12 @@ the lift between them; at temperature 1 on 64 training prompts x 8 samples, the 
 reward and the share of groups all alike; how often the teacher's most likely token departs from
 a right student's own token (eval_forgetting.teacher_departure); the share of samples in the
 family's form. All seeded; about a minute on 2 CPU cores.
+
+--learnability: each trained family's stage at its budget (the paper's length, scaled as
+`--steps paper` scales it) trained alone from the base by GRPO and by SDPO (EMA 0.05), with
+run_sequence.py's own code and settings, and its own-stage gain over the seeds: the lab is
+learnable when every stage gains at least 20 points by both methods (the design's property, a
+property of the lab and its budget, not of what a method kept from earlier stages).
 """
 import argparse
 import random
@@ -21,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import eval_forgetting as ef    # noqa: E402
+import run_sequence             # noqa: E402
 import sdpo_cl as sc            # noqa: E402
 from harness import lab         # noqa: E402
 
@@ -49,10 +57,40 @@ def family_properties(model, tokenizer, lab_name, name, cfg) -> dict:
         "well_formed": sum(task.well_formed(c, None) for c in samples) / len(samples)}
 
 
+def learnability(lab_name, seeds, out) -> dict:
+    """{family: {method: own-stage gain (points) per seed}}, each stage trained alone."""
+    spec, t0, gains = lab.LABS[lab_name], time.time(), {}
+    budgets = run_sequence.stage_steps("paper", lab_name, len(spec.sequence))
+    for name, steps in zip(spec.sequence, budgets):
+        results = run_sequence.main([
+            "--model", lab_name, "--tasks", name, "--probes", "", "--steps", str(steps),
+            "--methods", "grpo,sdpo", "--seeds", ",".join(map(str, seeds)),
+            "--out", str(out), "--name", f"learnability-{lab_name}-{name}"])
+        gains[name] = {m: [100 * (r["R"][1][0] - r["R"][0][0]) for r in runs.values()]
+                       for m, runs in results["runs"].items()}
+    print(f"\n| family | batches | method | own-stage gain, mean [95% interval] | per seed |")
+    print("|---|---|---|---|---|")
+    for (name, by_method), steps in zip(gains.items(), budgets):
+        for m, g in by_method.items():
+            diff = ef.paired_difference(g, [0.0] * len(g))
+            print(f"| {name} | {steps} | {m} | {ef.interval_text(diff)} | "
+                  f"{', '.join(f'{x:+.1f}' for x in g)} |")
+    print(f"\nlearnable (every mean at least +20): "
+          f"{all(sum(g) / len(g) >= 20 for b in gains.values() for g in b.values())}; "
+          f"{time.time() - t0:.0f}s")
+    return gains
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lab", default="lab", choices=list(lab.LABS))
+    ap.add_argument("--learnability", action="store_true",
+                    help="train each stage alone from the base by GRPO and SDPO (a few minutes)")
+    ap.add_argument("--seeds", default="0,1,2", help="with --learnability")
+    ap.add_argument("--out", default="runs", help="with --learnability: the run folders' parent")
     args = ap.parse_args(argv)
+    if args.learnability:
+        return learnability(args.lab, [int(s) for s in args.seeds.split(",")], Path(args.out))
     t0 = time.time()
     model, tokenizer = lab.lab_base(args.lab)
     cfg = lab.lab_config(args.lab)
