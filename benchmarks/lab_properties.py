@@ -109,8 +109,8 @@ def main(argv=None):
               f"{p['reward_t1']:.2f} | {100 * p['all_alike']:.0f}% | {dep} | "
               f"{p['sample_tokens']:.1f} | {100 * p['well_formed']:.0f}% |", flush=True)
     trained = [rows[n] for n in spec.sequence]
-    print(f"\ntrained families: mean answer {statistics.mean(p['answer_tokens'] for p in trained):.1f}"
-          f" tokens, mean teacher accuracy "
+    mean_answer = statistics.mean(p['answer_tokens'] for p in trained)
+    print(f"\ntrained families: mean answer {mean_answer:.1f} tokens, mean teacher accuracy "
           f"{100 * statistics.mean(p['teacher_accuracy'] for p in trained):.1f}%, smallest lift "
           f"{100 * min(p['lift'] for p in trained):+.1f} points; {time.time() - t0:.0f}s")
     return rows
