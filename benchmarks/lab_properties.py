@@ -68,7 +68,7 @@ def learnability(lab_name, seeds, out) -> dict:
             "--out", str(out), "--name", f"learnability-{lab_name}-{name}"])
         gains[name] = {m: [100 * (r["R"][1][0] - r["R"][0][0]) for r in runs.values()]
                        for m, runs in results["runs"].items()}
-    print(f"\n| family | batches | method | own-stage gain, mean [95% interval] | per seed |")
+    print("\n| family | batches | method | own-stage gain, mean [95% interval] | per seed |")
     print("|---|---|---|---|---|")
     for (name, by_method), steps in zip(gains.items(), budgets):
         for m, g in by_method.items():
