@@ -17,6 +17,7 @@ import json
 import math
 import re
 import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -256,29 +257,42 @@ def layer_type(name: str) -> str:
     return "other"
 
 
-_SVDS = {}   # id(matrix) -> [its content hash, k, U[:, :k], S, Vh[:k], {(rank, alpha): mask}]
+@dataclass
+class Decomposition:
+    """A matrix's float64 SVD, its top k triplets kept (and every singular value), with the hash
+    of the content it was computed from and the principal masks built from it."""
+    digest: bytes
+    k: int
+    u: torch.Tensor                               # [m, k]
+    s: torch.Tensor                               # [min(m, n)]
+    vh: torch.Tensor                              # [k, n]
+    masks: dict = field(default_factory=dict)     # (rank, alpha) -> [m, n] bool
+
+
+_SVDS = {}   # id(matrix) -> its Decomposition, while the matrix lives
 
 
 @torch.no_grad()
-def decomposition(w, k) -> list:
-    """W's cache entry, (re)computed when its content changed (a hash of its bytes: optimizers
+def decomposition(w, k) -> Decomposition:
+    """W's decomposition, (re)computed when its content changed (a hash of its bytes: optimizers
     change weights in place without a trace): a run's base matrices are decomposed once, and the
     model's once per measurement, not once per measure (five and four times before)."""
     digest = hashlib.blake2b(w.detach().cpu().contiguous().view(torch.uint8).numpy()).digest()
     seen = _SVDS.get(id(w))
-    if seen is None or seen[0] != digest or seen[1] < k:
+    if seen is None or seen.digest != digest or seen.k < k:
         if seen is None:
             weakref.finalize(w, _SVDS.pop, id(w), None)
         u, sv, vh = torch.linalg.svd(w.detach().double(), full_matrices=False)
         keep = max(k, 64)      # the principal mask's rank: one decomposition serves every measure
-        seen = _SVDS[id(w)] = [digest, keep, u[:, :keep].clone(), sv, vh[:keep].clone(), {}]
+        seen = _SVDS[id(w)] = Decomposition(digest, keep, u[:, :keep].clone(), sv,
+                                             vh[:keep].clone())
     return seen
 
 
 def top_svd(w, k):
     """The top-k singular triplets of W in float64: U [m, k], all of S, Vh [k, n]."""
-    _, _, u, sv, vh, _ = decomposition(w, k)
-    return u[:, :k], sv, vh[:k]
+    d = decomposition(w, k)
+    return d.u[:, :k], d.s, d.vh[:k]
 
 
 @torch.no_grad()
@@ -324,14 +338,14 @@ def principal_mask(w, rank=64, alpha=0.5):
     reconstruction U_r S_r V_r^T (the weights the matrix's principal directions rest on), as
     those at or above the k-th largest (kthvalue: a third of topk's time). Cached with W's
     decomposition: the base's masks are computed once per run."""
-    _, _, u, sv, vh, masks = decomposition(w, rank)
-    if (rank, alpha) not in masks:
-        r = min(rank, sv.numel())
-        scores = ((u[:, :r] * sv[:r]) @ vh[:r]).abs().flatten()
+    d = decomposition(w, rank)
+    if (rank, alpha) not in d.masks:
+        r = min(rank, d.s.numel())
+        scores = ((d.u[:, :r] * d.s[:r]) @ d.vh[:r]).abs().flatten()
         keep = max(1, int(alpha * scores.numel()))
-        masks[(rank, alpha)] = (scores >= scores.kthvalue(scores.numel() - keep + 1).values
-                                ).view(w.shape)
-    return masks[(rank, alpha)]
+        d.masks[(rank, alpha)] = (scores >= scores.kthvalue(scores.numel() - keep + 1).values
+                                  ).view(w.shape)
+    return d.masks[(rank, alpha)]
 
 
 def update_mask(w0, w, eta=1e-3):

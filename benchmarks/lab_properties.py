@@ -57,26 +57,28 @@ def family_properties(model, tokenizer, lab_name, name, cfg) -> dict:
         "well_formed": sum(task.well_formed(c, None) for c in samples) / len(samples)}
 
 
-def learnability(lab_name, seeds, out) -> dict:
-    """{family: {method: own-stage gain (points) per seed}}, each stage trained alone."""
+def learnability(lab_name, seeds: str, out) -> dict:
+    """{family: {method: own-stage gain (points) per seed}}, each stage trained alone; `seeds`
+    as run_sequence.py's --seeds takes them."""
     spec, t0, gains = lab.LABS[lab_name], time.time(), {}
     budgets = run_sequence.stage_steps("paper", lab_name, len(spec.sequence))
     for name, steps in zip(spec.sequence, budgets):
         results = run_sequence.main([
             "--model", lab_name, "--tasks", name, "--probes", "", "--steps", str(steps),
-            "--methods", "grpo,sdpo", "--seeds", ",".join(map(str, seeds)),
+            "--methods", "grpo,sdpo", "--seeds", seeds,
             "--out", str(out), "--name", f"learnability-{lab_name}-{name}"])
         gains[name] = {m: [100 * (r["R"][1][0] - r["R"][0][0]) for r in runs.values()]
                        for m, runs in results["runs"].items()}
     print("\n| family | batches | method | own-stage gain, mean [95% interval] | per seed |")
     print("|---|---|---|---|---|")
+    means = []
     for (name, by_method), steps in zip(gains.items(), budgets):
         for m, g in by_method.items():
             diff = ef.paired_difference(g, [0.0] * len(g))
+            means.append(diff["mean"])
             print(f"| {name} | {steps} | {m} | {ef.interval_text(diff)} | "
                   f"{', '.join(f'{x:+.1f}' for x in g)} |")
-    print(f"\nlearnable (every mean at least +20): "
-          f"{all(sum(g) / len(g) >= 20 for b in gains.values() for g in b.values())}; "
+    print(f"\nlearnable (every mean at least +20): {min(means) >= 20}; "
           f"{time.time() - t0:.0f}s")
     return gains
 
@@ -90,7 +92,7 @@ def main(argv=None):
     ap.add_argument("--out", default="runs", help="with --learnability: the run folders' parent")
     args = ap.parse_args(argv)
     if args.learnability:
-        return learnability(args.lab, [int(s) for s in args.seeds.split(",")], Path(args.out))
+        return learnability(args.lab, args.seeds, Path(args.out))
     t0 = time.time()
     model, tokenizer = lab.lab_base(args.lab)
     cfg = lab.lab_config(args.lab)
