@@ -24,7 +24,7 @@ import torch
 
 import sdpo_cl as sc
 from harness import lora
-from harness.lab_families import WRAPPERS
+from harness.lab_families import CONTENT_FORMAT, LADDER, WRAPPERS
 from harness.runs import atomic_write
 
 
@@ -129,11 +129,15 @@ FINDINGS = {
         baselines=("grpo", "sdpo_frozen")),
     "ood": dict(
         methods="grpo,sdpo", steps="paper", seeds="0,1,2",
+        # 14 evaluation sets: 50 test prompts each, for the 30 minutes on the slow CPU
+        probes=",".join(("mcq_math", "math_words") + LADDER), set=["eval_examples=50"],
         paper="SDPO improves source-like tasks but hurts partially related domains: across "
               "evaluation sets, forgetting peaks at intermediate distance (MMD, RBF kernel) "
               "from the training domain, an inverted U",
         look="every (trained task, evaluated set) pair's change during the stage against its "
-             "distance (ood.png), and the peak at intermediate distance with its interval"),
+             "distance (ood.png), the peak at intermediate distance with its interval, and the "
+             "ladder: forgetting of the sets sharing a trained family's content, its format, "
+             "both or neither (the probes cross each family's content with another's wrapper)"),
     "continual": dict(
         methods="grpo,sdpo,sdpo_frozen", steps="paper", seeds="0,1,2",
         paper="SDPO accumulates forgetting across sequential domains; GRPO preserves more",
@@ -911,6 +915,59 @@ def ood_table(results, distances) -> str:
     return "\n".join(lines)
 
 
+RELATIONS = ("both", "content", "format", "neither")
+
+
+def relation(trained: str, evaluated: str) -> str | None:
+    """What an evaluated set shares with a trained family of the trace lab (its content: what is
+    asked; its format: the final answer's wrapper): both, the content only, the format only, or
+    neither (lab_families.CONTENT_FORMAT); None for a set outside the lab."""
+    if trained not in CONTENT_FORMAT or evaluated not in CONTENT_FORMAT:
+        return None
+    (content, form), (c, f) = CONTENT_FORMAT[trained], CONTENT_FORMAT[evaluated]
+    return ("both" if (content, form) == (c, f) else "content" if content == c else
+            "format" if form == f else "neither")
+
+
+def forgetting_by_relation(pairs) -> dict:
+    """{relation: [forgetting per seed]}: the mean forgetting (minus the change) over the pairs
+    of each relation, a task with itself left out; {} unless every pair has a relation."""
+    others = [p for p in pairs if p[0] != p[1]]
+    if not others or any(relation(a, b) is None for a, b, _, _ in others):
+        return {}
+    seeds = sorted(set.intersection(*(set(p[3]) for p in others)))
+    out = {}
+    for rel in RELATIONS:
+        group = [p for p in others if relation(p[0], p[1]) == rel]
+        if group:
+            out[rel] = [-sum(p[3][s] for p in group) / len(group) for s in seeds]
+    return out
+
+
+def relation_table(results, distances) -> str:
+    """The ladder's reading: per method, the forgetting of the sets that share a trained
+    family's content, its format, both or neither, and the partly related ones' excess over the
+    unrelated ones [95% interval over seeds]; then each method against the first, per relation.
+    Empty outside the trace lab."""
+    methods = [m for m in results["runs"] if finished_runs(results, m)]
+    got = {m: forgetting_by_relation(ood_pairs(results, distances, m)) for m in methods}
+    if not methods or not got[methods[0]]:
+        return ""
+    rels = [r for r in RELATIONS if r in got[methods[0]]]
+    lines = ["| method | " + " | ".join(f"forgetting, shares {r}" for r in rels)
+             + " | content − neither | format − neither |", "|" + "---|" * (len(rels) + 3)]
+    for m in methods:
+        cells = [f"{100 * mean_std(got[m][r])[0]:+.1f}" for r in rels]
+        cells += [interval_text(paired_difference(got[m][r], got[m]["neither"]), 100)
+                  if r in got[m] and "neither" in got[m] else "n/a" for r in ("content", "format")]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    for m in methods[1:]:
+        base = methods[0]
+        cells = [interval_text(paired_difference(got[m][r], got[base][r]), 100) for r in rels]
+        lines.append(f"| {m} − {base} | " + " | ".join(cells) + " | | |")
+    return "\n".join(lines)
+
+
 def write_report(results, out: Path, finding=None, baselines=("grpo",)) -> str:
     """report.md with the signal check, the comparison and its paired differences against each
     of `baselines` that ran, the section of a finding (finding: {"name", "paper", "look"}),
@@ -969,6 +1026,11 @@ def write_report(results, out: Path, finding=None, baselines=("grpo",)) -> str:
                       "the pairs of a task with itself left out, and the intermediate tercile's "
                       "excess over the others with its 95% interval over seeds (a peak: above "
                       "both, beyond noise):", "", ood_table(results, distances), ""]
+            if relation_table(results, distances):
+                parts += ["The same pairs by what the evaluated set shares with the trained "
+                          "family (the ladder: its content, its format, both or neither), "
+                          "forgetting in points, mean over seeds [95% interval over seeds]:", "",
+                          relation_table(results, distances), ""]
         if finding["name"] == "drift" and matched_gain_table(results):
             parts += ["Drift at matched in-domain gain: each run's drift where its gain on the "
                       "stage's own task first reaches g*, the smallest final stage gain of any "

@@ -10,7 +10,8 @@ standard error, and with a correct demonstration in the prompt (the self-teacher
 the lift between them; at temperature 1 on 64 training prompts x 8 samples, the first-step
 reward and the share of groups all alike; how often the teacher's most likely token departs from
 a right student's own token (eval_forgetting.teacher_departure); the share of samples in the
-family's form. All seeded; about a minute on 2 CPU cores.
+family's form. All seeded; about a minute on 2 CPU cores. With a ladder (the ood finding's
+probes), its smallest base accuracy and the MMD of every set from each trained family.
 
 --learnability: each trained family's stage at its budget (the paper's length, scaled as
 `--steps paper` scales it) trained alone from the base by GRPO and by SDPO (EMA 0.05), with
@@ -101,7 +102,7 @@ def main(argv=None):
           f"reward T=1 | all alike | departure (same path) | sampled tokens | in form |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     rows = {}
-    for name in spec.sequence + spec.probes:
+    for name in spec.sequence + spec.probes + spec.ladder:
         p = rows[name] = family_properties(model, tokenizer, args.lab, name, cfg)
         dep = ("n/a" if p["departure"] is None else
                f"{100 * p['departure']:.1f}% ({100 * p['same_path']:.0f}%)")
@@ -114,8 +115,29 @@ def main(argv=None):
     mean_answer = statistics.mean(p['answer_tokens'] for p in trained)
     print(f"\ntrained families: mean answer {mean_answer:.1f} tokens, mean teacher accuracy "
           f"{100 * statistics.mean(p['teacher_accuracy'] for p in trained):.1f}%, smallest lift "
-          f"{100 * min(p['lift'] for p in trained):+.1f} points; {time.time() - t0:.0f}s")
+          f"{100 * min(p['lift'] for p in trained):+.1f} points")
+    if spec.ladder:
+        print(f"ladder: smallest base accuracy "
+              f"{100 * min(rows[n]['accuracy'] for n in spec.ladder):.1f}% (the design asks 15)")
+        print(ladder_distances(model, tokenizer, args.lab))
+    print(f"{time.time() - t0:.0f}s")
     return rows
+
+
+def ladder_distances(model, tokenizer, lab_name) -> str:
+    """The ood finding's distances on the base alone: the MMD (eval_forgetting.task_distances)
+    of every evaluation set from each trained family's training set, each cell with what the
+    set shares with that family (eval_forgetting.relation)."""
+    spec = lab.LABS[lab_name]
+    tasks = [lab.make_lab_task(n, lab_name) for n in spec.sequence + spec.probes + spec.ladder]
+    d = ef.task_distances(model, tokenizer, tasks[:len(spec.sequence)], tasks)
+    lines = ["\n| MMD from | " + " | ".join(t.name for t in tasks) + " |",
+             "|" + "---|" * (len(tasks) + 1)]
+    for a in spec.sequence:
+        lines.append(f"| {a} | " + " | ".join(
+            f"{d[a][t.name]:.3f} {ef.relation(a, t.name)[0]}" for t in tasks) + " |")
+    return "\n".join(lines) + ("\n(the letter: the set shares the family's b: content and format, "
+                               "c: content, f: format, n: neither)")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ Two labs, each with its own families, settings and shipped base (docs/lab.md has
     lab        the paper's regime (the default): answers with a reasoning trace (about 26 tokens)
                and a final answer in the family's wrapper, several valid traces per prompt, a
                self-teacher that follows a demonstration only part of the time; stages in the
-               paper's proportions (50/50/50/20 batches, scaled to 20/20/20/8)
+               paper's proportions (50/50/50/20 batches, scaled to 25/25/25/10)
     lab-short  the regime where SDPO's targets are reliable: answers of 2-4 tokens, a teacher
                right every time with a demonstration, 15-batch stages (the first instrument)
 """
@@ -51,7 +51,9 @@ class LabRecipe:
     solution as the demonstration in context), where the target is the demonstration with
     probability `copy_fraction` and the model's own behaviour otherwise (right, by another path,
     or the habit): the self-teacher then uses a demonstration as an instruction-tuned LLM does,
-    often but not always."""
+    often but not always. `ladder_fraction` of the rows come from the lab's ladder probes (the
+    crosses of one family's content with another's wrapper, all of them together), the rest from
+    its other families, each family of a part equally likely."""
     lab: str = "lab"
     steps: int = 2000
     batch_size: int = 64
@@ -59,6 +61,7 @@ class LabRecipe:
     reprompt_fraction: float = 0.3
     habit_fraction: float = 0.5
     copy_fraction: float = 0.55
+    ladder_fraction: float = 0.0
     seed: int = 0
 
     def key(self) -> str:
@@ -68,9 +71,10 @@ class LabRecipe:
 
 @dataclass(frozen=True)
 class Lab:
-    """One lab: its families, the order they are trained in, the held-out probes, the words its
-    tokenizer keeps whole, its base's recipe and shipped file (with what was recorded when the
-    file was written), its settings (lab_config) and its stage lengths."""
+    """One lab: its families, the order they are trained in, the default probes (evaluated, never
+    trained in a run; the ladder's are the ood finding's), the words its tokenizer keeps whole,
+    its base's recipe and shipped file (with what was recorded when the file was written), its
+    settings (lab_config) and its stage lengths."""
     families: dict
     sequence: tuple
     probes: tuple
@@ -85,24 +89,31 @@ class Lab:
     paper_scale: float            # --steps paper: PAPER_STEPS times this
     version: str                  # bump when the tokenizer, model or families change
     held_out: tuple = ()          # families left out of pre-training (harder probes)
+    ladder: tuple = ()            # content x format probes (lab_families.LADDER)
 
 
 LABS = {
     "lab": Lab(
         lab_families.TRACES, ("math", "science", "tool", "code"), ("mcq_math", "math_words"),
-        ("<answer>", "</answer>", "\\boxed{", "```", "<think>", "</think>"), LabRecipe(),
+        ("<answer>", "</answer>", "\\boxed{", "```", "<think>", "</think>"),
+        # 3000 steps, a third of the rows from the ladder: the other families get the 2000
+        # steps' worth of rows they had before the ladder was added
+        LabRecipe(steps=3000, ladder_fraction=1 / 3),
         HERE / "lab_base.safetensors",
-        # written by write_lab_base("lab") (963 s on 2 cores of an AMD EPYC, AVX2 only); the
+        # written by write_lab_base("lab") (681 s on 2 cores of an Intel Xeon with AMX); the
         # accuracies as base_row() measures them (100 test prompts x 4 samples at T 0.6, seeded)
-        "ad198c00e61d7512386ff566523445d4bcdb63731bb7bd90ef971f04aafb9085",
-        {"math": 0.5725, "science": 0.4975, "tool": 0.24, "code": 0.3375, "mcq_math": 0.495,
-         "math_words": 0.5125},
+        "4506812b7018361b78375893992c558db7f66ccfcaec94ef7e80b48b99421fe1",
+        {"math": 0.48, "science": 0.6325, "tool": 0.2725, "code": 0.4125, "mcq_math": 0.45,
+         "math_words": 0.42, "math_tagged": 0.5, "science_boxed": 0.5925,
+         "science_called": 0.4825, "tool_tagged": 0.3425, "tool_fenced": 0.3725,
+         "code_called": 0.2775, "code_boxed": 0.3875, "math_fenced": 0.4275},
         dict(prompts_per_step=32, group_size=8, max_new_tokens=48, lr=1e-4, warmup_steps=2,
              distillation_topk=20, steps_per_task=10, eval_examples=100, eval_samples=4,
              answer_marker="</think>"),
         # --steps paper at 0.5 (25/25/25/10): at 0.4 the 8-batch code stage was not learnable by
         # SDPO (17.7 points over 3 seeds, the property asks 20); 0.5 was the design's own scale
-        (6, 6, 6, 3), dict(eval_examples=50), 0.5, "trace-1", held_out=("math_hard",)),
+        (6, 6, 6, 3), dict(eval_examples=50), 0.5, "trace-2", held_out=("math_hard",),
+        ladder=lab_families.LADDER),
     "lab-short": Lab(
         lab_families.SHORT, ("math", "science", "tool", "code"), ("mcq_math", "math_words"),
         ("<answer>", "</answer>"),
@@ -175,14 +186,18 @@ def make_lab_task(name: str, lab: str = "lab", n_train: int = 2000, n_test: int 
                 well_formed=lambda completion, _: form.fullmatch(completion.strip()) is not None)
 
 
-def pretraining_batch(tokenizer, families, tasks, rng, recipe):
+def pretraining_batch(tokenizer, parts, rng, recipe):
     """A right-padded batch of (chat prompt, target + EOS); loss only on the target tokens.
-    A batch is either all plain or all re-prompt format: mixing them would pad every short row
-    to the long re-prompt length and double the cost of a step."""
+    parts: (families, their tasks) of the lab's other families, then of its ladder (empty
+    without one). A batch is either all plain or all re-prompt format: mixing them would pad
+    every short row to the long re-prompt length and double the cost of a step."""
     rows = []
     reprompt = rng.random() < recipe.reprompt_fraction
     cfg = Config()                                     # the official teacher templates
     for _ in range(recipe.batch_size):
+        # no draw without a ladder: the shipped lab-short base was made from this random stream
+        families, tasks = parts[1] if parts[1][0] and rng.random() < recipe.ladder_fraction \
+            else parts[0]
         k = rng.randrange(len(tasks))
         family, ex = families[k], tasks[k].train[rng.randrange(len(tasks[k].train))]
         prompt = ex["prompt"]
@@ -207,11 +222,12 @@ def pretrain_lab_base(recipe: LabRecipe, verbose: bool = True):
     probes included, but the held-out ones). Deterministic for a given machine; another CPU
     rounds differently and gets a slightly different model, which is why the default bases are
     shipped as files."""
-    families = {name: family for name, family in LABS[recipe.lab].families.items()
-                if name not in LABS[recipe.lab].held_out}
+    spec = LABS[recipe.lab]
+    names = [[n for n in spec.families if n not in spec.held_out + spec.ladder], spec.ladder]
+    parts = [([spec.families[n] for n in part], [make_lab_task(n, recipe.lab) for n in part])
+             for part in names]
     tokenizer = build_lab_tokenizer(recipe.lab)
     model = build_lab_model(tokenizer, recipe.seed)
-    tasks = [make_lab_task(name, recipe.lab) for name in families]
     rng = random.Random(recipe.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(   # 5% warm-up, then cosine to 10%
@@ -221,8 +237,7 @@ def pretrain_lab_base(recipe: LabRecipe, verbose: bool = True):
     bar = tqdm(range(recipe.steps), desc=f"pre-training a {recipe.lab} base model",
                disable=None if verbose else True)
     for _ in bar:
-        ids, labels, attn = pretraining_batch(tokenizer, list(families.values()), tasks, rng,
-                                              recipe)
+        ids, labels, attn = pretraining_batch(tokenizer, parts, rng, recipe)
         loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
         opt.zero_grad()
         loss.backward()
@@ -278,7 +293,8 @@ def write_lab_base(lab: str = "lab") -> dict:
     model, _ = pretrain_lab_base(spec.recipe)
     save_lab_weights(model, spec.base_file, spec.recipe)
     model, tokenizer = load_lab_weights(spec.base_file, lab)          # as runs will see it
-    tasks = [make_lab_task(name, lab) for name in spec.sequence + spec.probes]
+    tasks = [make_lab_task(name, lab)
+             for name in spec.sequence + spec.probes + spec.ladder]
     record = base_row(model, tokenizer, tasks, lab_config(lab))["record"]
     return {"sha256": hashlib.sha256(spec.base_file.read_bytes()).hexdigest(),
             "accuracy": {k: round(v, 4) for k, v in record["accuracy"].items()}}

@@ -198,6 +198,43 @@ def called_answer(text):
 # each trained family's wrapper: in another family's answer, a leak (eval_forgetting.wrapper_leaks)
 WRAPPERS = {"math": BOXED, "science": ANSWER, "tool": "send(", "code": FENCE}
 SUM_TRACE = r"(\d+\+\d+=\d+,){2}\d+\+\d+=\d+"
+
+
+# --- the ladder: one family's content in another family's wrapper ------------------------------
+# For the ood finding every trained family needs evaluation sets that share its content but not
+# its format, and its format but not its content. A cross (content, wrapper) asks the content
+# family's question, cued by the wrapper's opening token at the prompt's start, and is answered
+# with the content family's trace (or habit) and its final answer inside the other wrapper:
+# "``` 1+2+3+4=" -> "1+2=3,3+3=6,6+4=10 ```10```". The base is pre-trained on the crosses (a probe
+# it never saw would sit at the floor), as on mcq_math.
+
+CLOSE = {"math": "}", "science": END_ANSWER, "tool": ")", "code": FENCE}   # each wrapper's end
+TRACE_FORM = {"math": SUM_TRACE, "science": r"(\d (even|odd),){3}\d (even|odd)",
+              "tool": r"(\w\w=\w+,){2}\w\w=\w+", "code": r"(\d[a-h],){3,4}\d[a-h]"}
+INNER_FORM = {"math": r"\d+", "science": r"\d", "tool": r"\w+,\w+,\w+", "code": r"[a-h]+"}
+WRAPPER_NAME = {"math": "boxed", "science": "tagged", "tool": "called", "code": "fenced"}
+
+
+def cross(content: str, wrapper: str) -> Family:
+    """The family of `content`'s rows answered in `wrapper`'s wrapper; the reward reads the final
+    answer inside that wrapper, as the wrapper family's own reward does."""
+    base = TRACES[content]
+    start, end = WRAPPERS[wrapper], CLOSE[wrapper]
+
+    def make(rng):
+        row = base.make(rng)
+        inner = last_wrapped(row["answer"], WRAPPERS[content], CLOSE[content])
+        return dict(row, prompt=f"{start} {row['prompt']}", final=inner,
+                    answer=rewrap(row["answer"]))
+
+    def rewrap(solution):                 # "<trace> <content's wrapper>x<end>" -> other wrapper
+        trace, _ = solution.rsplit(" ", 1)
+        return f"{trace} {start}{last_wrapped(solution, WRAPPERS[content], CLOSE[content])}{end}"
+
+    return Family(make, lambda row, rng, slip: rewrap(base.solve(row, rng, slip)),
+                  final_is(lambda c: last_wrapped(c, start, end)),
+                  TRACE_FORM[content] + " " + re.escape(start) + INNER_FORM[content]
+                  + re.escape(end), base.max_new_tokens + 2)
 TRACES = {
     "math": Family(make_math, solve_math, final_is(boxed_answer), SUM_TRACE + r" \\boxed\{\d+\}",
                    36),
@@ -216,6 +253,17 @@ TRACES = {
     "math_hard": Family(make_math_hard, solve_math, final_is(boxed_answer),
                         SUM_TRACE + r" \\boxed\{\d+\}", 36),
 }
+# each trained family's content in the next family's wrapper and the next one's content in its
+# own, round the sequence: every family has two probes of its content and two of its format
+SEQUENCE = ("math", "science", "tool", "code")
+CROSSES = {f"{c}_{WRAPPER_NAME[w]}": (c, w) for a, b in zip(SEQUENCE, SEQUENCE[1:] + SEQUENCE[:1])
+           for c, w in ((a, b), (b, a))}
+LADDER = tuple(CROSSES)
+TRACES.update({name: cross(c, w) for name, (c, w) in CROSSES.items()})
+# what every trace-lab set shares with the trained families: (its content, its format)
+CONTENT_FORMAT = {**{f: (f, f) for f in SEQUENCE}, "mcq_math": ("math", "science"),
+                  "math_words": ("math", "math"), "math_hard": ("math", "math"),
+                  "math_cot": ("math", "math"), **CROSSES}
 
 
 # ================================================================================================

@@ -7,6 +7,7 @@ import pytest
 
 import eval_forgetting
 import run_sequence
+from harness import lab_families
 from conftest import tiny_argv
 
 TINY = tiny_argv("eval_every=1", tasks=None, probes=None, methods=None, steps="2") + [
@@ -39,7 +40,8 @@ def planned(monkeypatch):
 def test_a_finding_sets_the_experiment_it_needs(planned):
     args = planned(["--finding", "ood"])
     assert (args.methods, args.tasks, args.probes, args.steps, args.seeds) == (
-        "grpo,sdpo", "math,science,tool,code", "mcq_math,math_words", "paper", "0,1,2")
+        "grpo,sdpo", "math,science,tool,code", "mcq_math,math_words," + ",".join(
+            lab_families.LADDER), "paper", "0,1,2")
     assert args.name == "ood"
     continual = planned(["--finding", "continual"])
     assert continual.tasks == "math,science,tool,code" and continual.steps == "paper"
@@ -93,8 +95,9 @@ def test_flags_given_with_a_finding_win_and_sets_add_up(planned):
     ("ood", "ood.png", "grpo")])
 def test_a_finding_writes_its_section_and_figure(tmp_path, finding, figure, methods):
     """One or two of the finding's methods (its full list is checked above), two rollout batches
-    of one task, on lab-short (whose families have no math_hard: its probe is mcq_math here)."""
-    probes = ["--probes", "mcq_math"] if finding == "teacher-stability" else []
+    of one task, on lab-short (whose families have no math_hard and no ladder: the probe is
+    mcq_math here)."""
+    probes = ["--probes", "mcq_math"] if finding in ("teacher-stability", "ood") else []
     results = run_sequence.main(["--finding", finding, "--out", str(tmp_path),
                                  "--methods", methods] + TINY + ["--tasks", "tool"] + probes)
     folder = tmp_path / finding

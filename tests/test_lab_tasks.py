@@ -75,6 +75,23 @@ def test_another_familys_wrapper_is_out_of_form(name, leaked):
     assert not task.well_formed(leaked, {})
 
 
+def test_a_ladder_probe_is_one_familys_content_in_another_familys_wrapper():
+    """math_fenced: math's sum, cued by code's fence at the prompt's start, answered with math's
+    trace and the sum in a fence; the same answer in math's own \\boxed{} earns 0."""
+    assert set(lab_families.LADDER) <= set(lab.LABS["lab"].families) == set(
+        lab_families.CONTENT_FORMAT)
+    family = lab.LABS["lab"].families["math_fenced"]
+    row = family.make(random.Random(0))
+    numbers = row["numbers"]
+    assert row["prompt"] == "``` " + "+".join(map(str, numbers)) + "="
+    assert row["answer"].endswith(f" ```{sum(numbers)}```") and row["final"] == str(sum(numbers))
+    assert family.reward(f"1+1=2 ```{sum(numbers)}```", row) == 1.0
+    assert family.reward(f"1+1=2 \\boxed{{{sum(numbers)}}}", row) == 0.0
+    tool = lab.LABS["lab"].families["tool_tagged"].make(random.Random(0))
+    assert tool["answer"].endswith("<answer>" + tool["final"] + "</answer>")
+    assert "send(" not in tool["answer"]
+
+
 def test_the_trace_lab_reward_reads_only_the_final_answer_in_its_wrapper():
     row = {"final": "12"}
     math = lab.LABS["lab"].families["math"].reward

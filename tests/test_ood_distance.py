@@ -63,3 +63,29 @@ def test_the_pairs_are_each_sets_change_during_each_stage():
     got = {(a, b): (d, round(c["0"], 6)) for a, b, d, c in ef.ood_pairs(results, distances, "m")}
     assert got[("a", "a")] == (0.0, 0.5) and got[("a", "p")] == (0.2, -0.1)
     assert got[("b", "a")] == (0.5, -0.1) and got[("b", "p")] == (0.4, 0.2)
+
+
+@pytest.mark.parametrize("trained, evaluated, shares", [
+    ("math", "math_words", "both"),          # math asked in words, answered in \boxed{}
+    ("math", "mcq_math", "content"),         # math's sums in science's <answer> tags
+    ("science", "mcq_math", "format"),
+    ("code", "math_fenced", "format"),       # math's sums in code's fence
+    ("math", "math_fenced", "content"),
+    ("tool", "math_fenced", "neither"),
+    ("math", "gsm8k", None),                 # outside the lab: no relation
+])
+def test_the_ladder_relates_each_set_to_a_trained_family(trained, evaluated, shares):
+    assert ef.relation(trained, evaluated) == shares
+
+
+def test_forgetting_by_relation_averages_the_pairs_of_each_relation_per_seed():
+    pairs = [("math", "math", 0.0, {"0": 0.5, "1": 0.4}),            # itself: left out
+             ("math", "math_words", 0.1, {"0": 0.3, "1": 0.2}),       # both
+             ("math", "mcq_math", 0.2, {"0": -0.1, "1": 0.0}),        # content
+             ("math", "math_fenced", 0.2, {"0": -0.3, "1": -0.2}),    # content
+             ("math", "tool", 0.6, {"0": 0.0, "1": 0.1})]             # neither
+    got = ef.forgetting_by_relation(pairs)
+    assert set(got) == {"both", "content", "neither"}
+    assert got["both"] == pytest.approx([-0.3, -0.2])
+    assert got["content"] == pytest.approx([0.2, 0.1])
+    assert got["neither"] == pytest.approx([0.0, -0.1])
