@@ -884,9 +884,11 @@ def ood_peak(pairs) -> dict:
     none = paired_difference([], [])
     if len(others) < len(BINS):
         return {"bins": {}, "above_near": none, "above_far": none}
+    seeds = sorted(set.intersection(*(set(p[3]) for p in others)))
+    if not seeds:                                     # no run of the method has finished yet
+        return {"bins": {}, "above_near": none, "above_far": none}
     cut = [round(len(others) * i / 3) for i in range(4)]
     bins = {name: others[cut[i]:cut[i + 1]] for i, name in enumerate(BINS)}
-    seeds = sorted(set.intersection(*(set(p[3]) for p in others)))
     forget = {name: [-sum(p[3][s] for p in b) / len(b) for s in seeds] for name, b in bins.items()}
     return {"bins": {name: (b[0][2], b[-1][2], mean_std(forget[name])[0])
                      for name, b in bins.items()},
@@ -919,9 +921,10 @@ RELATIONS = ("both", "content", "format", "neither")
 
 
 def relation(trained: str, evaluated: str) -> str | None:
-    """What an evaluated set shares with a trained family of the trace lab (its content: what is
-    asked; its format: the final answer's wrapper): both, the content only, the format only, or
-    neither (lab_families.CONTENT_FORMAT); None for a set outside the lab."""
+    """What an evaluated set shares with a trained family of the lab (its content: what is asked;
+    its format: the final answer's wrapper): both, the content only, the format only, or neither
+    (lab_families.CONTENT_FORMAT, by family name: lab-short's families are named alike); None
+    for a set that is no lab family."""
     if trained not in CONTENT_FORMAT or evaluated not in CONTENT_FORMAT:
         return None
     (content, form), (c, f) = CONTENT_FORMAT[trained], CONTENT_FORMAT[evaluated]
@@ -930,8 +933,8 @@ def relation(trained: str, evaluated: str) -> str | None:
 
 
 def forgetting_by_relation(pairs) -> dict:
-    """{relation: [forgetting per seed]}: the mean forgetting (minus the change) over the pairs
-    of each relation, a task with itself left out; {} unless every pair has a relation."""
+    """{relation: {seed: forgetting}}: the mean forgetting (minus the change) over the pairs of
+    each relation, a task with itself left out; {} unless every pair has a relation."""
     others = [p for p in pairs if p[0] != p[1]]
     if not others or any(relation(a, b) is None for a, b, _, _ in others):
         return {}
@@ -939,32 +942,40 @@ def forgetting_by_relation(pairs) -> dict:
     out = {}
     for rel in RELATIONS:
         group = [p for p in others if relation(p[0], p[1]) == rel]
-        if group:
-            out[rel] = [-sum(p[3][s] for p in group) / len(group) for s in seeds]
+        if group and seeds:
+            out[rel] = {s: -sum(p[3][s] for p in group) / len(group) for s in seeds}
     return out
 
 
-def relation_table(results, distances) -> str:
+def paired_by_seed(a: dict, b: dict) -> dict:
+    """paired_difference of two {seed: value} on the seeds they share."""
+    seeds = sorted(set(a) & set(b))
+    return paired_difference([a[s] for s in seeds], [b[s] for s in seeds])
+
+
+def relation_table(results, distances, baseline="grpo") -> str:
     """The ladder's reading: per method, the forgetting of the sets that share a trained
     family's content, its format, both or neither, and the partly related ones' excess over the
-    unrelated ones [95% interval over seeds]; then each method against the first, per relation.
-    Empty outside the trace lab."""
-    methods = [m for m in results["runs"] if finished_runs(results, m)]
-    got = {m: forgetting_by_relation(ood_pairs(results, distances, m)) for m in methods}
-    if not methods or not got[methods[0]]:
+    unrelated ones [95% interval over seeds]; then each method against `baseline`, per relation,
+    paired on their shared seeds. Empty when a set is not one of the lab's families."""
+    got = {m: forgetting_by_relation(ood_pairs(results, distances, m))
+           for m in results["runs"] if finished_runs(results, m)}
+    got = {m: g for m, g in got.items() if g}
+    if not got:
         return ""
-    rels = [r for r in RELATIONS if r in got[methods[0]]]
+    rels = [r for r in RELATIONS if all(r in g for g in got.values())]
     lines = ["| method | " + " | ".join(f"forgetting, shares {r}" for r in rels)
              + " | content − neither | format − neither |", "|" + "---|" * (len(rels) + 3)]
-    for m in methods:
-        cells = [f"{100 * mean_std(got[m][r])[0]:+.1f}" for r in rels]
-        cells += [interval_text(paired_difference(got[m][r], got[m]["neither"]), 100)
-                  if r in got[m] and "neither" in got[m] else "n/a" for r in ("content", "format")]
+    for m, g in got.items():
+        cells = [f"{100 * mean_std(list(g[r].values()))[0]:+.1f}" for r in rels]
+        cells += [interval_text(paired_by_seed(g[r], g["neither"]), 100)
+                  if r in g and "neither" in g else "n/a" for r in ("content", "format")]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    for m in methods[1:]:
-        base = methods[0]
-        cells = [interval_text(paired_difference(got[m][r], got[base][r]), 100) for r in rels]
-        lines.append(f"| {m} − {base} | " + " | ".join(cells) + " | | |")
+    for m in got:
+        if m != baseline and baseline in got:
+            cells = [interval_text(paired_by_seed(got[m][r], got[baseline][r]), 100)
+                     for r in rels]
+            lines.append(f"| {m} − {baseline} | " + " | ".join(cells) + " | | |")
     return "\n".join(lines)
 
 
@@ -1026,11 +1037,11 @@ def write_report(results, out: Path, finding=None, baselines=("grpo",)) -> str:
                       "the pairs of a task with itself left out, and the intermediate tercile's "
                       "excess over the others with its 95% interval over seeds (a peak: above "
                       "both, beyond noise):", "", ood_table(results, distances), ""]
-            if relation_table(results, distances):
+            if relation_table(results, distances, baselines[0]):
                 parts += ["The same pairs by what the evaluated set shares with the trained "
                           "family (the ladder: its content, its format, both or neither), "
                           "forgetting in points, mean over seeds [95% interval over seeds]:", "",
-                          relation_table(results, distances), ""]
+                          relation_table(results, distances, baselines[0]), ""]
         if finding["name"] == "drift" and matched_gain_table(results):
             parts += ["Drift at matched in-domain gain: each run's drift where its gain on the "
                       "stage's own task first reaches g*, the smallest final stage gain of any "

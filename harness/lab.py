@@ -53,7 +53,8 @@ class LabRecipe:
     or the habit): the self-teacher then uses a demonstration as an instruction-tuned LLM does,
     often but not always. `ladder_fraction` of the rows come from the lab's ladder probes (the
     crosses of one family's content with another's wrapper, all of them together), the rest from
-    its other families, each family of a part equally likely."""
+    its other families, each family of a part equally likely. The defaults are no lab's own
+    recipe: start from LABS[lab].recipe (dataclasses.replace) to vary one."""
     lab: str = "lab"
     steps: int = 2000
     batch_size: int = 64
@@ -186,18 +187,22 @@ def make_lab_task(name: str, lab: str = "lab", n_train: int = 2000, n_test: int 
                 well_formed=lambda completion, _: form.fullmatch(completion.strip()) is not None)
 
 
-def pretraining_batch(tokenizer, parts, rng, recipe):
+def pretraining_batch(tokenizer, mixture, ladder, rng, recipe):
     """A right-padded batch of (chat prompt, target + EOS); loss only on the target tokens.
-    parts: (families, their tasks) of the lab's other families, then of its ladder (empty
-    without one). A batch is either all plain or all re-prompt format: mixing them would pad
-    every short row to the long re-prompt length and double the cost of a step."""
+    mixture: (families, their tasks) of the lab's families but the held-out ones and the
+    ladder; ladder: the same for the ladder's probes (two empty lists without one), from which
+    `recipe.ladder_fraction` of the rows come. A batch is either all plain or all re-prompt
+    format: mixing them would pad every short row to the long re-prompt length and double the
+    cost of a step."""
     rows = []
     reprompt = rng.random() < recipe.reprompt_fraction
     cfg = Config()                                     # the official teacher templates
     for _ in range(recipe.batch_size):
-        # no draw without a ladder: the shipped lab-short base was made from this random stream
-        families, tasks = parts[1] if parts[1][0] and rng.random() < recipe.ladder_fraction \
-            else parts[0]
+        # no draw without a ladder: the shipped lab-short base (and trace-1, the lab's base
+        # before the ladder) was made from this random stream
+        use_ladder = recipe.ladder_fraction > 0 and ladder[0] and (
+            rng.random() < recipe.ladder_fraction)
+        families, tasks = ladder if use_ladder else mixture
         k = rng.randrange(len(tasks))
         family, ex = families[k], tasks[k].train[rng.randrange(len(tasks[k].train))]
         prompt = ex["prompt"]
@@ -223,9 +228,10 @@ def pretrain_lab_base(recipe: LabRecipe, verbose: bool = True):
     rounds differently and gets a slightly different model, which is why the default bases are
     shipped as files."""
     spec = LABS[recipe.lab]
-    names = [[n for n in spec.families if n not in spec.held_out + spec.ladder], spec.ladder]
-    parts = [([spec.families[n] for n in part], [make_lab_task(n, recipe.lab) for n in part])
-             for part in names]
+    mixture, ladder = [
+        ([spec.families[n] for n in names], [make_lab_task(n, recipe.lab) for n in names])
+        for names in ([n for n in spec.families if n not in spec.held_out + spec.ladder],
+                      spec.ladder)]
     tokenizer = build_lab_tokenizer(recipe.lab)
     model = build_lab_model(tokenizer, recipe.seed)
     rng = random.Random(recipe.seed)
@@ -237,7 +243,7 @@ def pretrain_lab_base(recipe: LabRecipe, verbose: bool = True):
     bar = tqdm(range(recipe.steps), desc=f"pre-training a {recipe.lab} base model",
                disable=None if verbose else True)
     for _ in bar:
-        ids, labels, attn = pretraining_batch(tokenizer, parts, rng, recipe)
+        ids, labels, attn = pretraining_batch(tokenizer, mixture, ladder, rng, recipe)
         loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
         opt.zero_grad()
         loss.backward()

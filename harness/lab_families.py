@@ -200,6 +200,38 @@ WRAPPERS = {"math": BOXED, "science": ANSWER, "tool": "send(", "code": FENCE}
 SUM_TRACE = r"(\d+\+\d+=\d+,){2}\d+\+\d+=\d+"
 
 
+# what a well-formed answer is: the content family's trace, then its final answer in a wrapper
+CLOSE = {"math": "}", "science": END_ANSWER, "tool": ")", "code": FENCE}   # each wrapper's end
+TRACE_FORM = {"math": SUM_TRACE, "science": r"(\d (even|odd),){3}\d (even|odd)",
+              "tool": r"(\w\w=\w+,){2}\w\w=\w+", "code": r"(\d[a-h],){3,4}\d[a-h]"}
+INNER_FORM = {"math": r"\d+", "science": r"\d", "tool": r"\w+,\w+,\w+", "code": r"[a-h]+"}
+
+
+def answer_form(content: str, wrapper: str) -> str:
+    """The regex of a well-formed answer: `content`'s trace and final answer, in `wrapper`'s
+    wrapper."""
+    return (TRACE_FORM[content] + " " + re.escape(WRAPPERS[wrapper]) + INNER_FORM[content]
+            + re.escape(CLOSE[wrapper]))
+
+
+TRACES = {
+    "math": Family(make_math, solve_math, final_is(boxed_answer), answer_form("math", "math"), 36),
+    "science": Family(make_science, solve_science, final_is(tagged_answer),
+                      answer_form("science", "science"), 36),
+    "tool": Family(make_tool, solve_tool, final_is(called_answer), answer_form("tool", "tool"), 40),
+    "code": Family(make_code, solve_code, final_is(lambda c: last_wrapped(c, FENCE, FENCE)),
+                   answer_form("code", "code"), 32),
+    "mcq_math": Family(make_mcq_math, solve_mcq_math, final_is(tagged_answer),
+                       answer_form("math", "science"), 36),
+    "math_words": Family(make_math_words, solve_math, final_is(boxed_answer),
+                         answer_form("math", "math"), 36),
+    "math_cot": Family(make_math_cot, solve_math_cot, final_is(boxed_answer),
+                       r"<think>" + SUM_TRACE + r"</think> \\boxed\{\d+\}", 40),
+    "math_hard": Family(make_math_hard, solve_math, final_is(boxed_answer),
+                        answer_form("math", "math"), 36),
+}
+
+
 # --- the ladder: one family's content in another family's wrapper ------------------------------
 # For the ood finding every trained family needs evaluation sets that share its content but not
 # its format, and its format but not its content. A cross (content, wrapper) asks the content
@@ -208,18 +240,15 @@ SUM_TRACE = r"(\d+\+\d+=\d+,){2}\d+\+\d+=\d+"
 # "``` 1+2+3+4=" -> "1+2=3,3+3=6,6+4=10 ```10```". The base is pre-trained on the crosses (a probe
 # it never saw would sit at the floor), as on mcq_math.
 
-CLOSE = {"math": "}", "science": END_ANSWER, "tool": ")", "code": FENCE}   # each wrapper's end
-TRACE_FORM = {"math": SUM_TRACE, "science": r"(\d (even|odd),){3}\d (even|odd)",
-              "tool": r"(\w\w=\w+,){2}\w\w=\w+", "code": r"(\d[a-h],){3,4}\d[a-h]"}
-INNER_FORM = {"math": r"\d+", "science": r"\d", "tool": r"\w+,\w+,\w+", "code": r"[a-h]+"}
-WRAPPER_NAME = {"math": "boxed", "science": "tagged", "tool": "called", "code": "fenced"}
-
-
 def cross(content: str, wrapper: str) -> Family:
     """The family of `content`'s rows answered in `wrapper`'s wrapper; the reward reads the final
     answer inside that wrapper, as the wrapper family's own reward does."""
     base = TRACES[content]
     start, end = WRAPPERS[wrapper], CLOSE[wrapper]
+
+    def rewrap(solution):                 # "<trace> <content's wrapper>x<end>" -> other wrapper
+        trace, _ = solution.rsplit(" ", 1)
+        return f"{trace} {start}{last_wrapped(solution, WRAPPERS[content], CLOSE[content])}{end}"
 
     def make(rng):
         row = base.make(rng)
@@ -227,35 +256,15 @@ def cross(content: str, wrapper: str) -> Family:
         return dict(row, prompt=f"{start} {row['prompt']}", final=inner,
                     answer=rewrap(row["answer"]))
 
-    def rewrap(solution):                 # "<trace> <content's wrapper>x<end>" -> other wrapper
-        trace, _ = solution.rsplit(" ", 1)
-        return f"{trace} {start}{last_wrapped(solution, WRAPPERS[content], CLOSE[content])}{end}"
-
     return Family(make, lambda row, rng, slip: rewrap(base.solve(row, rng, slip)),
-                  final_is(lambda c: last_wrapped(c, start, end)),
-                  TRACE_FORM[content] + " " + re.escape(start) + INNER_FORM[content]
-                  + re.escape(end), base.max_new_tokens + 2)
-TRACES = {
-    "math": Family(make_math, solve_math, final_is(boxed_answer), SUM_TRACE + r" \\boxed\{\d+\}",
-                   36),
-    "science": Family(make_science, solve_science, final_is(tagged_answer),
-                      r"(\d (even|odd),){3}\d (even|odd) <answer>\d</answer>", 36),
-    "tool": Family(make_tool, solve_tool, final_is(called_answer),
-                   r"(\w\w=\w+,){2}\w\w=\w+ send\(\w+,\w+,\w+\)", 40),
-    "code": Family(make_code, solve_code, final_is(lambda c: last_wrapped(c, FENCE, FENCE)),
-                   r"(\d[a-h],){3,4}\d[a-h] ```[a-h]+```", 32),
-    "mcq_math": Family(make_mcq_math, solve_mcq_math, final_is(tagged_answer),
-                       SUM_TRACE + r" <answer>\d+</answer>", 36),
-    "math_words": Family(make_math_words, solve_math, final_is(boxed_answer),
-                         SUM_TRACE + r" \\boxed\{\d+\}", 36),
-    "math_cot": Family(make_math_cot, solve_math_cot, final_is(boxed_answer),
-                       r"<think>" + SUM_TRACE + r"</think> \\boxed\{\d+\}", 40),
-    "math_hard": Family(make_math_hard, solve_math, final_is(boxed_answer),
-                        SUM_TRACE + r" \\boxed\{\d+\}", 36),
-}
+                  final_is(lambda c: last_wrapped(c, start, end)), answer_form(content, wrapper),
+                  base.max_new_tokens + 2)
+
+
 # each trained family's content in the next family's wrapper and the next one's content in its
 # own, round the sequence: every family has two probes of its content and two of its format
 SEQUENCE = ("math", "science", "tool", "code")
+WRAPPER_NAME = {"math": "boxed", "science": "tagged", "tool": "called", "code": "fenced"}
 CROSSES = {f"{c}_{WRAPPER_NAME[w]}": (c, w) for a, b in zip(SEQUENCE, SEQUENCE[1:] + SEQUENCE[:1])
            for c, w in ((a, b), (b, a))}
 LADDER = tuple(CROSSES)

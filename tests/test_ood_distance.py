@@ -86,6 +86,17 @@ def test_forgetting_by_relation_averages_the_pairs_of_each_relation_per_seed():
              ("math", "tool", 0.6, {"0": 0.0, "1": 0.1})]             # neither
     got = ef.forgetting_by_relation(pairs)
     assert set(got) == {"both", "content", "neither"}
-    assert got["both"] == pytest.approx([-0.3, -0.2])
-    assert got["content"] == pytest.approx([0.2, 0.1])
-    assert got["neither"] == pytest.approx([0.0, -0.1])
+    assert got["both"] == pytest.approx({"0": -0.3, "1": -0.2})
+    assert got["content"] == pytest.approx({"0": 0.2, "1": 0.1})
+    assert got["neither"] == pytest.approx({"0": 0.0, "1": -0.1})
+
+
+def test_methods_are_compared_per_relation_on_the_seeds_both_finished():
+    """sdpo finished seeds 0 and 2 only: its seed 2 pairs with grpo's seed 2, not its seed 1."""
+    run = lambda change: {"R": [[0.5, 0.5], [0.5 + change, 0.5]]}           # noqa: E731
+    results = {"tasks": ["math", "tool"], "trained": [1], "runs": {
+        "grpo": {"0": run(-0.1), "1": run(-0.5), "2": run(-0.2)},
+        "sdpo": {"0": run(-0.2), "2": run(-0.4), "1": {"R": [[0.5, 0.5]]}}}}
+    distances = {"tool": {"math": 0.8, "tool": 0.0}}
+    table = ef.relation_table(results, distances, "grpo")
+    assert "| sdpo − grpo | +15.0 [" in table                        # (10 + 20) / 2 points
