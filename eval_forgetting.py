@@ -1281,21 +1281,24 @@ def write_plots(results, out: Path) -> list:
 
 def ood_plot(results, distances, out: Path) -> Path:
     """ood.png: every pair's change in accuracy against its MMD, mean ± std over seeds, one
-    colour per method (the paper's forgetting_curve.jpg against mmd_rbf.jpg)."""
+    colour per method (the paper's forgetting_curve.jpg against mmd_rbf.jpg), one marker per
+    relation of the ladder (a circle where it is unknown)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    marker = {"both": "o", "content": "o", "format": "s", "neither": "^", None: "o"}
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for i, method in enumerate(m for m in results["runs"] if finished_runs(results, m)):
         for n, (a, b, d, change) in enumerate(ood_pairs(results, distances, method)):
             m, sd = mean_std([100 * v for v in change.values()])
-            ax.errorbar(d, m, yerr=sd, fmt="o" if a != b else "*", ms=4 if a != b else 8,
-                        color=f"C{i}", alpha=0.8, label=None if n else method)
+            ax.errorbar(d, m, yerr=sd, fmt="*" if a == b else marker[relation(a, b)],
+                        ms=8 if a == b else 4, color=f"C{i}", alpha=0.8,
+                        label=None if n else method)
     ax.axhline(0, color="grey", lw=1)
     ax.set_xlabel("MMD (RBF) between training and evaluation set (base model)")
     ax.set_ylabel("change during the stage (points)")
-    ax.set_title("gain (> 0) and forgetting (< 0) of every pair; * a task with itself",
-                 fontsize=9)
+    ax.set_title("gain (> 0) and forgetting (< 0) of every pair\n* a task with itself, "
+                 "o shares its content, s only its format, ^ neither", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "ood.png", dpi=90)
