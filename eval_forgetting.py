@@ -875,6 +875,11 @@ def ood_pairs(results, distances, method) -> list:
 BINS = ("near", "intermediate", "far")
 
 
+def shared_seeds(pairs) -> list:
+    """The seeds every pair has a change for (the runs of the method that finished)."""
+    return sorted(set.intersection(*(set(p[3]) for p in pairs))) if pairs else []
+
+
 def ood_peak(pairs) -> dict:
     """The paper's reading tested: the pairs other than a task with itself split into distance
     terciles; per seed, the forgetting (minus the change) in each; a peak at intermediate
@@ -884,7 +889,7 @@ def ood_peak(pairs) -> dict:
     none = paired_difference([], [])
     if len(others) < len(BINS):
         return {"bins": {}, "above_near": none, "above_far": none}
-    seeds = sorted(set.intersection(*(set(p[3]) for p in others)))
+    seeds = shared_seeds(others)
     if not seeds:                                     # no run of the method has finished yet
         return {"bins": {}, "above_near": none, "above_far": none}
     cut = [round(len(others) * i / 3) for i in range(4)]
@@ -938,7 +943,7 @@ def forgetting_by_relation(pairs) -> dict:
     others = [p for p in pairs if p[0] != p[1]]
     if not others or any(relation(a, b) is None for a, b, _, _ in others):
         return {}
-    seeds = sorted(set.intersection(*(set(p[3]) for p in others)))
+    seeds = shared_seeds(others)
     out = {}
     for rel in RELATIONS:
         group = [p for p in others if relation(p[0], p[1]) == rel]
@@ -1037,11 +1042,12 @@ def write_report(results, out: Path, finding=None, baselines=("grpo",)) -> str:
                       "the pairs of a task with itself left out, and the intermediate tercile's "
                       "excess over the others with its 95% interval over seeds (a peak: above "
                       "both, beyond noise):", "", ood_table(results, distances), ""]
-            if relation_table(results, distances, baselines[0]):
+            by_relation = relation_table(results, distances, baselines[0])
+            if by_relation:
                 parts += ["The same pairs by what the evaluated set shares with the trained "
                           "family (the ladder: its content, its format, both or neither), "
                           "forgetting in points, mean over seeds [95% interval over seeds]:", "",
-                          relation_table(results, distances, baselines[0]), ""]
+                          by_relation, ""]
         if finding["name"] == "drift" and matched_gain_table(results):
             parts += ["Drift at matched in-domain gain: each run's drift where its gain on the "
                       "stage's own task first reaches g*, the smallest final stage gain of any "

@@ -228,10 +228,12 @@ def pretrain_lab_base(recipe: LabRecipe, verbose: bool = True):
     rounds differently and gets a slightly different model, which is why the default bases are
     shipped as files."""
     spec = LABS[recipe.lab]
-    mixture, ladder = [
-        ([spec.families[n] for n in names], [make_lab_task(n, recipe.lab) for n in names])
-        for names in ([n for n in spec.families if n not in spec.held_out + spec.ladder],
-                      spec.ladder)]
+
+    def part(names):                                   # (families, their tasks)
+        return [spec.families[n] for n in names], [make_lab_task(n, recipe.lab) for n in names]
+
+    mixture = part([n for n in spec.families if n not in spec.held_out + spec.ladder])
+    ladder = part(spec.ladder)
     tokenizer = build_lab_tokenizer(recipe.lab)
     model = build_lab_model(tokenizer, recipe.seed)
     rng = random.Random(recipe.seed)
