@@ -25,7 +25,7 @@ from pathlib import Path
 
 import eval_forgetting as ef
 import sdpo_cl as sc
-from harness import data, lab, lora, models, runs, verl
+from harness import data, lab, lora, models, runs, sandbox, verl
 
 
 def quarter_of_the_batch(settings):
@@ -358,6 +358,17 @@ def check_memory_options(configs, device, model=None):
                                   "installed: pip install bitsandbytes") from None
 
 
+def check_code_isolation(tasks):
+    """A task whose reward runs model-written programs needs the OS sandbox: tried once, here,
+    before the base evaluation, and refused with one message unless the user opted out (the
+    reward would otherwise fail mid-run, at its first program)."""
+    if any(data.runs_programs(t) for t in tasks) and not os.environ.get(
+            sandbox.ALLOW_UNISOLATED) == "1":
+        reason = sandbox.isolation_available()
+        if reason:
+            raise ValueError(sandbox.refusal(reason))
+
+
 def plan_run(args) -> RunPlan | None:
     """Every check that can fail, before any training and any write: flags, settings, tasks,
     the model, prompt lengths. Returns what the run needs, or None after --print-verl or
@@ -382,6 +393,7 @@ def plan_run(args) -> RunPlan | None:
         verl.print_verl(methods, configs, names, steps, args.model, args.export_verl_data)
     if args.print_verl or args.export_verl_data:
         return None
+    check_code_isolation(tasks + probes)
     device = models.resolve_device(args.device, args.model)
     check_memory_options(configs.values(), device)
     base, tokenizer = load_policy(args.model, device, args.lab_steps)

@@ -618,6 +618,12 @@ def check_official_answer(where, kind, row):
             raise ValueError(f"{where}: a code row {problem}")
 
 
+def runs_programs(task) -> bool:
+    """Whether the task's reward runs model-written programs: rows of kind code."""
+    return any("kind" in rows[0] and "code" in [row["kind"] for row in rows]
+               for rows in (task.train, task.test) if len(rows))
+
+
 def load_official_task(folder) -> Task:
     """A task in the official SDPO data layout: a folder with train.json and test.json."""
     folder = Path(folder)

@@ -101,12 +101,16 @@ def write(path, text):
         f.write(text)
 
 
-def map_ids():
-    # A user namespace where this process keeps its own (non-root) ids: files of other users
-    # stay foreign to it, and its capabilities end at exec.
+def new_namespaces():
+    """Unshare every namespace, then map this process's own (non-root) ids in the new user
+    namespace: files of other users stay foreign to it, and its capabilities end at exec. The
+    ids are read BEFORE the unshare: after it, getuid() answers the overflow id (65534) until a
+    map is written, and the kernel refuses to map an id the writer does not own."""
+    uid, gid = os.getuid(), os.getgid()
+    ok(libc.unshare(NEWUSER | NEWNS | NEWPID | NEWNET | NEWIPC | NEWUTS), "unshare")
     write("/proc/self/setgroups", "deny")
-    write("/proc/self/uid_map", f"{os.getuid()} {os.getuid()} 1")
-    write("/proc/self/gid_map", f"{os.getgid()} {os.getgid()} 1")
+    write("/proc/self/uid_map", f"{uid} {uid} 1")
+    write("/proc/self/gid_map", f"{gid} {gid} 1")
 
 
 def mounts():
@@ -179,11 +183,9 @@ if os.geteuid() == 0:
     os.setresgid(cfg["nobody"], cfg["nobody"], cfg["nobody"])
     os.setresuid(cfg["nobody"], cfg["nobody"], cfg["nobody"])
     ok(libc.prctl(DUMPABLE, 1, 0, 0, 0), "prctl")   # so /proc/self/uid_map is ours to write
-    ok(libc.unshare(NEWUSER | NEWNS | NEWPID | NEWNET | NEWIPC | NEWUTS), "unshare")
-    map_ids()
+    new_namespaces()
 else:
-    ok(libc.unshare(NEWUSER | NEWNS | NEWPID | NEWNET | NEWIPC | NEWUTS), "unshare")
-    map_ids()
+    new_namespaces()
     build_view(None)
 os.chdir("/tmp")
 
@@ -818,17 +820,55 @@ def isolation_available() -> str | None:
     return _isolation_reason
 
 
+def _setting(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def how_to_isolate() -> str:
+    """What the user can change so that the sandbox starts here, read from the kernel's own
+    settings (docs/sandbox.md has each common setup)."""
+    if not sys.platform.startswith("linux"):
+        return ("User namespaces exist on Linux only: run the trainer in a Linux virtual "
+                "machine, or in a Linux container that may create namespaces (as root).")
+    for path, value, change in (
+            ("/proc/sys/kernel/apparmor_restrict_unprivileged_userns", "1",
+             "Ubuntu (23.10 and later) lets AppArmor refuse user namespaces to ordinary "
+             "users: allow them with `sudo sysctl -w kernel.apparmor_restrict_unprivileged_userns"
+             "=0` (a file in /etc/sysctl.d keeps it), or run the trainer as root"),
+            ("/proc/sys/kernel/unprivileged_userns_clone", "0",
+             "this kernel refuses user namespaces to ordinary users: `sudo sysctl -w "
+             "kernel.unprivileged_userns_clone=1`, or run the trainer as root"),
+            ("/proc/sys/user/max_user_namespaces", "0",
+             "user namespaces are switched off: `sudo sysctl -w user.max_user_namespaces=15000`")):
+        if _setting(path) == value:
+            return change[0].upper() + change[1:] + "."
+    return ("The kernel allows user namespaces, so a container's filter is the likely cause: "
+            "Docker's default seccomp profile refuses the unshare call (`docker run --security-"
+            "opt seccomp=unconfined` lifts it); run where the trainer may create namespaces.")
+
+
+def refusal(reason: str) -> str:
+    """The one message of a refused code reward: what failed, what to change, the opt-out."""
+    return (f"The code reward runs model-written programs only isolated by the operating "
+            f"system, and here it cannot: {reason}. {how_to_isolate()} Or, for code you trust "
+            f"only, pass --allow-unisolated-code ({ALLOW_UNISOLATED}=1): each program then runs "
+            f"in a plain subprocess with resource limits only, and can read and write whatever "
+            f"this user can (docs/sandbox.md).")
+
+
 def _isolated() -> bool:
-    """True to isolate, False to run unisolated (opted in); raises when refused."""
+    """True to isolate, False to run unisolated (opted in); raises when refused (a run refuses
+    before any work: run_sequence.py asks isolation_available first)."""
     global _warned
     reason = isolation_available()
     if reason is None:
         return True
     if os.environ.get(ALLOW_UNISOLATED) != "1":
-        raise RuntimeError(f"The code reward runs model-written code only isolated by the "
-                           f"operating system, and here it cannot: {reason}. To run it anyway "
-                           f"in a plain subprocess with resource limits only, set "
-                           f"{ALLOW_UNISOLATED}=1 (unsafe with untrusted models).")
+        raise RuntimeError(refusal(reason))
     if not _warned:
         warnings.warn(f"{ALLOW_UNISOLATED}=1: model-written code runs NOT isolated ({reason}); "
                       f"it can read and write what the trainer can.", RuntimeWarning)

@@ -123,6 +123,26 @@ def test_a_row_whose_reward_cannot_vary_is_refused_with_its_line(tmp_path, capsy
     assert said in err and "train.json" in err and not (tmp_path / "runs").exists()
 
 
+CODE_ROW = {"prompt": "add", "answer": "-", "kind": "code",
+            "tests": {"inputs": ["1 2\n"], "outputs": ["3\n"], "testtype": "stdin"}}
+
+
+def test_a_run_with_code_where_the_sandbox_cannot_start_is_refused_before_any_work(
+        tmp_path, capsys, monkeypatch):
+    """One message (what failed, what to change, the opt-out and its risk) and exit code 2,
+    before the base evaluation; not a RuntimeError at the first program, mid-run."""
+    from harness import sandbox
+    monkeypatch.delenv(sandbox.ALLOW_UNISOLATED, raising=False)
+    monkeypatch.setattr(sandbox, "_isolation_reason", "user namespaces are disabled here")
+    monkeypatch.setattr(run_sequence.sc, "base_row", lambda *a, **k: pytest.fail("it ran"))
+    folder = official_task(tmp_path, train=[CODE_ROW] * 2, test=[CODE_ROW])
+    err = refused(run_sequence.main, tiny_argv(tasks=folder) + ["--out", str(tmp_path / "runs")],
+                  capsys)
+    assert "cannot: user namespaces are disabled here" in err
+    assert "--allow-unisolated-code" in err and "can read and write whatever" in err
+    assert err.count("error:") == 1 and not (tmp_path / "runs").exists()
+
+
 def test_a_prompt_longer_than_the_context_is_reported_when_the_task_loads(tmp_path, capsys):
     long = [{"prompt": "x" * 2_000, "answer": "A", "kind": "mcq"}]      # 512 positions
     folder = official_task(tmp_path, train=long + [{"prompt": "ok?", "answer": "B",

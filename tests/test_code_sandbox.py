@@ -5,11 +5,14 @@ asserts that it fails. Where this machine cannot isolate, each test asserts the 
 instead, so none passes by skipping."""
 import json
 import os
+import re
 import resource
 import secrets
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import textwrap
 import time
@@ -20,6 +23,7 @@ import pytest
 from harness import data, sandbox
 
 ROOT = Path(__file__).resolve().parents[1]
+VICTIMS = "SDPO_CL_TEST_VICTIMS"     # where victim folders go (an ordinary user's run: its own)
 STDIN = {"inputs": ["1 2\n", "5 7\n"], "outputs": ["3\n", "12\n"], "testtype": "stdin"}
 # Turns the program's Python-level guard off: the allow-list of modules the official code
 # checks imports against lives in the runner's own module, which `sys` reaches.
@@ -33,6 +37,24 @@ GUARD_OFF = ('import sys\n'
              '        tried.append(repr(f()))\n'
              '    except builtins.BaseException as e:\n'
              '        tried.append(builtins.type(e).__name__)\n')
+
+
+# What the kernel lets this user do, checked apart from the sandbox (its own few lines, not the
+# launcher's): new user, mount, pid, network, IPC and UTS namespaces with this user's ids mapped.
+# Where it can, the sandbox must start: a test never passes on the refusal where it should isolate.
+NAMESPACES_PROBE = """
+import ctypes, os
+uid, gid = os.getuid(), os.getgid()
+if ctypes.CDLL(None, use_errno=True).unshare(0x10000000 | 0x20000 | 0x20000000 | 0x40000000
+                                             | 0x8000000 | 0x4000000):
+    raise SystemExit(1)
+for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"),
+                   ("gid_map", f"{gid} {gid} 1")):
+    with open("/proc/self/" + name, "w") as f:
+        f.write(text)
+"""
+KERNEL_ALLOWS = sys.platform.startswith("linux") and subprocess.run(
+    [sys.executable, "-c", NAMESPACES_PROBE], capture_output=True).returncode == 0
 
 
 @pytest.fixture(autouse=True)
@@ -51,7 +73,9 @@ def attack(program, tests=STDIN):
     """The official result of `program`, run isolated; where isolation is not available, the
     refusal (naming the reason and the opt-in) is asserted instead and None returned."""
     r = row(textwrap.dedent(program), tests)
-    if sandbox.isolation_available():
+    reason = sandbox.isolation_available()
+    assert not (reason and KERNEL_ALLOWS), f"the kernel allows namespaces, yet: {reason}"
+    if reason:
         with pytest.raises(RuntimeError, match=sandbox.ALLOW_UNISOLATED):
             data.code_result(r["completion"], r)
         return None
@@ -63,8 +87,9 @@ def victim():
     """A world-writable folder the program can see, with a world-writable file: only the
     sandbox's read-only mounts stand between them and the program. Under the git-ignored
     runs/, as /tmp is hidden from the program."""
-    (ROOT / "runs").mkdir(exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix=".sandbox-victim-", dir=ROOT / "runs"))
+    parent = Path(os.environ.get(VICTIMS, ROOT / "runs"))
+    parent.mkdir(exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=".sandbox-victim-", dir=parent))
     folder.chmod(0o777)
     (folder / "keep.txt").write_text("precious")
     (folder / "keep.txt").chmod(0o666)
@@ -108,7 +133,8 @@ print({l.split(":")[0]: l.split()[1] for l in status.splitlines()
     if result:
         seen = eval(result["records"][0]["actual"])
         assert int(seen["CapEff"], 16) == 0 and int(seen["CapPrm"], 16) == 0
-        assert seen["Uid"] != "0"
+        # root hands the program to nobody; an ordinary user's program runs as that user
+        assert seen["Uid"] == str(sandbox.NOBODY if os.geteuid() == 0 else os.getuid())
 
 
 # ---- (b) forging a pass, finding the expected output -----------------------------------------
@@ -436,3 +462,31 @@ def test_the_opt_in_runs_unisolated_with_a_warning(monkeypatch):
     r = row("a, b = map(int, input().split())\nprint(a + b)")
     with pytest.warns(RuntimeWarning, match="NOT isolated"):
         assert data.code_reward(r["completion"], r) == 1.0
+
+
+# ---- (i) both paths on every suite run ---------------------------------------------------------
+
+ORDINARY_UID = 4242     # not 65534: that id would hide a map written with the overflow id
+
+
+def test_every_attack_also_fails_for_an_ordinary_user():
+    """The launcher's non-root path (a researcher on a workstation): run as root, this file runs
+    again in a child that has become an ordinary user (tests/unprivileged.py); run as an
+    ordinary user, the tests above already took that path, so this one checks that they did."""
+    if os.geteuid() != 0:
+        assert sandbox.isolation_available() is None or not KERNEL_ALLOWS
+        return
+    (ROOT / "runs").mkdir(exist_ok=True)     # victims where the program sees them, not /tmp
+    victims = Path(tempfile.mkdtemp(prefix=".sandbox-ordinary-", dir=ROOT / "runs"))
+    victims.chmod(0o777)                    # the child's own folder to make victims in
+    try:
+        nested = subprocess.run(
+            [sys.executable, str(ROOT / "tests" / "unprivileged.py"), str(ORDINARY_UID), "--",
+             sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+             "not ordinary_user"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+            env={**os.environ, VICTIMS: str(victims)})
+    finally:
+        shutil.rmtree(victims)
+    tail = nested.stdout[-3000:] + nested.stderr[-2000:]
+    assert nested.returncode == 0, tail
+    assert re.search(r"\b\d{2} passed", tail) and "skipped" not in tail, tail
