@@ -25,7 +25,10 @@ from pathlib import Path
 
 import eval_forgetting as ef
 import sdpo_cl as sc
-from harness import data, lab, lora, models, runs, sandbox, verl
+from harness import data, lab, lab_families, lora, measures, models, runs, sandbox, verl
+from harness.lab_families import LADDER
+from harness.loading import load_policy, load_task
+from harness.measures import Measures
 
 
 def quarter_of_the_batch(settings):
@@ -44,76 +47,135 @@ def ten_times_the_rate(settings):
     return 10 * settings["lr"]
 
 
-# The methods of the paper and its variants: the Config values each one fixes (a function of the
-# other settings where the official value is relative).
+class Method:
+    """A method of the comparison: what it is (its --help line; the README lists the same
+    names) and the Config values it fixes, each a value or a function of the run's other
+    settings where the official value is relative."""
+
+    def __init__(self, help: str, **fixed):
+        self.help, self.fixed = help, fixed
+
+
+# The methods of the paper, its variants, remedies and reference points: a new method is one
+# entry here (and a line in the README's list).
 METHODS = {
-    "grpo": dict(loss_mode="grpo", ppo_mini_batch_size=quarter_of_the_batch),
-    "grpo_one_step": dict(loss_mode="grpo", ppo_mini_batch_size=0),   # SDPO's number of steps
-    "sdpo": dict(loss_mode="sdpo"),                                    # official: EMA at 5%
-    "sdpo_frozen": dict(loss_mode="sdpo", teacher_update_rate=0.0),    # SDPO_0, a run per stage
-    "sdpo_frozen_base": dict(loss_mode="sdpo", teacher_update_rate=0.0,  # SDPO_0 read as
-                             reset_teacher_each_task=False),           # teacher_path=<base>
-    "sdpo_ema01": dict(loss_mode="sdpo", teacher_update_rate=0.01),    # the paper's EMA sweep
-    "sdpo_ema02": dict(loss_mode="sdpo", teacher_update_rate=0.02),
-    "stable_sdpo": dict(loss_mode="sdpo", teacher_update_rate=0.4,     # restart-and-freeze:
-                        teacher_update_every=10),   # 40% every 10 batches (1 - 0.95^10 = 0.40)
-    "sdpo_live": dict(loss_mode="sdpo", teacher_regularization="live"),
-    "sdpo_trust_region": dict(loss_mode="sdpo", teacher_regularization="trust-region"),
-    "sdpo_mask50": dict(loss_mode="sdpo", mask_ratio=0.5),             # less dense supervision
-    "hybrid": dict(loss_mode="sdpo", distillation_weight=0.5),         # (GRPO + SDPO) / 2
-    "sdpo_ema50": dict(loss_mode="sdpo", teacher_update_rate=0.5),     # a fast-moving teacher
-    "sdpo_frozen_answer": dict(loss_mode="sdpo", teacher_update_rate=0.0,
-                               distill_scope="final_answer"),          # no chain of thought
-    "sdpo_frozen_cot": dict(loss_mode="sdpo", teacher_update_rate=0.0,  # the paper's SDPO_0^CoT
-                            remove_thinking_from_demonstration=False),
+    "grpo": Method("GRPO, the paper's baseline (no std normalisation, clip 0.2/0.28, no KL, "
+                   "four optimizer steps per rollout batch)",
+                   loss_mode="grpo", ppo_mini_batch_size=quarter_of_the_batch),
+    "grpo_one_step": Method("GRPO with one optimizer step per rollout batch, as SDPO takes (the "
+                            "paper's baseline takes four)", loss_mode="grpo",
+                            ppo_mini_batch_size=0),
+    "sdpo": Method("SDPO with the official defaults (EMA teacher, rate 0.05: the paper's "
+                   "SDPO_5%), re-created at each stage", loss_mode="sdpo"),
+    "sdpo_frozen": Method("SDPO with its teacher frozen at each stage's start (the paper's "
+                          "SDPO_0 as a verl run per stage with rate 0)",
+                          loss_mode="sdpo", teacher_update_rate=0.0),
+    "sdpo_frozen_base": Method("SDPO with its teacher frozen at the base model through every "
+                               "stage (SDPO_0 read as verl's teacher_path=<base>)",
+                               loss_mode="sdpo", teacher_update_rate=0.0,
+                               reset_teacher_each_task=False),
+    "sdpo_ema01": Method("SDPO with an EMA teacher at rate 0.01 (the paper's sweep: 0, 1, 2, 5%)",
+                         loss_mode="sdpo", teacher_update_rate=0.01),
+    "sdpo_ema02": Method("SDPO with an EMA teacher at rate 0.02", loss_mode="sdpo",
+                         teacher_update_rate=0.02),
+    "stable_sdpo": Method("the paper's StableSDPO as read here: the teacher frozen, and every 10 "
+                          "batches moved 40% of the way to the student (restart-and-freeze, "
+                          "gamma 40%: 1 - 0.95^10)", loss_mode="sdpo", teacher_update_rate=0.4,
+                          teacher_update_every=10),
+    "sdpo_live": Method("SDPO whose teacher is the current student (no_grad)", loss_mode="sdpo",
+                        teacher_regularization="live"),
+    "sdpo_trust_region": Method("SDPO with the trust-region teacher (logit lerp, rate 0.05)",
+                                loss_mode="sdpo", teacher_regularization="trust-region"),
+    "sdpo_mask50": Method("SDPO dropping 50% of distilled tokens at random (less dense "
+                          "supervision)", loss_mode="sdpo", mask_ratio=0.5),
+    "hybrid": Method("0.5 GRPO + 0.5 SDPO (distillation_weight=0.5)", loss_mode="sdpo",
+                     distillation_weight=0.5),
+    "sdpo_ema50": Method("SDPO with a fast-moving EMA teacher (rate 0.5)", loss_mode="sdpo",
+                         teacher_update_rate=0.5),
+    "sdpo_frozen_answer": Method("SDPO_0 distilling the final answer only, not the chain of "
+                                 "thought", loss_mode="sdpo", teacher_update_rate=0.0,
+                                 distill_scope="final_answer"),
+    "sdpo_frozen_cot": Method("SDPO_0 whose teacher sees the demonstration's reasoning too "
+                              "(the paper's SDPO_0^CoT, most likely)", loss_mode="sdpo",
+                              teacher_update_rate=0.0, remove_thinking_from_demonstration=False),
     # remedies and reference points
-    "replay": dict(loss_mode="sdpo", replay_fraction=0.25),
-    "grpo_replay": dict(loss_mode="grpo", ppo_mini_batch_size=quarter_of_the_batch,
-                        replay_fraction=0.25),
-    "sdpo_kl": dict(loss_mode="sdpo", kl_loss_coef=0.1),
-    "sft": dict(loss_mode="sft"),
-    "multitask": dict(loss_mode="sdpo", multitask=True),
-    "grpo_multitask": dict(loss_mode="grpo", ppo_mini_batch_size=quarter_of_the_batch,
-                           multitask=True),
+    "replay": Method("SDPO with 25% of each batch's prompts replayed from earlier tasks",
+                     loss_mode="sdpo", replay_fraction=0.25),
+    "grpo_replay": Method("GRPO with 25% replay", loss_mode="grpo",
+                          ppo_mini_batch_size=quarter_of_the_batch, replay_fraction=0.25),
+    "sdpo_kl": Method("SDPO with a k3 KL anchor to the base model (kl_loss_coef=0.1)",
+                      loss_mode="sdpo", kl_loss_coef=0.1),
+    "sft": Method("supervised fine-tuning on the gold answers, the same steps and prompts (the "
+                  "reference point for forgetting)", loss_mode="sft"),
+    "multitask": Method("SDPO on all tasks of the sequence mixed from the start (the upper "
+                        "bound)", loss_mode="sdpo", multitask=True),
+    "grpo_multitask": Method("GRPO on all tasks mixed from the start", loss_mode="grpo",
+                             ppo_mini_batch_size=quarter_of_the_batch, multitask=True),
     # LoRA (harness/lora.py): a rank-8 adapter on every linear layer, verl's alpha 16
-    "grpo_lora": dict(loss_mode="grpo", ppo_mini_batch_size=quarter_of_the_batch, lora_rank=8,
-                      lr=ten_times_the_rate),
-    "sdpo_lora": dict(loss_mode="sdpo", lora_rank=8, lr=ten_times_the_rate),
+    "grpo_lora": Method("GRPO training a rank-8 LoRA adapter (every linear layer, alpha 16) at "
+                        "ten times the learning rate, the base frozen", loss_mode="grpo",
+                        ppo_mini_batch_size=quarter_of_the_batch, lora_rank=8,
+                        lr=ten_times_the_rate),
+    "sdpo_lora": Method("SDPO (EMA teacher at 0.05, a second adapter) training a rank-8 LoRA "
+                        "adapter at ten times the learning rate", loss_mode="sdpo", lora_rank=8,
+                        lr=ten_times_the_rate),
 }
-METHOD_HELP = {
-    "grpo": "GRPO, the paper's baseline (no std normalisation, clip 0.2/0.28, no KL, four "
-            "optimizer steps per rollout batch)",
-    "grpo_one_step": "GRPO with one optimizer step per rollout batch, as SDPO takes (the paper's "
-                     "baseline takes four)",
-    "sdpo": "SDPO with the official defaults (EMA teacher, rate 0.05: the paper's SDPO_5%%), "
-            "re-created at each stage",
-    "sdpo_frozen": "SDPO with its teacher frozen at each stage's start (the paper's SDPO_0 as a "
-                   "verl run per stage with rate 0)",
-    "sdpo_frozen_base": "SDPO with its teacher frozen at the base model through every stage "
-                        "(SDPO_0 read as verl's teacher_path=<base>)",
-    "sdpo_ema01": "SDPO with an EMA teacher at rate 0.01 (the paper's sweep: 0, 1, 2, 5%%)",
-    "sdpo_ema02": "SDPO with an EMA teacher at rate 0.02",
-    "stable_sdpo": "the paper's StableSDPO as read here: the teacher frozen, and every 10 batches "
-                   "moved 40%% of the way to the student (restart-and-freeze, gamma 40%%)",
-    "sdpo_live": "SDPO whose teacher is the current student (no_grad)",
-    "sdpo_trust_region": "SDPO with the trust-region teacher (logit lerp, rate 0.05)",
-    "sdpo_mask50": "SDPO dropping 50%% of distilled tokens at random (mask_ratio=0.5)",
-    "hybrid": "0.5 GRPO + 0.5 SDPO (distillation_weight=0.5)",
-    "sdpo_ema50": "SDPO with a fast-moving EMA teacher (rate 0.5)",
-    "sdpo_frozen_answer": "SDPO_0 distilling the final answer only, not the chain of thought",
-    "sdpo_frozen_cot": "SDPO_0 whose teacher sees the demonstration's reasoning too "
-                       "(remove_thinking_from_demonstration=False; the paper's SDPO_0^CoT, most "
-                       "likely)",
-    "replay": "SDPO with 25%% of each batch's prompts replayed from earlier tasks",
-    "grpo_replay": "GRPO with 25%% replay",
-    "sdpo_kl": "SDPO with a k3 KL anchor to the base model (kl_loss_coef=0.1)",
-    "sft": "supervised fine-tuning on the gold answers, the same steps and prompts",
-    "multitask": "SDPO on all tasks of the sequence mixed from the start (the upper bound)",
-    "grpo_multitask": "GRPO on all tasks mixed from the start",
-    "grpo_lora": "GRPO training a rank-8 LoRA adapter (every linear layer, alpha 16) at ten "
-                 "times the learning rate, the base frozen",
-    "sdpo_lora": "SDPO (EMA teacher at 0.05, a second adapter) training a rank-8 LoRA adapter at "
-                 "ten times the learning rate",
+
+# Each finding of the paper as one command: the defaults it sets, what the paper reports, and
+# what to look at in the report section it writes.
+FINDINGS = {
+    "teacher-stability": dict(
+        methods="grpo,sdpo_frozen,sdpo_ema01,sdpo_ema02,sdpo,stable_sdpo", tasks="math",
+        probes="math_hard", steps="25", seeds="0,1,2", set=["eval_every=4"],   # 50 x 0.5
+        paper="stable teachers outperform rapidly updated EMA teachers: on a math stage scored "
+              "on held-out math (AIME), base 32.7, frozen teacher 56.4, EMA 5% 34.4, StableSDPO "
+              "55.0, with an EMA sweep 0/1/2/5%",
+        look="accuracy after the stage on the training distribution and on the harder held-out "
+             "probe (math_hard: numbers up to 7, never pre-trained), per teacher, paired "
+             "against the frozen teacher; and the curves every 4 batches",
+        baselines=("grpo", "sdpo_frozen")),
+    "ood": dict(
+        methods="grpo,sdpo", steps="paper", seeds="0,1,2",
+        # 14 evaluation sets: 50 test prompts each, for the 30 minutes on the slow CPU
+        probes=",".join(("mcq_math", "math_words") + LADDER), set=["eval_examples=50"],
+        paper="SDPO improves source-like tasks but hurts partially related domains: across "
+              "evaluation sets, forgetting peaks at intermediate distance (MMD, RBF kernel) "
+              "from the training domain, an inverted U",
+        look="every (trained task, evaluated set) pair's change during the stage against its "
+             "distance (ood.png), the peak at intermediate distance with its interval, and the "
+             "ladder: forgetting of the sets sharing a trained family's content, its format, "
+             "both or neither (the probes cross each family's content with another's wrapper)"),
+    "continual": dict(
+        methods="grpo,sdpo,sdpo_frozen", steps="paper", seeds="0,1,2",
+        paper="SDPO accumulates forgetting across sequential domains; GRPO preserves more",
+        look="forgetting and BWT, their paired differences and intervals"),
+    "drift": dict(
+        methods="grpo,sdpo,sdpo_frozen", probes="", steps="paper", seeds="0,1,2",
+        set=["eval_every=10", "eval_examples=50"],
+        paper="dense supervision causes substantially larger parameter and response drift: "
+              "SDPO's four parameter measures (NSS, the largest principal angle, principal-mask "
+              "overlap and update, every 10 steps) rise while GRPO's stay flat, and its answers "
+              "grow less like the base's",
+        look="the paper's four measures every 10 batches (paper_drift.png), drift at matched "
+             "in-domain gain (the table), and response KL and similarity at stage ends"),
+    "collapse": dict(
+        methods="grpo,sdpo", probes="", steps="paper", seeds="0,1,2",
+        paper="in the tool-use stage of the sequence, SDPO at the official EMA rate 0.05 nearly "
+              "collapsed: a math-format artifact (\\boxed) repeated in tool answers, amplified "
+              "through the teacher-student loop",
+        look="per step through the sequence: the share of answers carrying another family's "
+             "wrapper (leak_<family> in log.jsonl), the share out of the task's format, whether "
+             "the teacher's targets rate those samples' tokens above the student does (a "
+             "positive gap feeds the artifact), the repetition and unfinished rates, and the "
+             "reward"),
+    "cot": dict(
+        methods="grpo,sdpo_frozen,sdpo_frozen_cot,sdpo_frozen_answer", tasks="math_cot",
+        probes="", steps="25", seeds="0,1,2", set=["eval_every=4"],
+        paper="long chains of thought amplify noise: SDPO_0 whose teacher sees the "
+              "demonstration's reasoning (SDPO_0^CoT) drifts most; distilling the chain of "
+              "thought too is not better",
+        look="accuracy during the stage and drift: the teacher with and without the "
+             "demonstration's reasoning, and the whole response against the final answer only"),
 }
 
 DEFAULTS = dict(methods="grpo,sdpo", seeds="0", tasks=",".join(lab.LABS["lab"].sequence),
@@ -125,7 +187,7 @@ def method_config(method, settings, overrides, make_config):
     overridden with another one (--set): that would silently run a different method."""
     run_cfg = make_config(**settings)
     fixed = {}
-    for key, value in METHODS[method].items():
+    for key, value in METHODS[method].fixed.items():
         value = value(dataclasses.asdict(run_cfg)) if callable(value) else value
         if key in overrides and overrides[key] != value:
             raise ValueError(f"--set {key}={overrides[key]!r} conflicts with the method "
@@ -172,13 +234,13 @@ def parse_sets(pairs):
 def build_parser():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split(
         "\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--finding", choices=list(ef.FINDINGS), help="run the preset that checks one "
+    ap.add_argument("--finding", choices=list(FINDINGS), help="run the preset that checks one "
                     "finding of the paper (methods, tasks, steps, seeds, evaluation schedule; "
                     "flags given too win) and write its report section: " + "; ".join(
                         f"{k}: the paper: {v['paper']}. Look at {v['look']}".replace("%", "%%")
-                        for k, v in ef.FINDINGS.items()))
+                        for k, v in FINDINGS.items()))
     ap.add_argument("--methods", help="comma-separated (default grpo,sdpo), from: " + "; ".join(
-        f"{k}: {v}" for k, v in METHOD_HELP.items()))
+        f"{k}: {v.help}" for k, v in METHODS.items()).replace("%", "%%"))
     ap.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2 (default 0)")
     ap.add_argument("--tasks", help="the training sequence, in order (default "
                     f"{','.join(lab.LABS['lab'].sequence)}): lab families, gsm8k, or folders in "
@@ -222,42 +284,6 @@ def build_parser():
                     "split as the parquet files verl reads (DIR/<task>/{train,test}.parquet), "
                     "then exit; with --print-verl the commands point to them")
     return ap
-
-
-def load_task(name: str, model: str = "lab") -> sc.Task:
-    """A task by name: a family of the lab `model` runs on (the trace lab's families for a real
-    model), `gsm8k` or `sciknoweval:<domain>` (from the hub), or a folder in the official SDPO
-    layout (train.json and test.json)."""
-    lab_name = model if model in lab.LABS else "lab"
-    families = lab.LABS[lab_name].families
-    if name in families:
-        return lab.make_lab_task(name, lab_name)
-    if name == "gsm8k":
-        return data.load_gsm8k()
-    if name.startswith("sciknoweval:"):
-        return data.load_sciknoweval(name.split(":", 1)[1], models.cache_dir() / "data")
-    if Path(name).is_dir():
-        return data.load_official_task(name)
-    if name == "tooluse":
-        raise ValueError("task 'tooluse': ToolAlpaca as the paper used it is not on the hub; its "
-                         "files are datasets/tooluse/{train,test}.json of "
-                         "github.com/Moenupa/SDPO-CL: pass their folder")
-    raise ValueError(f"unknown task {name!r}: allowed are the lab families "
-                     f"{', '.join(families)}, 'gsm8k', 'sciknoweval:<domain>' (domains "
-                     f"{', '.join(data.SCIKNOWEVAL_DOMAINS)}), or a folder with train.json and "
-                     f"test.json")
-
-
-def load_policy(name: str, device: str = "cpu", lab_steps: int | None = None):
-    """(model, tokenizer) for a lab (its shipped base, or one pre-trained for `lab_steps`
-    steps), a hub id, a local folder, or a .gguf file."""
-    if name in lab.LABS:
-        recipe = lab.LABS[name].recipe
-        if lab_steps is not None:
-            recipe = dataclasses.replace(recipe, steps=lab_steps)
-        model, tokenizer = lab.lab_base(recipe)
-        return model.to(device), tokenizer
-    return models.load_pretrained(name, device)
 
 
 def stage_steps(text, model, n_tasks) -> list:
@@ -436,7 +462,7 @@ def main(argv=None):
     hf_logging.disable_progress_bar()              # no bars for every checkpoint save and load
     ap = build_parser()
     args = ap.parse_args(argv)
-    preset, given_sets = ef.FINDINGS.get(args.finding, {}), args.set
+    preset, given_sets = FINDINGS.get(args.finding, {}), args.set
     for key, value in DEFAULTS.items():       # a flag given wins over the preset's value
         if getattr(args, key) is None:
             setattr(args, key, preset.get(key, value))
@@ -504,6 +530,7 @@ def run(plan: RunPlan, folder, t_start) -> dict:
     row0 = None     # the base model, once for every method and seed
     if any(done_stages(m, s) < 0 for m in plan.methods for s in plan.seeds):
         row0 = base_row_and_signal(plan, folder)
+    set_distances(plan, folder)
     plan.base.to("cpu")     # each run takes a copy to the device: no second one stays there
     log_path = folder / "log.jsonl"
     try:
@@ -521,7 +548,7 @@ def base_row_and_signal(plan: RunPlan, folder) -> dict:
     """Row 0 (printed), then the signal check of every trained task (signal.json)."""
     t0, cfg = time.time(), next(iter(plan.configs.values()))
     row0 = sc.base_row(plan.base, plan.tokenizer, plan.tasks + plan.probes, cfg,
-                       ef.Measures(plan.tokenizer))
+                       Measures(plan.tokenizer))
     record = row0["record"]
     print(f"base model, accuracy ± standard error / teacher lift (points), "
           f"{time.time() - t0:.0f}s: " + ", ".join(
@@ -530,8 +557,8 @@ def base_row_and_signal(plan: RunPlan, folder) -> dict:
     signal = {}
     for task in plan.tasks if plan.signal_check else []:
         sc.seed_everything("signal", task.name)
-        signal[task.name] = check = ef.signal_check(plan.base, plan.tokenizer, task, cfg,
-                                                    record["teacher_lift"][task.name])
+        signal[task.name] = check = measures.signal_check(plan.base, plan.tokenizer, task, cfg,
+                                                          record["teacher_lift"][task.name])
         print(f"signal check, {task.name}: reward at temperature {cfg.temperature:g} "
               f"{check['reward']:.2f}, groups with a success {100 * check['solved_groups']:.0f}%"
               f", all alike {100 * check['zero_adv_groups']:.0f}%, teacher lift "
@@ -541,22 +568,52 @@ def base_row_and_signal(plan: RunPlan, folder) -> dict:
     return row0
 
 
+def set_distances(plan: RunPlan, folder):
+    """distances.json: {trained task: {evaluated task: MMD}} on the base model (harness/
+    measures.py), once per run folder: the out-of-domain reading places each evaluated set by
+    its distance from each training set."""
+    if not (folder / "distances.json").exists():
+        runs.write_json(folder / "distances.json", measures.task_distances(
+            plan.base, plan.tokenizer, plan.tasks, plan.tasks + plan.probes))
+
+
+class RunHooks(Measures):
+    """The hooks of one method and seed (sdpo_cl.Hooks): the measures (harness/measures.py),
+    a log line per step, and the run folder: the stages already finished loaded on a resume,
+    each finished stage checkpointed (stage 0 with the base's answers, for response drift)."""
+
+    def __init__(self, tokenizer, folder, done, base_sequences, log=None):
+        super().__init__(tokenizer)
+        self.folder, self.done, self.base_sequences, self.write = folder, done, base_sequences, log
+
+    def log(self, metrics):
+        if self.write is not None:
+            self.write(metrics)
+
+    def resume(self, policy, teacher):
+        return runs.resume(self.folder, self.done, policy, teacher)
+
+    def finished(self, k, record, policy, teacher):
+        runs.save_stage(self.folder, k, record, policy, self.tokenizer, teacher,
+                        {"base_sequences.json": self.base_sequences} if k == 0 else None)
+
+
 def run_in_folder(cfg, policy, tokenizer, tasks, probes, folder, *, row0=None, steps=None,
                   log=None, desc="") -> list:
     """sdpo_cl.continual_sequence with a run folder: every finished stage checkpointed (policy
     and teacher), and a rerun resumes after the last finished, intact stage. With lora_rank, the
     policy trains a LoRA adapter on its frozen weights (harness/lora.py)."""
-    done, measures = runs.last_finished_stage(folder), ef.Measures(tokenizer)
+    done = runs.last_finished_stage(folder)
     if done >= 0:
         row0 = runs.stored_row0(folder)
     elif row0 is None:
-        row0 = sc.base_row(policy, tokenizer, sc.evaluation_tasks(tasks, probes), cfg, measures)
+        row0 = sc.base_row(policy, tokenizer, sc.evaluation_tasks(tasks, probes), cfg,
+                           Measures(tokenizer))
     if cfg.lora_rank:
         policy = lora.add_lora(policy, cfg)
-    return sc.continual_sequence(cfg, policy, tokenizer, tasks, probes, steps=steps, log=log,
-                                 desc=desc, row0=row0, measures=measures,
-                                 resume=runs.resume_from(folder, done),
-                                 on_stage=runs.checkpoint_to(folder, tokenizer, row0["sequences"]))
+    return sc.continual_sequence(cfg, policy, tokenizer, tasks, probes, steps=steps, row0=row0,
+                                 hooks=RunHooks(tokenizer, folder, done, row0["sequences"], log),
+                                 desc=desc)
 
 
 def run_one(plan: RunPlan, folder, m, s, done, row0, log_path):
@@ -585,9 +642,7 @@ def run_one(plan: RunPlan, folder, m, s, done, row0, log_path):
 
 
 def print_summary(results, plan: RunPlan, folder, t_start):
-    finding = plan.finding and {"name": plan.finding, **ef.FINDINGS[plan.finding]}
-    ef.write_report(results, folder, finding=finding,
-                    baselines=(finding or {}).get("baselines", ("grpo",)))
+    ef.write_report(results, folder)
     print("\n" + ef.comparison_table(results))
     paired = ef.paired_table(results)
     if paired:
@@ -610,13 +665,17 @@ def write_results(folder, plan: RunPlan) -> dict:
             by_method.setdefault(m, {})[str(s)] = {
                 "R": [[r["accuracy"][n] for n in names] for r in records],
                 "SE": [[r["stderr"][n] for n in names] for r in records], "records": records}
-    signal = folder / "signal.json"
+    signal, distances = folder / "signal.json", folder / "distances.json"
     results = {"name": folder.name, "config": {
         "model": plan.run_config["model"], "lab_steps": plan.run_config["lab_steps"],
         "steps": plan.run_config["steps"],
         "eval_mode": next(iter(plan.run_config["configs"].values()))["eval_mode"]},
         "tasks": names, "trained": list(range(len(plan.tasks))), "runs": by_method,
-        "signal": json.loads(signal.read_text()) if signal.exists() else {}}
+        "signal": json.loads(signal.read_text()) if signal.exists() else {},
+        "distances": json.loads(distances.read_text()) if distances.exists() else {},
+        "relations": {a: {b: lab_families.relation(a, b) for b in names
+                          if lab_families.relation(a, b)} for a in names[:len(plan.tasks)]},
+        "finding": plan.finding and {"name": plan.finding, **FINDINGS[plan.finding]}}
     runs.write_json(folder / "results.json", results)
     return results
 

@@ -13,15 +13,14 @@ distribution at each position. SDPO replaces the GRPO loss; rewards only pick de
 The experiment (Wang et al., "Denser != Better", arXiv 2607.01763) trains tasks T1..TN one after
 another, evaluates every task after every stage, and asks which method forgets more.
 
-Sections, in reading order (no function uses a name defined further down): 1 GRPO, 2 SDPO,
-3 tasks, 4 config, 5 rollout, 6 the teacher, 7 one training step, 8 a task, 9 evaluation, 10 the
-continual sequence. Left out, in files of their own: the lab, the paper's data and rewards, model
-loading, run folders, the verl bridge and the walkthrough (harness/), the driver (run_sequence.py),
-drift measures and reports (eval_forgetting.py). A comment marks each departure from the official
-(verl) code; docs/departures.md lists them all. `python sdpo_cl.py` runs the walkthrough.
+No function uses a name defined further down. Everything else lives in files of its own: the
+lab, the paper's data, loading, the measures a run takes, run folders, the verl bridge (harness/),
+the driver (run_sequence.py), the reports (eval_forgetting.py). A comment marks each departure
+from the official (verl) code (all in docs/departures.md). `python sdpo_cl.py`: the walkthrough.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -227,9 +226,7 @@ def mix_tasks(tasks) -> Task:
 
 # ==== 4. Config: every knob, with the official names and defaults, and its checks ================
 
-LOSS_MODES = ("grpo", "sdpo", "sft")
 TEACHER_KINDS = ("ema", "trust-region", "frozen", "live")
-EVAL_MODES = ("greedy", "sample")
 # The official templates as the official SDPO config file renders them (block scalars `|-`: no
 # trailing newline; the dataclass defaults of the official code end in newlines it drops).
 REPROMPT_TEMPLATE = "{prompt}{solution}{feedback}\n\nCorrectly solve the original question."
@@ -237,148 +234,150 @@ SOLUTION_TEMPLATE = "\nCorrect solution:\n\n{successful_previous_attempt}"
 FEEDBACK_TEMPLATE = ("\nThe following is feedback from your unsuccessful earlier attempt:\n\n"
                      "{feedback_raw}")
 
-CONFIG_TYPES = {   # what a Config field of each declared type accepts (bool is not a number)
-    "bool": (lambda v: isinstance(v, bool), "true or false"),
-    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
-    "float": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-              and math.isfinite(v), "a finite number"),
-    "str": (lambda v: isinstance(v, str), "a string"),
-    "tuple": (lambda v: isinstance(v, (tuple, list)), "a list of numbers"),
-}
-CONFIG_RULES = (   # (field, when it is wrong, what is allowed): combinations that cannot run
-    ("ppo_mini_batch_size", lambda c: c.prompts_per_step % max(c.ppo_mini_batch_size, 1),
-     lambda c: f"0 or a divisor of prompts_per_step={c.prompts_per_step}"),
-    ("teacher_path", lambda c: c.teacher_path and (c.teacher_regularization == "live"
-                                                   or c.lora_rank),
-     "None with teacher_regularization='live' (no weights of its own) or lora_rank > 0 (adapters)"),
-    ("kl_loss_coef", lambda c: c.loss_mode == "sft" and c.kl_loss_coef,
-     "0 with loss_mode='sft' (supervised fine-tuning keeps no anchor)"),
-    ("alpha", lambda c: not c.full_logit_distillation and c.alpha != 1.0,
-     "1.0 when full_logit_distillation=False (the sampled-token estimate is a reverse KL)"),
-    *((name, lambda c, name=name, keys=keys: not all(k in getattr(c, name) for k in keys),
-       "a string containing " + " ".join(keys)) for name, keys in (
-        ("reprompt_template", ("{prompt}", "{solution}", "{feedback}")),
-        ("solution_template", ("{successful_previous_attempt}",)),
-        ("feedback_template", ("{feedback_raw}",)))),
-    ("adam_betas", lambda c: len(c.adam_betas) != 2 or not all(
-        CONFIG_TYPES["float"][0](b) and 0 <= b < 1 for b in c.adam_betas),
-     "two numbers in [0, 1), e.g. [0.9, 0.999]"),
-)
+def knob(default, *, low=None, high=None, strict=False, choices=None, none=None):
+    """A Config field and what it allows besides its default's kind (an int field takes whole
+    numbers, a float field finite numbers, a bool field true or false): numbers from `low` (not
+    low itself when strict) up to `high`, or one of `choices`; and None where `none` says what
+    None means."""
+    return dataclasses.field(default=default, metadata=dict(
+        low=low, high=high, strict=strict, choices=choices, none=none))
 
 
-def knob(default, allowed=None, high=None, open_low=False):
-    """A Config field and what it allows: a tuple of choices, or numbers from `allowed` (itself
-    excluded with open_low) up to `high` (None: no upper bound)."""
-    return dataclasses.field(default=default, metadata={"allowed": (allowed, high, open_low)})
-
-
-def field_problem(f, value) -> str | None:
-    """What a field allows, when `value` is not allowed (its type, then its knob), else None."""
-    optional, kind = str(f.type).endswith("| None"), str(f.type).replace(" | None", "")
-    if value is None and optional:
+def knob_problem(f, value) -> str | None:
+    """What field f's knob allows, when `value` is not allowed; None when it is."""
+    rule, kind = f.metadata, type(f.default)
+    if value is None and rule["none"] or rule["choices"] and value in rule["choices"]:
         return None
-    if not CONFIG_TYPES[kind][0](value):
-        return CONFIG_TYPES[kind][1] + (", or None" if optional else "")
-    low, high, open_low = f.metadata.get("allowed", (None, None, False))
-    if isinstance(low, tuple):
-        return None if value in low else "one of " + ", ".join(repr(o) for o in low)
-    if low is not None and (value < low or value == low and open_low
-                            or high is not None and value > high):
-        if high is None:
-            return (f"{'an integer' if kind == 'int' else 'a number'} {'>' * open_low or '>='} "
-                    f"{low}" + (", or None" if optional else ""))
-        return f"a number in {'(' if open_low else '['}{float(low)}, {float(high)}]"
+    if rule["choices"]:
+        return "one of " + ", ".join(map(repr, rule["choices"]))
+    if kind in (bool, str):
+        return None if isinstance(value, kind) else "true or false" if kind is bool else "a string"
+    low, high, strict = rule["low"], rule["high"], rule["strict"]
+    if kind is int:
+        wanted = f"an integer >= {low}"
+    elif high is None:
+        wanted = f"a finite number {'>' if strict else '>='} {low}"
+    else:
+        wanted = f"a number in {'(' if strict else '['}{float(low)}, {float(high)}]"
+    wanted += f", or None ({rule['none']})" if rule["none"] else ""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if (not number or not math.isfinite(value) or kind is int and not isinstance(value, int)
+            or low is not None and (value < low or strict and value == low)
+            or high is not None and value > high):
+        return wanted
     return None
 
 
-def check_config(cfg):
-    """Refuse a Config that cannot run, naming the field, its value and what is allowed."""
-    problems = [(f.name, field_problem(f, getattr(cfg, f.name))) for f in dataclasses.fields(cfg)]
-    problems += [(name, allowed(cfg) if callable(allowed) else allowed)
-                 for name, wrong, allowed in CONFIG_RULES if wrong(cfg)]
-    for name, allowed in problems:
-        if allowed is not None:
-            raise ValueError(f"Config.{name}={getattr(cfg, name)!r} is invalid: allowed {allowed}")
-    cfg.adam_betas = tuple(cfg.adam_betas)
+def check_config(c) -> None:
+    """Refuse a Config that cannot run, naming the field, its value and what is allowed: each
+    knob's own rule, then the settings that cannot go together."""
+    def refuse(name, allowed):
+        raise ValueError(f"Config.{name}={getattr(c, name)!r} is invalid: allowed {allowed}")
+
+    for f in dataclasses.fields(c):
+        if f.metadata and knob_problem(f, getattr(c, f.name)):
+            refuse(f.name, knob_problem(f, getattr(c, f.name)))
+    for name, keys in (("reprompt_template", ("{prompt}", "{solution}", "{feedback}")),
+                       ("solution_template", ("{successful_previous_attempt}",)),
+                       ("feedback_template", ("{feedback_raw}",))):
+        if not all(k in getattr(c, name) for k in keys):
+            refuse(name, "a string containing " + " ".join(keys))
+    if c.teacher_path is not None and not isinstance(c.teacher_path, str):
+        refuse("teacher_path", "a folder or a hub id, or None")
+    if not (isinstance(c.adam_betas, (tuple, list)) and len(c.adam_betas) == 2 and all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+            for b in c.adam_betas)):
+        refuse("adam_betas", "two numbers in [0, 1), e.g. [0.9, 0.999]")
+    if c.prompts_per_step % max(c.ppo_mini_batch_size, 1):
+        refuse("ppo_mini_batch_size", f"0 or a divisor of prompts_per_step={c.prompts_per_step}")
+    if c.teacher_path and (c.teacher_regularization == "live" or c.lora_rank):
+        refuse("teacher_path", "None with teacher_regularization='live' (no weights of its "
+                               "own) or lora_rank > 0 (adapters)")
+    if c.loss_mode == "sft" and c.kl_loss_coef:
+        refuse("kl_loss_coef", "0 with loss_mode='sft' (supervised fine-tuning keeps no anchor)")
+    if not c.full_logit_distillation and c.alpha != 1.0:
+        refuse("alpha", "1.0 when full_logit_distillation=False (the sampled-token estimate is "
+                        "a reverse KL)")
+    c.adam_betas = tuple(c.adam_betas)
 
 
 @dataclass
 class Config:
-    """Every knob of one run: the official defaults (the paper's runs) and option names where
-    they differ, unless a comment says otherwise. harness/lab.py's lab_config() scales them down."""
-    seed: int = 0                           # seeds python, torch and the rollout sampling
+    """Every knob of one run, with the official defaults (the paper's runs) unless a comment says
+    otherwise, and what it allows (knob); harness/verl.py maps the names onto verl's keys, and
+    harness/lab.py's lab_config() scales the defaults down to the lab."""
+    seed: int = 0                               # seeds python, torch and the rollout sampling
     # --- rollout ----------------------------------------------------------------------------------
-    prompts_per_step: int = knob(32, 1)     # prompts per rollout batch (data.train_batch_size)
-    group_size: int = knob(8, 2)            # G, completions per prompt (rollout.n)
-    max_new_tokens: int = knob(8192, 1)     # budget (max_response_length); a task may ask less
-    temperature: float = knob(1.0, 0, 100, open_low=True)   # of training rollouts
-    rollout_chunk_size: int = knob(0, 0)    # prompts per generate() call, 0 = all (less memory)
-    enable_thinking: bool = False           # the chat template's thinking switch (Qwen3): off
-    # --- evaluation (the official val_kwargs) ---------------------------------------------------
-    eval_mode: str = knob("sample", EVAL_MODES)   # 'sample' (mean of eval_samples) or 'greedy'
-    eval_temperature: float = knob(0.6, 0, 100, open_low=True)
-    eval_top_p: float = knob(0.95, 0, 1, open_low=True)
-    eval_samples: int = knob(16, 1)         # val_kwargs.n: the paper's scripts' (yaml: 4)
-    eval_examples: int = knob(200, 1)       # the first this many test rows of each task
-    # --- optimiser and memory (actor.optim; LoRA: model.lora_rank etc., harness/lora.py) --------
-    ppo_mini_batch_size: int = knob(0, 0)   # prompts per optimizer step, 0 = all (SDPO: 32 of 32)
-    ppo_epochs: int = knob(1, 1)            # passes over the rollout batch
-    balance_batch: bool = True              # trainer.balance_batch: mini-batches by length
-    lr: float = knob(1e-5, 0, 1, open_low=True)   # AdamW learning rate
-    warmup_steps: int = knob(10, 0)         # verl's: rollout batch k (from 0) gets lr * k / 10
-    weight_decay: float = knob(0.01, 0, 1e6)
+    prompts_per_step: int = knob(32, low=1)     # prompts per rollout batch
+    group_size: int = knob(8, low=2)            # G: answers sampled per prompt
+    max_new_tokens: int = knob(8192, low=1)     # the answer budget (a task may ask for less)
+    temperature: float = knob(1.0, low=0, strict=True)   # of the training rollouts
+    rollout_chunk_size: int = knob(0, low=0)    # prompts per generate() call, 0 = all at once
+    enable_thinking: bool = knob(False)         # the chat template's thinking switch (Qwen3)
+    # --- evaluation -------------------------------------------------------------------------------
+    eval_mode: str = knob("sample", choices=("greedy", "sample"))   # the mean of eval_samples
+    eval_temperature: float = knob(0.6, low=0, strict=True)
+    eval_top_p: float = knob(0.95, low=0, high=1, strict=True)
+    eval_samples: int = knob(16, low=1)         # answers per test prompt (the paper's scripts)
+    eval_examples: int = knob(200, low=1)       # the first this many test rows of each task
+    # --- optimiser and memory (LoRA: harness/lora.py) -------------------------------------------
+    ppo_mini_batch_size: int = knob(0, low=0)   # prompts per optimizer step, 0 = all of them
+    ppo_epochs: int = knob(1, low=1)            # passes over the rollout batch
+    balance_batch: bool = knob(True)            # order a batch by length before cutting it
+    lr: float = knob(1e-5, low=0, strict=True)   # AdamW's learning rate
+    warmup_steps: int = knob(10, low=0)         # rollout batch k (from 0) gets lr * k / this
+    weight_decay: float = knob(0.01, low=0)
     adam_betas: tuple = (0.9, 0.999)
-    grad_clip: float = knob(1.0, 0, open_low=True)   # max global gradient norm
-    micro_batch_size: int = knob(0, 0)      # sequences per forward/backward, 0 = a mini-batch
-    gradient_checkpointing: bool = False    # trade compute for activation memory
-    bf16: bool = True                       # bf16 autocast on CUDA (the CPU runs fp32)
-    optim_8bit: bool = False                # bitsandbytes' 8-bit AdamW (CUDA): 2 bytes, not 8
-    lora_rank: int = knob(0, 0)             # train adapters of this rank on frozen weights; 0: off
-    lora_alpha: float = knob(16.0, 0, open_low=True)   # adapter scale alpha / rank (verl's 16)
-    lora_dropout: float = knob(0.0, 0, 0.99)   # on the adapter's input (peft's 0; verl sets none)
-    lora_target_modules: str = "all-linear"   # target_modules, or names: q_proj,k_proj,v_proj
+    grad_clip: float = knob(1.0, low=0, strict=True)   # the largest global gradient norm
+    micro_batch_size: int = knob(0, low=0)      # sequences per forward/backward, 0 = a mini-batch
+    gradient_checkpointing: bool = knob(False)  # recompute activations: less memory, more time
+    bf16: bool = knob(True)                     # bf16 autocast on CUDA (the CPU runs fp32)
+    optim_8bit: bool = knob(False)              # bitsandbytes' 8-bit AdamW (CUDA)
+    lora_rank: int = knob(0, low=0)             # train adapters of this rank; 0: the weights
+    lora_alpha: float = knob(16.0, low=0, strict=True)   # adapter scale: lora_alpha / lora_rank
+    lora_dropout: float = knob(0.0, low=0, high=0.99)   # on an adapter's input
+    lora_target_modules: str = knob("all-linear")     # or names, e.g. q_proj,k_proj,v_proj
     # --- which loss -----------------------------------------------------------------------------
-    loss_mode: str = knob("sdpo", LOSS_MODES)   # grpo, sdpo (policy_loss.loss_mode), sft: gold
-    distillation_weight: float = knob(1.0, 0, 1)   # w in (1-w) GRPO + w SDPO; 1: pure SDPO (TRL)
+    loss_mode: str = knob("sdpo", choices=("grpo", "sdpo", "sft"))   # sft: on gold answers
+    distillation_weight: float = knob(1.0, low=0, high=1)   # w in (1 - w) GRPO + w SDPO (TRL)
     # --- GRPO -----------------------------------------------------------------------------------
-    norm_adv_by_std_in_grpo: bool = False   # divide by the group's std (the paper: off)
-    clip_ratio_low: float = knob(0.2, 0, 1)
-    clip_ratio_high: float = knob(0.28, 0, 100)
-    clip_ratio_c: float | None = knob(3.0, 1, open_low=True)   # dual clip, A < 0 (None: off)
-    kl_loss_coef: float = knob(0.0, 0, 1e6)   # beta of k3 to the initial model (the paper: 0)
-    loss_agg_mode: str = knob("micro1-token-mean", LOSS_AGG_MODES)   # see aggregate()
-    # --- SDPO (actor.self_distillation) ---------------------------------------------------------
-    alpha: float = knob(0.5, 0, 1)          # 0 KL(T||S), 1 KL(S||T), between: generalised JSD
-    full_logit_distillation: bool = True    # False: the sampled-token estimate (alpha 1 only)
-    distillation_topk: int | None = knob(100, 1)   # the student's top-k; None: full vocabulary
-    distillation_add_tail: bool = True      # a tail bucket for the rest (False: renormalise)
-    is_clip: float | None = knob(2.0, 0, open_low=True)   # cap of the weight pi/pi_old
-    success_reward_threshold: float = knob(0.5, 0, 1)   # a sibling this good is a demonstration
-    max_reprompt_len: int = knob(10240, 1)  # teacher prompts cut to this many tokens, on the right
-    dont_reprompt_on_self_success: bool = True   # never show a sample its own answer
-    remove_thinking_from_demonstration: bool = True
-    include_environment_feedback: bool = False   # the task's feedback in the teacher context
-    environment_feedback_only_without_solution: bool = True
-    reprompt_template: str = REPROMPT_TEMPLATE   # fields {prompt} {solution} {feedback}
-    solution_template: str = SOLUTION_TEMPLATE   # field {successful_previous_attempt}
-    feedback_template: str = FEEDBACK_TEMPLATE   # field {feedback_raw}
-    teacher_regularization: str = knob("ema", TEACHER_KINDS)   # ema, trust-region, frozen, live
-    teacher_update_rate: float = knob(0.05, 0, 1)   # tau; ema at 0.0 is the paper's SDPO_0
-    teacher_update_every: int = knob(1, 1)  # the EMA moves every this many batches (this project's)
-    teacher_path: str | None = None         # SDPO-CL: start the teacher from this checkpoint
-    teacher_init_alpha: float = knob(1.0, 0, 1)   # SDPO-CL: teacher = a ckpt + (1-a) student
-    reset_teacher_each_task: bool = True    # re-create it at each stage, as a verl run per stage
-    teacher_bf16: bool = False              # the teacher's weights in bf16: 2 bytes each, not 4
-    mask_ratio: float = knob(0.0, 0, 1)     # SDPO-CL: drop this share of distilled tokens
-    distill_scope: str = knob("all", ("all", "final_answer"))   # or only what follows the last
-    answer_marker: str = "#"                # answer_marker (this project's)
-    share_teacher_prefix: bool = True       # one KV cache per teacher prompt (False: as verl)
+    norm_adv_by_std_in_grpo: bool = knob(False)   # divide A by the group's std (the paper: no)
+    clip_ratio_low: float = knob(0.2, low=0, high=1)   # the ratio is clipped to
+    clip_ratio_high: float = knob(0.28, low=0)         # [1 - low, 1 + high]
+    clip_ratio_c: float | None = knob(3.0, low=1, strict=True, none="no dual clip")   # A < 0
+    kl_loss_coef: float = knob(0.0, low=0)      # beta of the k3 KL to the initial model
+    loss_agg_mode: str = knob("micro1-token-mean", choices=LOSS_AGG_MODES)   # aggregate()
+    # --- SDPO -----------------------------------------------------------------------------------
+    alpha: float = knob(0.5, low=0, high=1)     # 0 KL(T||S), 1 KL(S||T), between: the JSD
+    full_logit_distillation: bool = knob(True)  # False: the sampled-token estimate (alpha 1)
+    distillation_topk: int | None = knob(100, low=1, none="the vocabulary")   # the student's
+    distillation_add_tail: bool = knob(True)    # a bucket for the rest (False: renormalise)
+    is_clip: float | None = knob(2.0, low=0, strict=True, none="no weight")   # pi/pi_old's cap
+    success_reward_threshold: float = knob(0.5, low=0, high=1)   # a demonstration's reward
+    max_reprompt_len: int = knob(10240, low=1)  # teacher prompts cut to this, on the right
+    dont_reprompt_on_self_success: bool = knob(True)   # never show a sample its own answer
+    remove_thinking_from_demonstration: bool = knob(True)
+    include_environment_feedback: bool = knob(False)   # the task's feedback in the context
+    environment_feedback_only_without_solution: bool = knob(True)
+    reprompt_template: str = knob(REPROMPT_TEMPLATE)   # fields {prompt} {solution} {feedback}
+    solution_template: str = knob(SOLUTION_TEMPLATE)   # field {successful_previous_attempt}
+    feedback_template: str = knob(FEEDBACK_TEMPLATE)   # field {feedback_raw}
+    teacher_regularization: str = knob("ema", choices=TEACHER_KINDS)   # see Teacher
+    teacher_update_rate: float = knob(0.05, low=0, high=1)   # the EMA's tau; 0: SDPO_0
+    teacher_update_every: int = knob(1, low=1)  # the EMA moves every this many batches (ours)
+    teacher_path: str | None = None             # the paper's code: start the teacher here
+    teacher_init_alpha: float = knob(1.0, low=0, high=1)   # teacher = a path + (1 - a) student
+    reset_teacher_each_task: bool = knob(True)  # re-created at each stage, as a run per stage
+    teacher_bf16: bool = knob(False)            # the teacher's weights in bf16: half the bytes
+    mask_ratio: float = knob(0.0, low=0, high=1)   # the paper's code: drop this share of tokens
+    distill_scope: str = knob("all", choices=("all", "final_answer"))   # after answer_marker
+    answer_marker: str = knob("#")              # where the final answer starts (ours)
+    share_teacher_prefix: bool = knob(True)     # a KV cache per teacher prompt (False: as verl)
     # --- the continual sequence and its remedies (this project's) -------------------------------
-    steps_per_task: int = knob(50, 1)       # rollout batches per task
-    replay_fraction: float = knob(0.0, 0, 0.99)   # share of each batch from earlier tasks
-    multitask: bool = False                 # every batch from all tasks at once (upper bound)
-    eval_every: int = knob(0, 0)            # evaluate every this many batches (learning curves)
-    teacher_lift_every_stage: bool = False  # the teacher lift after every stage too
+    steps_per_task: int = knob(50, low=1)       # rollout batches per task
+    replay_fraction: float = knob(0.0, low=0, high=0.99)   # of each batch, from earlier tasks
+    multitask: bool = knob(False)               # every batch from all tasks (an upper bound)
+    eval_every: int = knob(0, low=0)            # evaluate every this many batches (curves)
 
     def __post_init__(self):
         check_config(self)
@@ -471,6 +470,17 @@ class Rollout:
     finished: torch.Tensor | None = None   # [B] bool: the answer ended with an EOS
 
 
+@contextlib.contextmanager
+def eval_mode(model):
+    """No dropout for a pass without gradients; the model's own mode back afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 def autocast_for(cfg, model):
     return torch.autocast("cuda", dtype=torch.bfloat16,
                           enabled=cfg.bf16 and model.device.type == "cuda")
@@ -483,14 +493,12 @@ def generate(model, tokenizer, prompt_texts, max_new_tokens, *, sample=True, tem
     ids, attn = tokenize_prompts(tokenizer, prompt_texts, model.device)
     recorder = RecordSampledLogprobs(temperature if sample else 1.0)
     eos = eos_ids(model, tokenizer)
-    was_training = model.training
-    model.eval()
-    out = model.generate(
-        input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens, do_sample=sample,
-        **(dict(temperature=temperature, top_p=top_p, top_k=0) if sample else {}),
-        repetition_penalty=1.0, num_return_sequences=num_return_sequences,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=eos, logits_processor=[recorder])
-    model.train(was_training)
+    with eval_mode(model):
+        out = model.generate(
+            input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens, do_sample=sample,
+            **(dict(temperature=temperature, top_p=top_p, top_k=0) if sample else {}),
+            repetition_penalty=1.0, num_return_sequences=num_return_sequences,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=eos, logits_processor=[recorder])
     response_ids = out[:, ids.shape[1]:]                                   # [B, T]
     mask = response_mask_from_positions(response_ids, eos)
     old_logprobs = recorder.finish(response_ids[:, -1]) * mask
@@ -535,7 +543,7 @@ def response_scores(model, prompt_ids, prompt_mask, response_ids, response_mask)
 
 def strip_thinking(text: str) -> str:
     """Drop every <think>...</think> block, then everything up to a remaining unmatched </think>
-    (a model whose template opens the block in the prompt), as SDPO-CL does."""
+    (a model whose template opens the block in the prompt), as the paper's code does."""
     text = re.sub(r"<think>.*?</think>\s*", "", text, flags=re.DOTALL)
     return re.sub(r"^.*?</think>\s*", "", text, flags=re.DOTALL)
 
@@ -647,9 +655,7 @@ def shared_prefix_logits(model, prefix_ids, prefix_mask, rows, response_ids, res
     copied to its rows, only the responses run on top; the same numbers for about U/b of the
     prefix cost. Eval mode: no dropout (and transformers < 5.24 drops a training model's cache)."""
     from transformers import DynamicCache
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         T, P = response_ids.shape[1], prefix_ids.shape[1]
         cache = DynamicCache(config=model.config)   # transformers 5.24 renamed past_key_values
         fwd = getattr(model, "get_base_model", lambda: model)().forward   # under a LoRA adapter too
@@ -667,8 +673,6 @@ def shared_prefix_logits(model, prefix_ids, prefix_mask, rows, response_ids, res
             logits.append(model(input_ids=response_ids[:, :-1], attention_mask=attn[:, :-1],
                                 position_ids=real_token_positions(attn)[:, P:-1], use_cache=True,
                                 **{cache_arg: cache}).logits)                   # [b, T-1, V]
-    finally:
-        model.train(was_training)
     return torch.cat(logits, dim=1)
 
 
@@ -680,16 +684,34 @@ def teacher_scores(model, prefix_ids, prefix_mask, rows, response_ids, response_
     if share_prefix:
         return shared_prefix_logits(model, prefix_ids, prefix_mask, rows, response_ids,
                                     response_mask)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         return response_scores(model, prefix_ids[rows], prefix_mask[rows], response_ids,
                                response_mask)
-    finally:
-        model.train(was_training)
 
 
 # ==== 7. One training step: rollout, rewards, targets, the loss, the update ======================
+
+class Hooks:
+    """What a driver plugs into continual_sequence: run_sequence.py's measures (harness/
+    measures.py), log and run folder. Each does nothing here; a driver overrides what it needs."""
+    def step(self, policy, teacher, task, rollout, samples, targets, cfg) -> dict:
+        return {}   # more metrics of a rollout batch, measured before its update
+
+    def log(self, metrics) -> None:
+        pass        # after every rollout batch
+
+    def curve(self, policy, base) -> dict:
+        return {}   # more numbers at a mid-stage evaluation (every eval_every batches)
+
+    def stage(self, policy, base, outputs, base_sequences, history) -> dict:
+        return {}   # more numbers for a stage's record (history: its steps' metrics)
+
+    def resume(self, policy, teacher) -> list:
+        return []   # the records of the stages already finished, their weights loaded
+
+    def finished(self, k, record, policy, teacher) -> None:
+        pass        # after stage k (a checkpoint)
+
 
 def seed_everything(*keys):
     """Seed python and torch from any keys, e.g. (seed, stage): a stage's randomness depends only
@@ -750,7 +772,7 @@ def add_teacher_inputs(targets, rollout, samples, rewards, task, tokenizer, cfg)
     if cfg.distill_scope == "final_answer":   # not the chain of thought, only the answer
         targets.distill_mask = targets.distill_mask * final_answer_mask(
             tokenizer, rollout.response_ids, cfg.answer_marker)
-    if cfg.mask_ratio > 0:   # SDPO-CL: drop a share of the distilled tokens at random
+    if cfg.mask_ratio > 0:   # the paper's code: drop a share of the distilled tokens at random
         keep = torch.rand_like(targets.distill_mask) >= cfg.mask_ratio
         targets.distill_mask = targets.distill_mask * keep
     if distinct:
@@ -771,26 +793,25 @@ def loss_targets(rollout, samples, rewards, task, tokenizer, cfg) -> Targets:
 
 
 def grpo_part(logprobs, rollout, targets, rows, minibatch, cfg):
-    """(share of the mini-batch, GRPO loss of `rows`, metrics weighted by the share)."""
+    """The GRPO loss of `rows`, scaled to their share of `minibatch`, and its metrics."""
     mask = rollout.response_mask
-    share = aggregation_share(mask[rows], mask[minibatch], cfg.loss_agg_mode)
     loss, m = grpo_loss(logprobs, rollout.old_logprobs[rows], targets.advantages[rows],
                         mask[rows], clip_low=cfg.clip_ratio_low, clip_high=cfg.clip_ratio_high,
                         dual_clip=cfg.clip_ratio_c, agg=cfg.loss_agg_mode)
-    tokens = aggregation_share(mask[rows], mask[minibatch], "token-mean")
-    return share, loss, {"loss_grpo": share * loss.item(), "clip_frac": tokens * m["clip_frac"],
-                         "ratio_mean": tokens * m["ratio_mean"]}
+    share = aggregation_share(mask[rows], mask[minibatch], cfg.loss_agg_mode)
+    tokens = aggregation_share(mask[rows], mask[minibatch], "token-mean")   # for the metrics
+    return share * loss, {"loss_grpo": share * loss.item(), "clip_frac": tokens * m["clip_frac"],
+                          "ratio_mean": tokens * m["ratio_mean"]}
 
 
 def sdpo_part(policy, teacher, student_logits, rollout, targets, rows, minibatch, cfg):
-    """(share of the mini-batch, SDPO loss, metrics) for the rows of `rows` that have a teacher
-    context, or None when none has. student_logits: [b, T, V] of all of `rows`."""
+    """The SDPO loss of the rows of `rows` that have a teacher context, scaled to their share of
+    `minibatch`, and its metrics; None when none has. student_logits: [b, T, V] of all `rows`."""
     local = (targets.teacher_of[rows] >= 0).nonzero().squeeze(1)    # rows with a context
     if len(local) == 0:
         return None
     ids, mask = rollout.response_ids[rows][local], rollout.response_mask[rows][local]
     distill = targets.distill_mask[rows][local]
-    share = aggregation_share(distill, targets.distill_mask[minibatch], cfg.loss_agg_mode)
     t0 = time.time()
     used, prefix_of = targets.teacher_of[rows][local].unique(return_inverse=True)
     with autocast_for(cfg, policy):
@@ -803,28 +824,30 @@ def sdpo_part(policy, teacher, student_logits, rollout, targets, rows, minibatch
                         topk=cfg.distillation_topk, add_tail=cfg.distillation_add_tail,
                         full_logits=cfg.full_logit_distillation, is_clip=cfg.is_clip,
                         agg=cfg.loss_agg_mode)
-    return share, loss, {"loss_sdpo": share * loss.item(), "divergence": share * m["divergence"],
-                         "t_teacher": t_teacher}
+    share = aggregation_share(distill, targets.distill_mask[minibatch], cfg.loss_agg_mode)
+    return share * loss, {"loss_sdpo": share * loss.item(), "divergence": share * m["divergence"],
+                          "t_teacher": t_teacher}
 
 
 def kl_anchor(logprobs, reference, rollout, rows, minibatch, cfg):
-    """(share, k3 KL to the frozen initial model on `rows`, metrics): the anchor of GRPO and
-    SDPO (not of SFT), weighted by kl_loss_coef. Departure: verl refuses it with SDPO."""
+    """The k3 KL to the frozen initial model on `rows`, scaled to their share of `minibatch`,
+    and its metric: the anchor of GRPO and SDPO (not of SFT). Departure: verl refuses it with
+    SDPO."""
     mask = rollout.response_mask
     with torch.no_grad(), autocast_for(cfg, reference):
         ref_logits = response_scores(reference, rollout.prompt_ids[rows], rollout.prompt_mask[
             rows], rollout.response_ids[rows], mask[rows]).float() / cfg.temperature
     ref_logprobs = token_logprobs(ref_logits, rollout.response_ids[rows])       # [b, T]
-    share = aggregation_share(mask[rows], mask[minibatch], cfg.loss_agg_mode)
     kl = aggregate(k3_kl(logprobs, ref_logprobs), mask[rows], cfg.loss_agg_mode)
-    return share, kl, {"kl_ref": share * kl.item()}
+    share = aggregation_share(mask[rows], mask[minibatch], cfg.loss_agg_mode)
+    return share * kl, {"kl_ref": share * kl.item()}
 
 
 def micro_batch_loss(policy, teacher, reference, rollout, targets, rows, minibatch, cfg):
-    """The loss of `rows` (a micro-batch) scaled to its share of `minibatch` (the rows of one
-    optimizer step), so that the micro-batches' losses add up to the mini-batch's loss:
-    (1 - w) GRPO + w SDPO (+ the KL anchor). Returns (loss, metrics weighted the same way)."""
-    mask, ids, sdpo_weight = rollout.response_mask, rollout.response_ids, sdpo_term_weight(cfg)
+    """The loss of `rows` (a micro-batch), each part scaled to its share of `minibatch` (the rows
+    of one optimizer step), so that the micro-batches' losses add up to the mini-batch's loss.
+    Returns (loss, its metrics weighted the same way)."""
+    mask, ids = rollout.response_mask, rollout.response_ids
     with autocast_for(cfg, policy):
         logits = response_scores(policy, rollout.prompt_ids[rows], rollout.prompt_mask[rows],
                                  ids[rows], mask[rows])
@@ -835,20 +858,18 @@ def micro_batch_loss(policy, teacher, reference, rollout, targets, rows, minibat
         entropy = -(logp_all.exp() * logp_all).sum(-1)                      # [b, T]
     metrics = {"entropy": aggregation_share(mask[rows], mask[minibatch], "token-mean")
                * aggregate(entropy, mask[rows]).item()}
-    loss = logits.sum() * 0.0   # graph-connected zero: the step runs even without any target
-    parts = []                  # (weight, (share, loss, metrics) or None) of each term
-    if sdpo_weight < 1:
-        parts.append((1 - sdpo_weight, grpo_part(logprobs, rollout, targets, rows, minibatch, cfg)))
-    if sdpo_weight > 0:
-        parts.append((sdpo_weight, sdpo_part(policy, teacher, logits, rollout, targets, rows,
-                                             minibatch, cfg)))
-    if cfg.kl_loss_coef > 0:
-        parts.append((cfg.kl_loss_coef, kl_anchor(logprobs, reference, rollout, rows, minibatch,
-                                                  cfg)))
-    for weight, (share, part_loss, part_metrics) in [(w, p) for w, p in parts if p is not None]:
-        loss = loss + weight * share * part_loss
-        metrics.update(part_metrics)
-    metrics["loss"] = loss.item()
+    none = (logits.sum() * 0.0, {})   # a graph-connected zero: a step runs without any target
+    w, beta = sdpo_term_weight(cfg), cfg.kl_loss_coef
+    grpo, grpo_metrics = grpo_part(logprobs, rollout, targets, rows, minibatch, cfg) if (
+        w < 1) else none
+    sdpo, sdpo_metrics = (sdpo_part(policy, teacher, logits, rollout, targets, rows, minibatch,
+                                    cfg) if w > 0 else None) or none   # None: no teacher context
+    kl, kl_metrics = kl_anchor(logprobs, reference, rollout, rows, minibatch, cfg) if (
+        beta > 0) else none
+
+    loss = (1 - w) * grpo + w * sdpo + beta * kl
+
+    metrics.update(grpo_metrics | sdpo_metrics | kl_metrics, loss=loss.item())
     return loss, metrics
 
 
@@ -923,18 +944,17 @@ def step_metrics(rollout, targets, totals, cfg) -> dict:
 
 
 def train_step(policy, tokenizer, teacher, optimizer, scheduler, task, examples, cfg,
-               reference=None, measures=None) -> dict:
+               reference=None, hooks=None) -> dict:
     """One rollout batch: sample and reward `examples`, compute each loss's targets, update the
-    policy. reference: the frozen initial model, for the KL anchor only. measures.step(policy,
-    teacher, task, rollout, samples, targets, cfg) -> more metrics, taken before the update."""
+    policy. reference: the frozen initial model, for the KL anchor only; hooks.step measures
+    the batch before the update."""
     if cfg.kl_loss_coef > 0 and reference is None:
         raise ValueError("Config.kl_loss_coef > 0 needs the frozen reference model")
     t_start = time.time()
     rollout, samples, rewards = sample_rollout(policy, tokenizer, task, examples, cfg)
     t_rollout = time.time() - t_start
     targets = loss_targets(rollout, samples, rewards, task, tokenizer, cfg)
-    observed = measures.step(policy, teacher, task, rollout, samples, targets, cfg) if (
-        measures is not None) else {}
+    observed = (hooks or Hooks()).step(policy, teacher, task, rollout, samples, targets, cfg)
     totals = update(policy, teacher, optimizer, scheduler, rollout, targets, cfg, reference)
     return step_metrics(rollout, targets, totals, cfg) | observed | {
         "seconds": time.time() - t_start, "t_rollout": t_rollout}
@@ -994,22 +1014,6 @@ def next_batch(task, others, cfg, rng, order):
     return mixed, mix_tasks([task, *others])
 
 
-SERIES = ("reward", "distill_frac", "repetition_rate", "demo_repetition_rate", "unfinished_rate",
-          "malformed_rate", "artifact_gap", "leak_rate")
-
-
-def stage_summary(history) -> dict:
-    """A stage's training in a few numbers, and the per-step SERIES (None where a step has none)."""
-    def mean(key, part=slice(None)):
-        values = [h[key] for h in history[part] if key in h]
-        return sum(values) / len(values) if values else None
-    return {"reward_first": history[0].get("reward"), "reward_first5": mean("reward", slice(0, 5)),
-            "reward_last5": mean("reward", slice(-5, None)), "seconds_per_step": mean("seconds"),
-            "zero_adv_groups_first": history[0].get("zero_adv_groups"),
-            "distill_frac": mean("distill_frac"),
-            "series": {key: [h.get(key) for h in history] for key in SERIES}}
-
-
 def make_optimizer(policy, cfg):
     """A fresh AdamW over the weights the policy trains (a LoRA policy's adapter) with verl's
     warm-up (rollout batch s gets lr * s / warmup_steps); fused: one kernel for all parameters
@@ -1027,10 +1031,11 @@ def make_optimizer(policy, cfg):
 
 
 def train_task(policy, tokenizer, teacher, task, cfg, *, rng, reference=None, log=None,
-               desc="train", others=(), curve=None, measures=None) -> list:
+               desc="train", others=(), curve=None, hooks=None) -> list:
     """`steps_per_task` rollout batches on one task with a fresh optimizer, as each of the
     paper's stages is a new verl run. others: the tasks replay or multitask draw prompts from;
-    curve(step): an evaluation every eval_every batches; log(metrics) after every step."""
+    curve(step): an evaluation every eval_every batches; log(metrics) after every step;
+    hooks.step measures each batch."""
     policy.train()
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
@@ -1043,7 +1048,7 @@ def train_task(policy, tokenizer, teacher, task, cfg, *, rng, reference=None, lo
             metrics = (sft_step(policy, tokenizer, optimizer, scheduler, batch_task, examples, cfg)
                        if cfg.loss_mode == "sft" else train_step(
                            policy, tokenizer, teacher, optimizer, scheduler, batch_task, examples,
-                           cfg, reference, measures))
+                           cfg, reference, hooks))
         except FloatingPointError as e:
             last = history[-1] if history else {}
             raise FloatingPointError(f"{desc}: step {step}: {e}; last finite metrics: {last}")
@@ -1129,69 +1134,63 @@ def evaluation_tasks(sequence, probes) -> list:
     return list(sequence) + [p for p in probes if p.name not in {t.name for t in sequence}]
 
 
-def base_row(base, tokenizer, tasks, cfg, measures=None) -> dict:
+def base_row(base, tokenizer, tasks, cfg, hooks=None) -> dict:
     """Row 0: the base model on every task with its teacher lift, and its answers ("sequences")
     that response drift is measured on; seeded apart from cfg.seed, so a run computes it once."""
     t0 = time.time()
     seed_everything("base-eval")
     record, outputs = accuracy_row(base, tokenizer, tasks, cfg, lift=True)
-    if measures is not None:
-        record.update(measures.stage(base, base, outputs, outputs["sequences"]))
+    record.update((hooks or Hooks()).stage(base, base, outputs, outputs["sequences"], []))
     return {"record": {"stage": 0, "task": "base", **record, "seconds": time.time() - t0},
             "sequences": outputs["sequences"]}
 
 
 def train_stage(k, sequence, policy, tokenizer, teacher, base, cfg, *, eval_tasks,
-                base_sequences, steps=None, log=None, desc="", measures=None) -> dict:
+                base_sequences, hooks, steps=None, desc="") -> dict:
     """Stage k >= 1: train sequence[k - 1] (its teacher re-created first), then row k of R."""
     t0, task = time.time(), sequence[k - 1]
     rng = seed_everything(cfg.seed, "train", k)
     if teacher is not None and cfg.reset_teacher_each_task and k > 1:
         teacher.reset(policy)
     stage_cfg = dataclasses.replace(cfg, steps_per_task=steps[k - 1]) if steps else cfg
-    def curve(step):     # a mid-stage evaluation, and what `measures` sees of the weights then
-        seen = measures.curve(policy, base) if measures is not None else {}
+
+    def curve(step):     # a mid-stage evaluation, and what the hooks see of the weights then
         return {"accuracy": curve_point(policy, tokenizer, eval_tasks, cfg,
-                                        (cfg.seed, "curve", k, step)), **seen}
+                                        (cfg.seed, "curve", k, step)), **hooks.curve(policy, base)}
     history = train_task(
         policy, tokenizer, teacher, task, stage_cfg, rng=rng, reference=base,
-        log=(lambda m: log({"stage": k, "task": task.name, **m})) if log else None,
+        log=lambda m: hooks.log({"stage": k, "task": task.name, **m}),
         desc=f"{desc} stage {k}/{len(sequence)} {task.name}".strip(),
         others=list(sequence) if cfg.multitask else list(sequence[:k - 1]),
-        curve=curve, measures=measures)
-    record = {"stage": k, "task": task.name, "train": stage_summary(history),
-              "curve": [{"step": h["step"] + 1, **h["curve"]} for h in history if "curve" in h]}
+        curve=curve, hooks=hooks)
     seed_everything(cfg.seed, "eval", k)
-    row, outputs = accuracy_row(policy, tokenizer, eval_tasks, cfg, cfg.teacher_lift_every_stage)
-    record.update(row)
-    if measures is not None:
-        record.update(measures.stage(policy, base, outputs, base_sequences))
-    record["seconds"] = time.time() - t0
-    return record
+    row, outputs = accuracy_row(policy, tokenizer, eval_tasks, cfg)
+    return {"stage": k, "task": task.name, **row,
+            "curve": [{"step": h["step"] + 1, **h["curve"]} for h in history if "curve" in h],
+            **hooks.stage(policy, base, outputs, base_sequences, history),
+            "seconds": time.time() - t0}
 
 
-def continual_sequence(cfg, policy, tokenizer, sequence, probes=(), *, steps=None, log=None,
-                       desc="", row0=None, measures=None, resume=None, on_stage=None) -> list:
+def continual_sequence(cfg, policy, tokenizer, sequence, probes=(), *, steps=None, row0=None,
+                       hooks=None, desc="") -> list:
     """Train the tasks of `sequence` in order from `policy`, evaluating sequence + probes before
-    (row 0) and after each stage; returns one record per stage, record["accuracy"] = row k of R.
-    The SDPO teacher is re-created at each stage, as a verl run per stage does (unless
-    reset_teacher_each_task=False). Plugged in: row0 (base_row()); measures (.step as in
-    train_step; .stage(policy, base, outputs, base_sequences), .curve(policy, base): drift);
-    resume(policy, teacher) -> earlier records, weights loaded; on_stage(k, record, policy,
-    teacher) after each stage (checkpoints)."""
+    (row 0: base_row(), unless given) and after each stage; returns one record per stage,
+    record["accuracy"] = row k of R. The SDPO teacher is re-created at each stage, as a verl run
+    per stage does (unless reset_teacher_each_task=False). `hooks` (Hooks) measure, log, resume
+    after the stages already finished, and checkpoint each stage."""
+    hooks = hooks or Hooks()
     eval_tasks = evaluation_tasks(sequence, probes)
     base = frozen_copy(policy, "base")
     teacher = Teacher(policy, cfg) if cfg.loss_mode == "sdpo" else None
-    records = resume(policy, teacher) if resume is not None else []
+    records = hooks.resume(policy, teacher)
     if row0 is None:
-        row0 = base_row(base, tokenizer, eval_tasks, cfg, measures)
+        row0 = base_row(base, tokenizer, eval_tasks, cfg, hooks)
     for k in range(len(records), len(sequence) + 1):
         record = dict(row0["record"]) if k == 0 else train_stage(
             k, sequence, policy, tokenizer, teacher, base, cfg, eval_tasks=eval_tasks,
-            base_sequences=row0["sequences"], steps=steps, log=log, desc=desc, measures=measures)
+            base_sequences=row0["sequences"], hooks=hooks, steps=steps, desc=desc)
         records.append(record)
-        if on_stage is not None:
-            on_stage(k, record, policy, teacher)
+        hooks.finished(k, record, policy, teacher)
     return records
 
 

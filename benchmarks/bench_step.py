@@ -30,7 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import sdpo_cl as sc  # noqa: E402
-from harness import lora  # noqa: E402
+from harness import lab, lora  # noqa: E402
+from harness.loading import load_policy, load_task  # noqa: E402
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -685,7 +686,7 @@ def main():
         print(f"| {name} | {diff:.2e} |")
     worst = max(d for _, d in rows)
 
-    model, tok = run_sequence.load_policy(args.model)
+    model, tok = load_policy(args.model)
     is_lab = args.model in lab.LABS
     if is_lab or args.model.endswith(".gguf"):
         # TRL's SDPOTrainer reloads its teacher from the model's path, which the shipped lab
@@ -694,13 +695,13 @@ def main():
         folder = tempfile.mkdtemp()
         model.save_pretrained(folder)
         tok.save_pretrained(folder)
-        model, tok = run_sequence.load_policy(folder)
+        model, tok = load_policy(folder)
         if is_lab:      # the lab model runs eager attention (not saved in its config)
             model.set_attn_implementation("eager")
     if args.task is None:
-        task = run_sequence.load_task("math", args.model) if is_lab else sums_task()
+        task = load_task("math", args.model) if is_lab else sums_task()
     else:
-        task = run_sequence.load_task(args.task, args.model)
+        task = load_task(args.task, args.model)
         if not is_lab:   # a real model answers in sentences: the last number counts
             task.reward = last_number_reward
     budget = args.max_new_tokens or task.max_new_tokens or 24

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import eval_forgetting as ef    # noqa: E402
+from harness import measures  # noqa: E402
 import sdpo_cl as sc            # noqa: E402
 from harness import lab         # noqa: E402
 
@@ -49,8 +49,8 @@ def replay(base, cfg, stages, updates_per_batch, gradient, seed=0) -> dict:
 
 
 def drift_of(policy, base) -> dict:
-    d = ef.parameter_drift(policy, base)
-    return {"l2": 100 * d["overall"], "angle": d["subspace_angle"], **ef.paper_drift(policy, base)}
+    d = measures.parameter_drift(policy, base)
+    return {"l2": 100 * d["overall"], "angle": d["subspace_angle"], **measures.paper_drift(policy, base)}
 
 
 COLUMNS = ("param drift %", "mean angle °", "NSS ×1e3", "max angle °", "PM overlap %",

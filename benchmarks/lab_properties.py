@@ -9,7 +9,7 @@ traces a prompt has (distinct solutions among 50 drawn); the base's test accurac
 standard error, and with a correct demonstration in the prompt (the self-teacher's accuracy);
 the lift between them; at temperature 1 on 64 training prompts x 8 samples, the first-step
 reward and the share of groups all alike; how often the teacher's most likely token departs from
-a right student's own token (eval_forgetting.teacher_departure); the share of samples in the
+a right student's own token (measures.teacher_departure); the share of samples in the
 family's form. All seeded; about a minute on 2 CPU cores. With a ladder (the ood finding's
 probes), its smallest base accuracy and the MMD of every set from each trained family.
 
@@ -29,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import eval_forgetting as ef    # noqa: E402
+from harness import measures  # noqa: E402
 import run_sequence             # noqa: E402
 import sdpo_cl as sc            # noqa: E402
 from harness import lab         # noqa: E402
@@ -42,8 +43,8 @@ def family_properties(model, tokenizer, lab_name, name, cfg) -> dict:
     sc.seed_everything("lab-properties", lab_name, name)
     plain = sc.task_accuracy(model, tokenizer, task, cfg)
     demo = sc.task_accuracy(model, tokenizer, task, cfg, with_demonstration=True)
-    signal = ef.rollout_signal(model, tokenizer, task, cfg, n_prompts=64)
-    departure = ef.teacher_departure(model, tokenizer, task, cfg)
+    signal = measures.rollout_signal(model, tokenizer, task, cfg, n_prompts=64)
+    departure = measures.teacher_departure(model, tokenizer, task, cfg)
     samples = plain["completions"]
     return {
         "answer_tokens": statistics.mean(tokens(ex["answer"]) for ex in task.test),
@@ -125,12 +126,12 @@ def main(argv=None):
 
 
 def ladder_distances(model, tokenizer, lab_name) -> str:
-    """The ood finding's distances on the base alone: the MMD (eval_forgetting.task_distances)
+    """The ood finding's distances on the base alone: the MMD (measures.task_distances)
     of every evaluation set from each trained family's training set, each cell with what the
     set shares with that family (eval_forgetting.relation)."""
     spec = lab.LABS[lab_name]
     tasks = [lab.make_lab_task(n, lab_name) for n in spec.sequence + spec.probes + spec.ladder]
-    d = ef.task_distances(model, tokenizer, tasks[:len(spec.sequence)], tasks)
+    d = measures.task_distances(model, tokenizer, tasks[:len(spec.sequence)], tasks)
     lines = ["\n| MMD from | " + " | ".join(t.name for t in tasks) + " |",
              "|" + "---|" * (len(tasks) + 1)]
     for a in spec.sequence:

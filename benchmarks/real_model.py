@@ -70,13 +70,13 @@ def probe(model_path: str, folders, prompts: int = 8, group_size: int = 8,
           max_new_tokens: int = 48):
     """The base model's signal on each task at temperature 1, as the signal check measures it,
     with the answers' length and the share cut by the budget."""
-    import run_sequence as rs
+    from harness.loading import load_policy, load_task
     import sdpo_cl as sc
-    model, tokenizer = rs.load_policy(model_path)
+    model, tokenizer = load_policy(model_path)
     cfg = sc.Config(prompts_per_step=prompts, group_size=group_size,
                     max_new_tokens=max_new_tokens)
     for folder in folders:
-        task = rs.load_task(str(folder), model_path)
+        task = load_task(str(folder), model_path)
         t0 = time.time()
         examples = [task.train[i] for i in range(prompts)]
         rollout, _, rewards = sc.sample_rollout(model, tokenizer, task, examples, cfg)

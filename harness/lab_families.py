@@ -26,7 +26,6 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
-from harness.data import mcq_reward, normalize
 
 BOXED, ANSWER, END_ANSWER, FENCE, THINK, END_THINK = ("\\boxed{", "<answer>", "</answer>",
                                                       "```", "<think>", "</think>")
@@ -275,6 +274,17 @@ CONTENT_FORMAT = {**{f: (f, f) for f in SEQUENCE}, "mcq_math": ("math", "science
                   "math_cot": ("math", "math"), **CROSSES}
 
 
+def relation(trained: str, evaluated: str) -> str | None:
+    """What an evaluated set shares with a trained family (its content: what is asked; its
+    format: the final answer's wrapper): "both", "content", "format" or "neither"; None for a
+    set that is no lab family (lab-short's families are named alike, and read alike)."""
+    if trained not in CONTENT_FORMAT or evaluated not in CONTENT_FORMAT:
+        return None
+    (content, form), (c, f) = CONTENT_FORMAT[trained], CONTENT_FORMAT[evaluated]
+    return ("both" if (content, form) == (c, f) else "content" if content == c else
+            "format" if form == f else "neither")
+
+
 # ================================================================================================
 # SHORT: answers of 2-4 tokens, where SDPO's targets are reliable
 # ================================================================================================
@@ -298,7 +308,19 @@ def number_feedback(completion: str, example: dict) -> str | None:
 
 
 def exact_reward(completion: str, example: dict) -> float:
-    return float(normalize(completion) == normalize(example["answer"]))
+    """1 iff the answer is the gold one, up to case and spacing."""
+    return float(completion.lower().split() == example["answer"].lower().split())
+
+
+def tagged_choice(text: str) -> str:
+    """The text inside the last <answer>...</answer> (without a tag, the whole text), stripped:
+    the paper's multiple-choice reading, as harness/data.py reads the paper's own data (the lab
+    keeps its own copy: it does not depend on the paper's data)."""
+    return text.split(ANSWER)[-1].split(END_ANSWER)[0].strip()
+
+
+def tag_reward(completion: str, example: dict) -> float:
+    return float(tagged_choice(completion) == tagged_choice(example["answer"]))
 
 
 def tool_feedback(completion: str, example: dict) -> str | None:
@@ -399,11 +421,11 @@ def fixed_answer(row, rng, slip):
 
 SHORT = {
     "math": Family(short_math, fixed_answer, number_reward, r"\d+", 4, number_feedback),
-    "science": Family(short_science, fixed_answer, mcq_reward, r"<answer>\d+</answer>", 5),
+    "science": Family(short_science, fixed_answer, tag_reward, r"<answer>\d+</answer>", 5),
     "tool": Family(short_tool, fixed_answer, exact_reward, r"send\(\w+,\w+,\w+\)", 20,
                    tool_feedback),
     "code": Family(short_code, fixed_answer, exact_reward, r"[a-h]+", 8, string_feedback),
-    "mcq_math": Family(short_mcq_math, fixed_answer, mcq_reward, r"<answer>\d+</answer>", 5),
+    "mcq_math": Family(short_mcq_math, fixed_answer, tag_reward, r"<answer>\d+</answer>", 5),
     "math_words": Family(short_math_words, fixed_answer, number_reward, r"\d+", 4,
                          number_feedback),
     "math_cot": Family(short_math_cot, fixed_answer, final_answer_reward,

@@ -140,24 +140,13 @@ def stored_row0(folder) -> dict:
     return {"record": stage_records(folder, 0)[0], "sequences": sequences}
 
 
-def resume_from(folder, done):
-    """resume(policy, teacher) for sdpo_cl.continual_sequence: the records of stages 0..done,
-    with stage done's weights loaded into the policy and the teacher."""
-    def resume(policy, teacher):
-        records = stage_records(folder, done)
-        if done > 0:
-            load_stage_weights(folder, done, policy, teacher)
-        return records
-    return resume
-
-
-def checkpoint_to(folder, tokenizer, base_sequences):
-    """on_stage(k, record, policy, teacher) for sdpo_cl.continual_sequence: each finished stage
-    saved; stage 0 also keeps the base's answers, for response drift after a resume."""
-    def on_stage(k, record, policy, teacher):
-        save_stage(folder, k, record, policy, tokenizer, teacher,
-                   {"base_sequences.json": base_sequences} if k == 0 else None)
-    return on_stage
+def resume(folder, done, policy, teacher) -> list:
+    """The records of stages 0..done of a run folder, with stage done's weights loaded into the
+    policy and the teacher: where sdpo_cl.continual_sequence picks up (Hooks.resume)."""
+    records = stage_records(folder, done)
+    if done > 0:
+        load_stage_weights(folder, done, policy, teacher)
+    return records
 
 
 def keep_log_lines(path: Path, keep):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-import eval_forgetting
+from harness import measures
 from harness import data, lab
 
 
@@ -23,13 +23,13 @@ def test_the_teachers_pull_is_teacher_minus_student_log_prob_on_the_masked_token
     ids = torch.tensor([[0, 1], [1, 1]])
     mask = torch.tensor([[1.0, 1.0], [0.0, 0.0]])               # only the first sample counts
     expected = ((math.log(0.8) - math.log(0.5)) + (math.log(0.7) - math.log(0.1))) / 2
-    assert eval_forgetting.teacher_pull(student, teacher, ids, mask) == pytest.approx(
+    assert measures.teacher_pull(student, teacher, ids, mask) == pytest.approx(
         expected, abs=1e-5)
-    assert eval_forgetting.teacher_pull(student, teacher, ids, torch.zeros(2, 2)) is None
+    assert measures.teacher_pull(student, teacher, ids, torch.zeros(2, 2)) is None
 
 
 def test_repetition_counts_responses_that_repeat_an_ngram():
-    out = eval_forgetting.format_artifacts(["a b c a b c a b c", "x y z"])
+    out = measures.format_artifacts(["a b c a b c a b c", "x y z"])
     assert out["repetition_frac"] == 0.5 and out["top_repeated"] == "a b c"
 
 
@@ -54,5 +54,5 @@ def test_a_wrapper_leak_is_another_familys_wrapper_in_an_answer():
     answers = ["on=fri,to=dan,at=7 send(dan,7,fri)",                       # clean
                "on=fri,to=dan,at=7 \\boxed{send(dan,7,fri)}",              # math's box leaked
                "\\boxed{1} <answer>2</answer> send(a,b,c)"]               # two leaks
-    leaks = eval_forgetting.wrapper_leaks(answers, "tool", WRAPPERS)
+    leaks = measures.wrapper_leaks(answers, "tool", WRAPPERS)
     assert leaks == {"math": pytest.approx(2 / 3), "science": pytest.approx(1 / 3), "code": 0.0}

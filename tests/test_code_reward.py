@@ -9,21 +9,21 @@ import time
 
 import pytest
 
-from harness import data, sandbox
+from harness import code_reward, sandbox
 
 ADD = "a, b = map(int, input().split())\nprint(a + b)"
 
 
 @pytest.fixture(autouse=True)
 def runnable(monkeypatch):
-    data.code_outcome.cache_clear()
+    code_reward.code_outcome.cache_clear()
     if sandbox.isolation_available():
         monkeypatch.setenv(sandbox.ALLOW_UNISOLATED, "1")
 
 
 def result(program, tests):
     row = {"kind": "code", "tests": json.dumps(tests)}
-    return data.code_result(f"```python\n{program}\n```", row)
+    return code_reward.code_result(f"```python\n{program}\n```", row)
 
 
 def stdin(inputs, outputs, **extra):
@@ -153,9 +153,9 @@ def test_the_reward_is_all_or_nothing_and_the_accuracy_the_fraction_passed():
     tests = stdin(["1 2", "2 2", "5 7"], ["3", "4", "13"])
     row = {"kind": "code", "tests": json.dumps(tests)}
     completion = f"```python\n{ADD}\n```"
-    assert data.code_reward(completion, row) == 0.0
-    assert data.code_accuracy(completion, row) == pytest.approx(2 / 3)
-    assert data.code_reward(completion, row, sparse=False) == pytest.approx(2 / 3)
+    assert code_reward.code_reward(completion, row) == 0.0
+    assert code_reward.code_accuracy(completion, row) == pytest.approx(2 / 3)
+    assert code_reward.code_reward(completion, row, sparse=False) == pytest.approx(2 / 3)
 
 
 def test_the_feedback_shows_the_shortest_wrong_answers_as_the_official_one():
@@ -185,12 +185,12 @@ def test_the_feedback_shows_the_shortest_wrong_answers_as_the_official_one():
     (stdin(["1"], ["1"], time_limit=0), "`time_limit`"),
 ])
 def test_a_row_whose_tests_cannot_fail_or_cannot_pass_is_named(tests, problem):
-    assert problem in data.check_code_row({"tests": json.dumps(tests)})
+    assert problem in code_reward.check_code_row({"tests": json.dumps(tests)})
 
 
 def test_a_good_row_has_no_problem():
-    assert data.check_code_row({"tests": json.dumps(stdin(["1 2"], ["3"]))}) is None
-    assert data.check_code_row({"tests": functional([{"a": 1}], ["1"])}) is None
-    assert data.check_code_row({"tests": asserts(
+    assert code_reward.check_code_row({"tests": json.dumps(stdin(["1 2"], ["3"]))}) is None
+    assert code_reward.check_code_row({"tests": functional([{"a": 1}], ["1"])}) is None
+    assert code_reward.check_code_row({"tests": asserts(
         "import math\ndef check(candidate):\n    for x in [1, 2]:\n"
         "        assert math.isclose(candidate(x), x)\ncheck(f)")}) is None

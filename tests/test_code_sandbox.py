@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import data, sandbox
+from harness import code_reward, sandbox
 
 ROOT = Path(__file__).resolve().parents[1]
 VICTIMS = "SDPO_CL_TEST_VICTIMS"     # where victim folders go (an ordinary user's run: its own)
@@ -61,7 +61,7 @@ KERNEL_ALLOWS = sys.platform.startswith("linux") and subprocess.run(
 def fresh(monkeypatch):
     """No opt-in to unisolated runs, and no cached result from another test."""
     monkeypatch.delenv(sandbox.ALLOW_UNISOLATED, raising=False)
-    data.code_outcome.cache_clear()
+    code_reward.code_outcome.cache_clear()
 
 
 def row(program, tests=STDIN):
@@ -77,9 +77,9 @@ def attack(program, tests=STDIN):
     assert not (reason and KERNEL_ALLOWS), f"the kernel allows namespaces, yet: {reason}"
     if reason:
         with pytest.raises(RuntimeError, match=sandbox.ALLOW_UNISOLATED):
-            data.code_result(r["completion"], r)
+            code_reward.code_result(r["completion"], r)
         return None
-    return data.code_result(r["completion"], r)
+    return code_reward.code_result(r["completion"], r)
 
 
 @pytest.fixture
@@ -443,8 +443,8 @@ def test_a_memory_bomb_fails():
 
 def test_an_answer_without_a_code_block_is_a_format_error():
     r = row("")
-    assert data.code_reward("print(3)", r) == 0.0
-    assert data.code_feedback("print(3)", r).startswith("Incorrect Format: Put your code")
+    assert code_reward.code_reward("print(3)", r) == 0.0
+    assert code_reward.code_feedback("print(3)", r).startswith("Incorrect Format: Put your code")
 
 
 def test_without_isolation_the_reward_refuses_naming_why_and_the_opt_in(monkeypatch):
@@ -452,7 +452,7 @@ def test_without_isolation_the_reward_refuses_naming_why_and_the_opt_in(monkeypa
     r = row("print(3)")
     with pytest.raises(RuntimeError, match="user namespaces are disabled here.*"
                                            + sandbox.ALLOW_UNISOLATED):
-        data.code_reward(r["completion"], r)
+        code_reward.code_reward(r["completion"], r)
 
 
 def test_the_opt_in_runs_unisolated_with_a_warning(monkeypatch):
@@ -461,7 +461,7 @@ def test_the_opt_in_runs_unisolated_with_a_warning(monkeypatch):
     monkeypatch.setenv(sandbox.ALLOW_UNISOLATED, "1")
     r = row("a, b = map(int, input().split())\nprint(a + b)")
     with pytest.warns(RuntimeWarning, match="NOT isolated"):
-        assert data.code_reward(r["completion"], r) == 1.0
+        assert code_reward.code_reward(r["completion"], r) == 1.0
 
 
 # ---- (i) both paths on every suite run ---------------------------------------------------------

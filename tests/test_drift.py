@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from harness import lab
-import eval_forgetting
+from harness import measures
 
 
 def rotated(theta):
@@ -21,7 +21,7 @@ def rotated(theta):
 @pytest.mark.parametrize("degrees", [0.0, 20.0, 45.0, 90.0])
 def test_principal_angle_of_a_turned_top_direction(degrees):
     w0, w = rotated(0.0), rotated(math.radians(degrees))
-    assert eval_forgetting.subspace_angle(w0, w) == pytest.approx(degrees, abs=1e-3)   # k = 1 of 3
+    assert measures.subspace_angle(w0, w) == pytest.approx(degrees, abs=1e-3)   # k = 1 of 3
 
 
 def turned_in_the_e2_e3_plane(theta):
@@ -34,13 +34,13 @@ def turned_in_the_e2_e3_plane(theta):
 def test_the_angle_of_a_two_dimensional_subspace_is_the_mean_of_its_two_principal_angles():
     """k = 2 of 4: span(e1, e2) against span(e1, cos t e2 + sin t e3), principal angles 0 and t."""
     w0, w = turned_in_the_e2_e3_plane(0.0), turned_in_the_e2_e3_plane(math.radians(60.0))
-    assert eval_forgetting.subspace_angle(w0, w, fraction=0.5) == pytest.approx(30.0, abs=1e-3)
-    assert eval_forgetting.subspace_angle(w0, w, fraction=0.25) == pytest.approx(0.0, abs=1e-3)
+    assert measures.subspace_angle(w0, w, fraction=0.5) == pytest.approx(30.0, abs=1e-3)
+    assert measures.subspace_angle(w0, w, fraction=0.25) == pytest.approx(0.0, abs=1e-3)
 
 
 def test_principal_angle_ignores_the_scale_and_the_sign_of_the_directions():
     w0 = rotated(0.3)
-    assert eval_forgetting.subspace_angle(w0, -5.0 * w0) == pytest.approx(0.0, abs=1e-3)
+    assert measures.subspace_angle(w0, -5.0 * w0) == pytest.approx(0.0, abs=1e-3)
 
 
 def test_parameter_drift_reports_l2_and_angles_per_layer_type():
@@ -51,15 +51,15 @@ def test_parameter_drift_reports_l2_and_angles_per_layer_type():
         for name, p in moved.named_parameters():
             if "mlp" in name:
                 p.mul_(1.1)                 # 10% larger: L2 drift 0.1, directions unchanged
-    drift = eval_forgetting.parameter_drift(moved, base)
+    drift = measures.parameter_drift(moved, base)
     assert drift["mlp"] == pytest.approx(0.1, rel=1e-4) and drift["attention"] == 0.0
     assert drift["subspace_angle"] == pytest.approx(0.0, abs=0.5)
 
 
 def test_response_similarity_is_the_share_of_matching_characters():
-    assert eval_forgetting.response_similarity(["abc", "xyz"], ["abc", "xyz"]) == pytest.approx(100.0)
-    assert eval_forgetting.response_similarity(["abcd"], ["abzz"]) == pytest.approx(50.0)
-    assert eval_forgetting.response_similarity(["abc"], ["xyz"]) == 0.0
+    assert measures.response_similarity(["abc", "xyz"], ["abc", "xyz"]) == pytest.approx(100.0)
+    assert measures.response_similarity(["abcd"], ["abzz"]) == pytest.approx(50.0)
+    assert measures.response_similarity(["abc"], ["xyz"]) == 0.0
 
 
 class NextTokenTable(torch.nn.Module):
@@ -86,8 +86,8 @@ def test_response_kl_is_kl_from_the_base_to_the_model_averaged_over_tokens():
     one (skipped), and [1] (KL). The mean over the 4 tokens is KL / 2 (not the mean of the
     per-answer means, 2 KL / 3, nor KL(model || base))."""
     sequences = [([1], [2, 2, 2]), ([1], []), ([1], [1])]
-    kl = eval_forgetting.response_kl(NextTokenTable(MODEL), NextTokenTable(BASE), sequences,
+    kl = measures.response_kl(NextTokenTable(MODEL), NextTokenTable(BASE), sequences,
                                      batch_size=2)
     assert kl == pytest.approx(KL_BASE_MODEL / 2, abs=1e-6)
-    assert eval_forgetting.response_kl(NextTokenTable(BASE), NextTokenTable(BASE),
+    assert measures.response_kl(NextTokenTable(BASE), NextTokenTable(BASE),
                                        sequences) == pytest.approx(0.0, abs=1e-7)

@@ -91,7 +91,7 @@ def test_a_fault_in_stage_2_keeps_stage_1_trained_finite_and_in_strict_json(tmp_
     strict_json((folder / "stage1" / "stage.json").read_text())
     results = strict_json((run / "results.json").read_text())
     assert len(results["runs"]["sdpo"]["0"]["R"]) == 2
-    assert results["runs"]["sdpo"]["0"]["records"][1]["train"]["reward_first"] is None  # NaN
+    assert results["runs"]["sdpo"]["0"]["records"][1]["train"]["series"]["reward"][0] is None  # NaN
     log = [strict_json(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [x["stage"] for x in log] == [1] and log[0]["reward"] is None
     trained, base = weights(folder / "stage1"), weights(folder / "stage0")

@@ -5,7 +5,6 @@ import re
 
 import pytest
 
-import eval_forgetting
 import run_sequence
 from harness import lab_families
 from conftest import tiny_argv
@@ -23,7 +22,7 @@ def test_help_says_what_each_finding_reports(capsys):
     with pytest.raises(SystemExit):
         run_sequence.main(["--help"])
     text = re.sub(r"-\s+", "-", " ".join(capsys.readouterr().out.split()))   # wraps, at hyphens too
-    assert set(PAPER_SAYS) == set(eval_forgetting.FINDINGS)
+    assert set(PAPER_SAYS) == set(run_sequence.FINDINGS)
     for name, words in PAPER_SAYS.items():
         said = text.split(f"{name}: the paper: ")[1].split(". Look at")[0]
         assert words in said, name

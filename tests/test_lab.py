@@ -11,7 +11,7 @@ import statistics
 import pytest
 import torch
 
-import eval_forgetting
+from harness import measures
 import sdpo_cl as s
 from harness import lab
 
@@ -108,7 +108,7 @@ def test_each_trained_family_gives_both_methods_a_signal(models, base_records, n
     the one with a demonstration)."""
     bounds, record = BOUNDS[name], base_records[name]
     torch.manual_seed(0)
-    check = eval_forgetting.signal_check(*models[name], lab.make_lab_task(family, name),
+    check = measures.signal_check(*models[name], lab.make_lab_task(family, name),
                                          lab.lab_config(name), record["teacher_lift"][family],
                                          n_prompts=64)
     share_se = lambda p: math.sqrt(max(p * (1 - p), 1 / 64) / 64)       # noqa: E731
@@ -137,14 +137,14 @@ def test_the_paper_regime_teacher_departs_from_right_answers(shipped_lab, family
     teacher's most likely token is not the student's own, the pull toward the demonstration's
     path that a right answer does not need."""
     torch.manual_seed(0)
-    out = eval_forgetting.teacher_departure(*shipped_lab, lab.make_lab_task(family),
+    out = measures.teacher_departure(*shipped_lab, lab.make_lab_task(family),
                                             lab.lab_config(), n_prompts=16)
     assert out["scored"] >= 10 and out["departure"] > 0
 
 
 def test_the_signal_check_warns_where_a_method_would_have_almost_no_signal():
     starved = {"solved_groups": 0.05, "zero_adv_groups": 0.95, "teacher_lift": 0.01}
-    warnings = eval_forgetting.signal_warnings(starved)
+    warnings = measures.signal_warnings(starved)
     assert len(warnings) == 3 and "SDPO" in warnings[0] and "GRPO" in warnings[1]
-    assert eval_forgetting.signal_warnings({"solved_groups": 0.1, "zero_adv_groups": 0.9,
+    assert measures.signal_warnings({"solved_groups": 0.1, "zero_adv_groups": 0.9,
                                             "teacher_lift": 0.05}) == []

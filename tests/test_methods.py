@@ -68,3 +68,17 @@ def test_the_other_settings_are_the_runs():
     cfg = run_sequence.method_config("hybrid", {"prompts_per_step": 8, "alpha": 1.0},
                                      {"alpha": 1.0}, lab.lab_config)
     assert (cfg.prompts_per_step, cfg.alpha, cfg.lr) == (8, 1.0, lab.lab_config().lr)
+
+
+def test_the_readme_lists_every_method_and_no_other():
+    """The README's Methods section names each method of run_sequence.METHODS (`name`); every
+    other name there is a Config field or a lab task, not a method that does not exist."""
+    import dataclasses
+    import pathlib
+    import re
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Methods", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`([a-z][a-z0-9_]*)`", section))
+    other = {f.name for f in dataclasses.fields(s.Config)} | set(lab.LABS["lab"].families)
+    assert set(run_sequence.METHODS) <= named
+    assert named - other - set(run_sequence.METHODS) == set()

@@ -84,3 +84,36 @@ def test_no_module_imports_one_that_imports_it_back(path):
         if module not in seen:
             seen.add(module)
             stack += [(dep, chain + [module]) for dep in imports(module)]
+
+
+def project_imports(rel) -> set:
+    """The project modules `rel` imports anywhere in it (functions included)."""
+    tree = ast.parse((ROOT / rel).read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found |= ({f"{node.module}.{a.name}" for a in node.names}
+                      if node.module == "harness" else {node.module})
+    return {m for m in found if m.split(".")[0] in PROJECT}
+
+
+def test_each_floor_imports_only_the_floors_below():
+    """The core (sdpo_cl.py), the support folder (harness/), the reports (eval_forgetting.py),
+    the driver (run_sequence.py): no file imports one on its own floor's level above it (the
+    walkthrough's __main__ hook in sdpo_cl.py aside: test_it_imports_no_other_module...)."""
+    for rel in sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("harness/*.py")):
+        assert not project_imports(rel) & {"run_sequence", "eval_forgetting"}, rel
+    assert project_imports("eval_forgetting.py") == {"harness.runs"}   # atomic writes only
+    assert "run_sequence" not in project_imports("eval_forgetting.py")
+
+
+def test_the_reports_load_no_model():
+    """eval_forgetting.py reads run folders: it imports neither torch nor transformers."""
+    tree = ast.parse((ROOT / "eval_forgetting.py").read_text())
+    modules = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+               for alias in node.names}
+    modules |= {node.module.split(".")[0] for node in ast.walk(tree)
+                if isinstance(node, ast.ImportFrom) and node.module}
+    assert not modules & {"torch", "transformers", "sdpo_cl", "peft"}

@@ -6,24 +6,25 @@ import pytest
 import torch
 
 import eval_forgetting as ef
+from harness import lab_families, measures
 
 
 def test_mmd_of_a_set_with_itself_is_zero():
     x = torch.randn(20, 4, generator=torch.Generator().manual_seed(0))
-    assert ef.mmd_rbf(x, x) == pytest.approx(0.0, abs=1e-12)
+    assert measures.mmd_rbf(x, x) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_mmd_grows_with_a_shift():
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(50, 4, generator=gen), torch.randn(50, 4, generator=gen)
-    shifts = [ef.mmd_rbf(x, y + d, bandwidth=2.0) for d in (0.0, 0.5, 1.0, 2.0)]
+    shifts = [measures.mmd_rbf(x, y + d, bandwidth=2.0) for d in (0.0, 0.5, 1.0, 2.0)]
     assert shifts == sorted(shifts) and shifts[0] < 0.05 < shifts[-1]
 
 
 def test_mmd_by_hand_for_two_points():
     # k(a, a) = 1, k(a, b) = exp(-|a - b|^2 / 2) at h = 1: MMD^2 = 1 + 1 - 2 exp(-1/2)
     x, y = torch.tensor([[0.0]]), torch.tensor([[1.0]])
-    assert ef.mmd_rbf(x, y, bandwidth=1.0) == pytest.approx(2 - 2 * math.exp(-0.5), abs=1e-12)
+    assert measures.mmd_rbf(x, y, bandwidth=1.0) == pytest.approx(2 - 2 * math.exp(-0.5), abs=1e-12)
 
 
 def test_one_bandwidth_makes_the_distances_of_a_ladder_compare(shipped_lab):
@@ -33,7 +34,7 @@ def test_one_bandwidth_makes_the_distances_of_a_ladder_compare(shipped_lab):
     model, tok = shipped_lab
     tasks = {n: lab.make_lab_task(n, n_train=30, n_test=30)
              for n in ("math", "math_words", "tool")}
-    d = ef.task_distances(model, tok, [tasks["math"]], list(tasks.values()), n=30)["math"]
+    d = measures.task_distances(model, tok, [tasks["math"]], list(tasks.values()), n=30)["math"]
     assert d["math"] < d["math_words"] < d["tool"]
 
 
@@ -75,7 +76,7 @@ def test_the_pairs_are_each_sets_change_during_each_stage():
     ("math", "gsm8k", None),                 # outside the lab: no relation
 ])
 def test_the_ladder_relates_each_set_to_a_trained_family(trained, evaluated, shares):
-    assert ef.relation(trained, evaluated) == shares
+    assert lab_families.relation(trained, evaluated) == shares
 
 
 def test_forgetting_by_relation_averages_the_pairs_of_each_relation_per_seed():
@@ -84,7 +85,10 @@ def test_forgetting_by_relation_averages_the_pairs_of_each_relation_per_seed():
              ("math", "mcq_math", 0.2, {"0": -0.1, "1": 0.0}),        # content
              ("math", "math_fenced", 0.2, {"0": -0.3, "1": -0.2}),    # content
              ("math", "tool", 0.6, {"0": 0.0, "1": 0.1})]             # neither
-    got = ef.forgetting_by_relation(pairs)
+    results = {"relations": {"math": {b: lab_families.relation("math", b)
+                                      for b in ("math", "math_words", "mcq_math", "math_fenced",
+                                                "tool")}}}
+    got = ef.forgetting_by_relation(results, pairs)
     assert set(got) == {"both", "content", "neither"}
     assert got["both"] == pytest.approx({"0": -0.3, "1": -0.2})
     assert got["content"] == pytest.approx({"0": 0.2, "1": 0.1})
@@ -98,5 +102,6 @@ def test_methods_are_compared_per_relation_on_the_seeds_both_finished():
         "grpo": {"0": run(-0.1), "1": run(-0.5), "2": run(-0.2)},
         "sdpo": {"0": run(-0.2), "2": run(-0.4), "1": {"R": [[0.5, 0.5]]}}}}
     distances = {"tool": {"math": 0.8, "tool": 0.0}}
+    results["relations"] = {"tool": {"math": "neither", "tool": "both"}}
     table = ef.relation_table(results, distances, "grpo")
     assert "| sdpo − grpo | +15.0 [" in table                        # (10 + 20) / 2 points

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import eval_forgetting as ef
+from harness import measures
 
 
 def rotation(degrees):
@@ -18,50 +19,50 @@ W0 = torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64))
 
 
 def test_nss_is_zero_for_a_rotation_and_the_relative_change_of_a_rescaling():
-    assert ef.normalised_spectral_shift(W0, rotation(40) @ W0) == pytest.approx(0.0, abs=1e-12)
-    assert ef.normalised_spectral_shift(W0, 1.1 * W0) == pytest.approx(0.1, abs=1e-12)
+    assert measures.normalised_spectral_shift(W0, rotation(40) @ W0) == pytest.approx(0.0, abs=1e-12)
+    assert measures.normalised_spectral_shift(W0, 1.1 * W0) == pytest.approx(0.1, abs=1e-12)
     # one singular value from 1 to 2: ||(0, 0, 1)|| / ||(3, 2, 1)||
     moved = torch.diag(torch.tensor([3.0, 2.0, 2.0], dtype=torch.float64))
-    assert ef.normalised_spectral_shift(W0, moved) == pytest.approx(1 / math.sqrt(14), abs=1e-12)
+    assert measures.normalised_spectral_shift(W0, moved) == pytest.approx(1 / math.sqrt(14), abs=1e-12)
 
 
 def test_the_largest_principal_angle_is_the_rotation_of_the_top_directions():
     # the top-2 left singular subspace (e1, e2) turned by 25 degrees about e1: angles 0 and 25
     c, s = math.cos(math.radians(25)), math.sin(math.radians(25))
     turn = torch.tensor([[1.0, 0, 0], [0, c, -s], [0, s, c]], dtype=torch.float64)
-    assert ef.max_principal_angle(W0, turn @ W0, fraction=2 / 3) == pytest.approx(25.0, abs=1e-6)
-    assert ef.subspace_angle(W0, turn @ W0, fraction=2 / 3) == pytest.approx(12.5, abs=1e-6)
-    assert ef.max_principal_angle(W0, 2.0 * W0, fraction=2 / 3) == pytest.approx(0.0, abs=1e-6)
+    assert measures.max_principal_angle(W0, turn @ W0, fraction=2 / 3) == pytest.approx(25.0, abs=1e-6)
+    assert measures.subspace_angle(W0, turn @ W0, fraction=2 / 3) == pytest.approx(12.5, abs=1e-6)
+    assert measures.max_principal_angle(W0, 2.0 * W0, fraction=2 / 3) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_the_principal_mask_is_the_largest_entries_of_the_low_rank_reconstruction():
     w = torch.tensor([[4.0, 0.1], [0.2, 0.0]], dtype=torch.float64)
-    full = ef.principal_mask(w, rank=2, alpha=0.5)                 # top 2 of the 4 entries of w
+    full = measures.principal_mask(w, rank=2, alpha=0.5)                 # top 2 of the 4 entries of w
     assert full.tolist() == [[True, False], [True, False]]
-    rank1 = ef.principal_mask(w, rank=1, alpha=0.25)               # of u1 s1 v1^T: the 4.0
+    rank1 = measures.principal_mask(w, rank=1, alpha=0.25)               # of u1 s1 v1^T: the 4.0
     assert rank1.tolist() == [[True, False], [False, False]]
 
 
 def test_the_update_mask_counts_what_bf16_can_see():
     w0 = torch.tensor([[1.0, 1.0, 256.0, 0.0]])
     w = torch.tensor([[1.0, 1.5, 256.5, 0.001]])      # 256.5 rounds to 256 in bf16
-    assert ef.update_mask(w0, w).tolist() == [[False, True, False, True]]
+    assert measures.update_mask(w0, w).tolist() == [[False, True, False, True]]
 
 
 def test_pm_overlap_and_update_on_a_known_change():
     torch.manual_seed(0)
     w0 = torch.randn(8, 8, dtype=torch.float64)
-    assert ef.principal_mask_overlap(w0, w0.clone()) == 1.0
-    assert ef.principal_mask_update(w0, w0.clone()) == 0.0
-    mask = ef.principal_mask(w0)                      # 32 of 64 entries
+    assert measures.principal_mask_overlap(w0, w0.clone()) == 1.0
+    assert measures.principal_mask_update(w0, w0.clone()) == 0.0
+    mask = measures.principal_mask(w0)                      # 32 of 64 entries
     w = w0.clone()
     chosen = mask.nonzero()[:8]                       # change 8 principal entries by 10%
     w[chosen[:, 0], chosen[:, 1]] *= 1.1
-    assert ef.principal_mask_update(w0, w) == pytest.approx(8 / 32)
+    assert measures.principal_mask_update(w0, w) == pytest.approx(8 / 32)
     off = (~mask).nonzero()[:8]                       # and 8 others: no principal entry more
     w[off[:, 0], off[:, 1]] *= 1.1
-    assert ef.principal_mask_update(w0, w) == pytest.approx(8 / 32)
-    assert ef.principal_mask_overlap(w0, -w0) == 1.0  # a sign flip keeps every magnitude
+    assert measures.principal_mask_update(w0, w) == pytest.approx(8 / 32)
+    assert measures.principal_mask_overlap(w0, -w0) == 1.0  # a sign flip keeps every magnitude
 
 
 def test_paper_drift_averages_over_attention_and_mlp_matrices(random_lab):
@@ -72,7 +73,7 @@ def test_paper_drift_averages_over_attention_and_mlp_matrices(random_lab):
         for name, p in moved.named_parameters():
             if p.dim() == 2 and ("attn" in name or "mlp" in name):
                 p.mul_(1.1)
-    out = ef.paper_drift(moved, base)
+    out = measures.paper_drift(moved, base)
     assert out["nss"] == pytest.approx(0.1, abs=1e-6)           # every matrix rescaled by 1.1
     assert out["max_angle"] == pytest.approx(0.0, abs=1e-3)
     assert out["pm_overlap"] == pytest.approx(1.0)
@@ -107,13 +108,13 @@ def test_a_matrix_changed_in_place_is_decomposed_again():
     # weights in place, and the next measure must see the new ones (doubled: NSS 1)
     w0 = torch.randn(8, 6)
     w = w0.clone()
-    assert ef.normalised_spectral_shift(w0, w) == pytest.approx(0.0, abs=1e-12)
+    assert measures.normalised_spectral_shift(w0, w) == pytest.approx(0.0, abs=1e-12)
     w.mul_(2.0)
-    assert ef.normalised_spectral_shift(w0, w) == pytest.approx(1.0, abs=1e-12)
+    assert measures.normalised_spectral_shift(w0, w) == pytest.approx(1.0, abs=1e-12)
 
 
 def test_a_matrix_changed_in_place_gets_a_new_principal_mask():
     w = torch.tensor([[4.0, 0.1], [0.2, 0.0]], dtype=torch.float64)
-    assert ef.principal_mask(w, rank=2, alpha=0.25).tolist() == [[True, False], [False, False]]
+    assert measures.principal_mask(w, rank=2, alpha=0.25).tolist() == [[True, False], [False, False]]
     w[0, 0] = 0.0                                       # in place, as an optimizer step
-    assert ef.principal_mask(w, rank=2, alpha=0.25).tolist() == [[False, False], [True, False]]
+    assert measures.principal_mask(w, rank=2, alpha=0.25).tolist() == [[False, False], [True, False]]

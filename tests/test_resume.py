@@ -21,7 +21,7 @@ def test_a_sequence_cut_after_stage_1_resumes_to_the_same_result(tiny_base, tmp_
 
     full, resumed = run_and_resume(cfg, model, tok, tmp_path)
     assert [r["task"] for r in full] == ["base", "math", "code"]
-    assert full[1]["param_drift"]["overall"] > 0 and full[2]["train"]["distill_frac"] == 1.0
+    assert full[1]["param_drift"]["overall"] > 0 and set(full[2]["train"]["series"]["distill_frac"]) == {1.0}
     assert resumed == full
     assert json.loads((tmp_path / "b" / "stage2" / "stage.json").read_text())["task"] == "code"
 

@@ -10,6 +10,7 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 import eval_forgetting
+from harness import measures
 import sdpo_cl as s
 from harness import lab
 from conftest import coin_reward
@@ -75,7 +76,7 @@ def test_the_log_is_the_stages_training(smoke_run):
 def test_the_last_checkpoint_is_the_model_whose_drift_was_measured(smoke_run, tiny_base):
     folder, results, _ = smoke_run
     policy = AutoModelForCausalLM.from_pretrained(folder / "sdpo" / "seed0" / "stage2" / "policy")
-    drift = eval_forgetting.parameter_drift(policy, tiny_base[0])
+    drift = measures.parameter_drift(policy, tiny_base[0])
     recorded = results["runs"]["sdpo"]["0"]["records"][2]["param_drift"]
     assert drift["overall"] > 0 and drift["overall"] == pytest.approx(recorded["overall"])
 

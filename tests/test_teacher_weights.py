@@ -124,9 +124,11 @@ def test_the_teacher_restarts_from_the_policy_at_each_task_as_a_verl_run_does(ra
     for task in tasks:
         task.reward = alternating_reward()
     after = {}
-    s.continual_sequence(cfg, copy.deepcopy(model), tok, tasks, on_stage=lambda k, record,
-                         policy, teacher: after.update({k: (flat_params(policy),
-                                                             flat_params(teacher.model))}))
+
+    class Weights(s.Hooks):
+        def finished(self, k, record, policy, teacher):
+            after[k] = (flat_params(policy), flat_params(teacher.model))
+    s.continual_sequence(cfg, copy.deepcopy(model), tok, tasks, hooks=Weights())
     base, (policy_1, teacher_1), (_, teacher_2) = flat_params(model), after[1], after[2]
     assert not torch.equal(policy_1, base)                      # stage 1 trained the policy
     assert torch.equal(teacher_1, base)
