@@ -348,19 +348,29 @@ def matched_gain_table(results, baseline="grpo") -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
-def ood_pairs(results, distances, method) -> list:
+def ood_pairs(results, distances, method, relative=False) -> list:
     """Every (trained task, evaluated task) pair of a method's finished runs: (trained,
     evaluated, MMD, {seed: change}), change = the evaluated set's accuracy after the trained
-    task's stage minus before it (a gain if > 0, forgetting if < 0)."""
+    task's stage minus before it (a gain if > 0, forgetting if < 0); with `relative`, in % of
+    the base model's accuracy on that set (the unit of the paper's figures; in points where the
+    base's accuracy is 0)."""
     runs = {s: r for s, r in results["runs"][method].items()
             if len(r["R"]) == len(results["trained"]) + 1}
     pairs = []
     for k, j in enumerate(results["trained"], 1):
         a = results["tasks"][j]
         for e, b in enumerate(results["tasks"]):
-            pairs.append((a, b, distances[a][b],
-                          {s: r["R"][k][e] - r["R"][k - 1][e] for s, r in runs.items()}))
+            unit = lambda r: (r["R"][0][e] or 1.0) if relative else 1.0      # noqa: E731
+            pairs.append((a, b, distances[a][b], {s: (r["R"][k][e] - r["R"][k - 1][e]) / unit(r)
+                                                  for s, r in runs.items()}))
     return pairs
+
+
+def floored(pairs, sign) -> list:
+    """The pairs with each seed's change floored at 0 from one side, as the paper's two panels
+    show them: gain (sign +1: max(0, change)) or forgetting (sign -1: max(0, -change))."""
+    return [(a, b, d, {s: max(0.0, sign * c) for s, c in change.items()})
+            for a, b, d, change in pairs]
 
 
 BINS = ("near", "intermediate", "far")
@@ -371,46 +381,88 @@ def shared_seeds(pairs) -> list:
     return sorted(set.intersection(*(set(p[3]) for p in pairs))) if pairs else []
 
 
-def ood_peak(pairs) -> dict:
-    """The paper's reading tested: the pairs other than a task with itself split into distance
-    terciles; per seed, the forgetting (minus the change) in each; a peak at intermediate
-    distance is its forgetting above both the near and the far tercile's, each a paired
-    difference over seeds with a 95% t interval."""
+def distance_bins(pairs) -> dict:
+    """The pairs other than a task with itself, split by distance into terciles."""
     others = sorted((p for p in pairs if p[0] != p[1]), key=lambda p: p[2])
-    none = paired_difference([], [])
-    if len(others) < len(BINS):
-        return {"bins": {}, "above_near": none, "above_far": none}
-    seeds = shared_seeds(others)
-    if not seeds:                                     # no run of the method has finished yet
-        return {"bins": {}, "above_near": none, "above_far": none}
     cut = [round(len(others) * i / 3) for i in range(4)]
-    bins = {name: others[cut[i]:cut[i + 1]] for i, name in enumerate(BINS)}
-    forget = {name: [-sum(p[3][s] for p in b) / len(b) for s in seeds] for name, b in bins.items()}
-    return {"bins": {name: (b[0][2], b[-1][2], mean_std(forget[name])[0])
+    return {name: others[cut[i]:cut[i + 1]] for i, name in enumerate(BINS)}
+
+
+def bin_means(pairs) -> dict:
+    """{tercile: [its mean value per seed]} over the seeds every pair has; {} when a tercile is
+    empty or no run finished."""
+    bins, seeds = distance_bins(pairs), shared_seeds([p for p in pairs if p[0] != p[1]])
+    if not seeds or not all(bins.values()):
+        return {}
+    return {name: [sum(p[3][s] for p in b) / len(b) for s in seeds] for name, b in bins.items()}
+
+
+def ood_peak(pairs) -> dict:
+    """The paper's reading tested on `pairs` whose values are forgetting (floored: >= 0): the
+    pairs other than a task with itself split into distance terciles; a peak at intermediate
+    distance is the intermediate tercile's mean forgetting above both the near and the far
+    one's, each a paired difference over seeds with a 95% t interval."""
+    means, none = bin_means(pairs), paired_difference([], [])
+    if not means:
+        return {"bins": {}, "above_near": none, "above_far": none}
+    bins = distance_bins(pairs)
+    return {"bins": {name: (b[0][2], b[-1][2], mean_std(means[name])[0])
                      for name, b in bins.items()},
-            "above_near": paired_difference(forget["intermediate"], forget["near"]),
-            "above_far": paired_difference(forget["intermediate"], forget["far"])}
+            "above_near": paired_difference(means["intermediate"], means["near"]),
+            "above_far": paired_difference(means["intermediate"], means["far"])}
 
 
-def ood_table(results, distances) -> str:
-    """Per method: each distance tercile's MMD range and mean forgetting, how far the
-    intermediate one's exceeds the near and the far one's, and whether that is a peak."""
-    lines = ["| method | " + " | ".join(f"forgetting, {b} (MMD)" for b in BINS)
-             + " | intermediate − near | intermediate − far | a peak at intermediate? |",
-             "|" + "---|" * 7]
-    for method in results["runs"]:
-        if not finished_runs(results, method):
-            continue
-        got = ood_peak(ood_pairs(results, distances, method))
-        cells = [f"{100 * f:+.1f} ({lo:.3f}-{hi:.3f})" for lo, hi, f in got["bins"].values()
+def peak_reading(near, far) -> str:
+    if near["low"] is None or far["low"] is None:
+        return "n/a"
+    if near["low"] > 0 and far["low"] > 0:
+        return "yes, beyond noise"
+    return "no" if near["high"] < 0 or far["high"] < 0 else "not beyond noise"
+
+
+def ood_table(results, distances, baseline=None) -> str:
+    """Per method: each distance tercile's MMD range and mean forgetting (floored at 0, in % of
+    the base's accuracy on the set), how far the intermediate one's exceeds the near and the
+    far one's, whether that is a peak, and the intermediate tercile's forgetting against
+    `baseline`'s, paired over seeds."""
+    forgetting = {m: floored(ood_pairs(results, distances, m, relative=True), -1)
+                  for m in results["runs"] if finished_runs(results, m)}
+    versus = baseline if baseline in forgetting else None
+    lines = ["| method | " + " | ".join(f"forgetting %, {b} (MMD)" for b in BINS)
+             + " | intermediate − near | intermediate − far | a peak at intermediate? |"
+             + (f" intermediate: − {versus} |" if versus else ""),
+             "|" + "---|" * (7 + bool(versus))]
+    for method, pairs in forgetting.items():
+        got = ood_peak(pairs)
+        cells = [f"{100 * f:.1f} ({lo:.3f}-{hi:.3f})" for lo, hi, f in got["bins"].values()
                  ] or ["n/a (fewer than 3 pairs)"] * len(BINS)
         near, far = got["above_near"], got["above_far"]
-        peak = ("n/a" if near["low"] is None or far["low"] is None else
-                "yes, beyond noise" if near["low"] > 0 and far["low"] > 0 else
-                "no" if near["high"] < 0 or far["high"] < 0 else "not beyond noise")
-        lines.append(f"| {method} | " + " | ".join(
-            cells + [interval_text(near, 100), interval_text(far, 100), peak]) + " |")
+        cells += [interval_text(near, 100), interval_text(far, 100), peak_reading(near, far)]
+        if versus:
+            mine, theirs = bin_means(pairs), bin_means(forgetting[versus])
+            cells.append("" if method == versus or not mine or not theirs else interval_text(
+                paired_difference(mine["intermediate"], theirs["intermediate"]), 100))
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def quadratic_fit(xs, ys, grid) -> tuple:
+    """The least-squares parabola y = b0 + b1 x + b2 x^2 through (xs, ys), at each x of `grid`,
+    with its pointwise 95% confidence band (b's covariance s^2 (X^T X)^-1, Student's t at
+    n - 3 degrees of freedom): (fit, low, high), lists over the grid. With fewer than 4 points,
+    no band (low = high = fit)."""
+    import numpy as np
+    x, y, g = np.asarray(xs, float), np.asarray(ys, float), np.asarray(grid, float)
+    design = np.stack([np.ones_like(x), x, x * x], 1)                     # [n, 3]
+    beta, *_ = np.linalg.lstsq(design, y, rcond=None)
+    at = np.stack([np.ones_like(g), g, g * g], 1)                         # [G, 3]
+    fit = at @ beta
+    if len(x) < 4:
+        return fit.tolist(), fit.tolist(), fit.tolist()
+    s2 = float(((y - design @ beta) ** 2).sum()) / (len(x) - 3)
+    cov = s2 * np.linalg.pinv(design.T @ design)
+    half = t_quantile(len(x) - 3) * np.sqrt(np.einsum("gi,ij,gj->g", at, cov, at))
+    return fit.tolist(), (fit - half).tolist(), (fit + half).tolist()
 
 
 RELATIONS = ("both", "content", "format", "neither")
@@ -529,14 +581,20 @@ def write_report(results, out: Path, baselines=None, finding=None) -> str:
         elif finding["name"] == "ood":
             distances = results["distances"]
             plots.append(ood_plot(results, distances, out))
-            parts += ["![ood](ood.png)", "", "Every (trained task, evaluated set) pair: the "
-                      "evaluated set's change in accuracy during the trained task's stage, "
-                      "against the MMD (RBF kernel, one bandwidth) between the training set and "
-                      "the evaluation set on the base model's mean last hidden state over prompt "
-                      "and gold answer. Forgetting (points, mean over seeds) by distance tercile, "
-                      "the pairs of a task with itself left out, and the intermediate tercile's "
-                      "excess over the others with its 95% interval over seeds (a peak: above "
-                      "both, beyond noise):", "", ood_table(results, distances), ""]
+            embedded = results.get("distances_from") or "the base model itself"
+            parts += ["![ood](ood.png)", "", "As the paper's forgetting_curve.jpg: every (trained "
+                      "task, evaluated set) pair at the MMD (RBF kernel, one bandwidth for all "
+                      "pairs) between the training set and the evaluation set, embedded by "
+                      f"{embedded} (mean last hidden state over prompt and gold answer); its "
+                      "gain and its forgetting during the trained task's stage, each floored at "
+                      "0 and in % of the base model's accuracy on the set (the paper's unit), "
+                      "mean over seeds; a quadratic least-squares fit per method with its 95% "
+                      "confidence band. The paper's reading, tested: forgetting by distance "
+                      "tercile (the pairs of a task with itself left out), the intermediate "
+                      "tercile's excess over the near and the far one, paired over seeds [95% "
+                      "interval] (a peak: above both, beyond noise), and the intermediate "
+                      f"tercile against {baselines[0]}:", "",
+                      ood_table(results, distances, baselines[0]), ""]
             by_relation = relation_table(results, distances, baselines[0])
             if by_relation:
                 parts += ["The same pairs by what the evaluated set shares with the trained "
@@ -781,26 +839,33 @@ def write_plots(results, out: Path) -> list:
 
 
 def ood_plot(results, distances, out: Path) -> Path:
-    """ood.png: every pair's change in accuracy against its MMD, mean ± std over seeds, one
-    colour per method (the paper's forgetting_curve.jpg against mmd_rbf.jpg), one marker per
-    relation of the ladder (a circle where it is unknown)."""
+    """ood.png, the paper's forgetting_curve.jpg: every (trained task, evaluated set) pair at its
+    MMD from the training set, its gain and its forgetting (each floored at 0, in % of the
+    base's accuracy on the set, mean over seeds) in two panels, one colour per method and one
+    marker per trained task, with each method's quadratic fit and its 95% band."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    marker = {"both": "o", "content": "o", "format": "s", "neither": "^", None: "o"}
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for i, method in enumerate(m for m in results["runs"] if finished_runs(results, m)):
-        for n, (a, b, d, change) in enumerate(ood_pairs(results, distances, method)):
-            m, sd = mean_std([100 * v for v in change.values()])
-            ax.errorbar(d, m, yerr=sd, fmt="*" if a == b else marker[relation(results, a, b)],
-                        ms=8 if a == b else 4, color=f"C{i}", alpha=0.8,
-                        label=None if n else method)
-    ax.axhline(0, color="grey", lw=1)
-    ax.set_xlabel("MMD (RBF) between training and evaluation set (base model)")
-    ax.set_ylabel("change during the stage (points)")
-    ax.set_title("gain (> 0) and forgetting (< 0) of every pair\n* a task with itself, "
-                 "o shares its content, s only its format, ^ neither", fontsize=9)
-    ax.legend(fontsize=7)
+    markers = dict(zip((results["tasks"][j] for j in results["trained"]), "oxs+^vD*"))
+    methods = [m for m in results["runs"] if finished_runs(results, m)]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for ax, sign, title in ((axes[0], 1, "gain (%)"), (axes[1], -1, "forgetting (%)")):
+        for i, method in enumerate(methods):
+            pairs = floored(ood_pairs(results, distances, method, relative=True), sign)
+            xs = [d for _, _, d, _ in pairs]
+            ys = [100 * mean_std(list(v.values()))[0] for _, _, _, v in pairs]
+            for (a, _, d, _), y in zip(pairs, ys):
+                ax.scatter(d, y, marker=markers.get(a, "o"), s=22, color=f"C{i}", alpha=0.75)
+            grid = [min(xs) + (max(xs) - min(xs)) * t / 50 for t in range(51)]
+            fit, low, high = quadratic_fit(xs, ys, grid)
+            ax.plot(grid, fit, ls="--", color=f"C{i}", label=method)
+            ax.fill_between(grid, low, high, color=f"C{i}", alpha=0.15)
+        ax.axhline(0, color="grey", lw=0.8, ls=":")
+        ax.set_xlabel("MMD (RBF) between training and evaluation set")
+        ax.set_ylabel(title)
+    for task, marker in markers.items():
+        axes[1].scatter([], [], marker=marker, color="grey", label=f"trained on {task}")
+    axes[1].legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(out / "ood.png", dpi=90)
     plt.close(fig)

@@ -41,6 +41,11 @@ def quarter_of_the_batch(settings):
     return prompts // 4
 
 
+def a_tenth_of_the_rate(settings):
+    """GRPO's learning rate in the drift confound: a tenth of the run's (SDPO's)."""
+    return settings["lr"] / 10
+
+
 def ten_times_the_rate(settings):
     """A LoRA adapter's learning rate: ten times the full model's, as verl's LoRA guide advises
     ("increase the learning rate by an order of magnitude", docs/advance/ppo_lora.rst)."""
@@ -111,6 +116,10 @@ METHODS = {
                         "bound)", loss_mode="sdpo", multitask=True),
     "grpo_multitask": Method("GRPO on all tasks mixed from the start", loss_mode="grpo",
                              ppo_mini_batch_size=quarter_of_the_batch, multitask=True),
+    "grpo_lr_tenth": Method("GRPO at a tenth of the run's learning rate (the drift figure's "
+                            "confound: the SDPO code base swept GRPO at 1e-5 and 1e-6)",
+                            loss_mode="grpo", ppo_mini_batch_size=quarter_of_the_batch,
+                            lr=a_tenth_of_the_rate),
     # LoRA (harness/lora.py): a rank-8 adapter on every linear layer, verl's alpha 16
     "grpo_lora": Method("GRPO training a rank-8 LoRA adapter (every linear layer, alpha 16) at "
                         "ten times the learning rate, the base frozen", loss_mode="grpo",
@@ -135,29 +144,35 @@ FINDINGS = {
              "against the frozen teacher; and the curves every 4 batches",
         baselines=("grpo", "sdpo_frozen")),
     "ood": dict(
-        methods="grpo,sdpo", steps="paper", seeds="0,1,2",
+        methods="sdpo,sdpo_frozen,grpo", steps="paper", seeds="0,1,2",
         # 14 evaluation sets: 50 test prompts each, for the 30 minutes on the slow CPU
         probes=",".join(("mcq_math", "math_words") + LADDER), set=["eval_examples=50"],
-        paper="SDPO improves source-like tasks but hurts partially related domains: across "
-              "evaluation sets, forgetting peaks at intermediate distance (MMD, RBF kernel) "
-              "from the training domain, an inverted U",
-        look="every (trained task, evaluated set) pair's change during the stage against its "
-             "distance (ood.png), the peak at intermediate distance with its interval, and the "
-             "ladder: forgetting of the sets sharing a trained family's content, its format, "
-             "both or neither (the probes cross each family's content with another's wrapper)"),
+        paper="SDPO improves source-like tasks but hurts partially related domains: in its "
+              "forgetting_curve.jpg (SDPO_5% against SDPO_0), each (trained domain, evaluated "
+              "set) pair's gain and forgetting, floored at 0, against the set's MMD (RBF kernel) "
+              "from the training domain; forgetting peaks at intermediate distance (0.1-0.3), "
+              "an inverted U, SDPO_5% above SDPO_0 there",
+        look="ood.png (gain and forgetting of every pair against its distance, a quadratic fit "
+             "with its band per method), the intermediate tercile's forgetting against the near "
+             "and the far one with its interval, SDPO_5% (sdpo) against SDPO_0 (sdpo_frozen) "
+             "there, GRPO as a third; and the ladder: forgetting of the sets sharing a trained "
+             "family's content, its format, both or neither",
+        baselines=("sdpo_frozen", "grpo")),
     "continual": dict(
         methods="grpo,sdpo,sdpo_frozen", steps="paper", seeds="0,1,2",
         paper="SDPO accumulates forgetting across sequential domains; GRPO preserves more",
         look="forgetting and BWT, their paired differences and intervals"),
     "drift": dict(
-        methods="grpo,sdpo,sdpo_frozen", probes="", steps="paper", seeds="0,1,2",
+        methods="grpo,sdpo,sdpo_frozen,grpo_lr_tenth", probes="", steps="paper", seeds="0,1,2",
         set=["eval_every=10", "eval_examples=50"],
         paper="dense supervision causes substantially larger parameter and response drift: "
               "SDPO's four parameter measures (NSS, the largest principal angle, principal-mask "
               "overlap and update, every 10 steps) rise while GRPO's stay flat, and its answers "
-              "grow less like the base's",
+              "grow less like the base's (which learning rate its GRPO ran at is not stated; the "
+              "SDPO code base swept GRPO at 1e-5 and 1e-6, SDPO's default is 1e-5)",
         look="the paper's four measures every 10 batches (paper_drift.png), drift at matched "
-             "in-domain gain (the table), and response KL and similarity at stage ends"),
+             "in-domain gain (the table), response KL and similarity at stage ends, and the "
+             "confound: GRPO at a tenth of SDPO's learning rate (grpo_lr_tenth) against SDPO"),
     "collapse": dict(
         methods="grpo,sdpo", probes="", steps="paper", seeds="0,1,2",
         paper="in the tool-use stage of the sequence, SDPO at the official EMA rate 0.05 nearly "
@@ -259,6 +274,10 @@ def build_parser():
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                     help="where to train: auto (default) runs the lab on the CPU, where it is "
                     "fastest, and a real model on CUDA when there is one")
+    ap.add_argument("--embedding-model", default=None, metavar="MODEL", help="the model that "
+                    "embeds each task set for the distances between them (the ood finding's "
+                    "MMD; the paper embeds with a separate model): a hub id or a folder of any "
+                    "transformers encoder (default: the run's own base model)")
     ap.add_argument("--lab-steps", type=int, default=None,
                     help="pre-training steps of the lab base model (default: the shipped "
                     "base's; fewer for a smoke run: the base is cached per recipe)")
@@ -437,6 +456,9 @@ def plan_run(args) -> RunPlan | None:
                   "data_sha256": {t.name: runs.data_digest(t) for t in tasks + probes},
                   "configs": {f"{m}/seed{s}": dataclasses.asdict(c)
                               for (m, s), c in configs.items()}}
+    if args.embedding_model:                   # only then: older run folders resume as they were
+        run_config["embedding_model"] = args.embedding_model
+        models.load_encoder(args.embedding_model)          # refused now, not after training
     return RunPlan(methods, seeds, names, steps, configs, tasks, probes, base, tokenizer, device,
                    json.loads(json.dumps(run_config)), args.finding, not args.skip_signal_check)
 
@@ -569,12 +591,15 @@ def base_row_and_signal(plan: RunPlan, folder) -> dict:
 
 
 def set_distances(plan: RunPlan, folder):
-    """distances.json: {trained task: {evaluated task: MMD}} on the base model (harness/
-    measures.py), once per run folder: the out-of-domain reading places each evaluated set by
-    its distance from each training set."""
+    """distances.json: {trained task: {evaluated task: MMD}} between the task sets embedded by
+    --embedding-model, or by the base model itself (harness/measures.py), once per run folder:
+    the out-of-domain reading places each evaluated set by its distance from each training
+    set."""
     if not (folder / "distances.json").exists():
+        name = plan.run_config.get("embedding_model")
+        model, tokenizer = models.load_encoder(name) if name else (plan.base, plan.tokenizer)
         runs.write_json(folder / "distances.json", measures.task_distances(
-            plan.base, plan.tokenizer, plan.tasks, plan.tasks + plan.probes))
+            model, tokenizer, plan.tasks, plan.tasks + plan.probes))
 
 
 class RunHooks(Measures):
@@ -673,6 +698,7 @@ def write_results(folder, plan: RunPlan) -> dict:
         "tasks": names, "trained": list(range(len(plan.tasks))), "runs": by_method,
         "signal": json.loads(signal.read_text()) if signal.exists() else {},
         "distances": json.loads(distances.read_text()) if distances.exists() else {},
+        "distances_from": plan.run_config.get("embedding_model") or "the base model itself",
         "relations": {a: {b: lab_families.relation(a, b) for b in names
                           if lab_families.relation(a, b)} for a in names[:len(plan.tasks)]},
         "finding": plan.finding and {"name": plan.finding, **FINDINGS[plan.finding]}}

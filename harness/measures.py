@@ -149,48 +149,68 @@ def top_svd(w, k):
 
 
 @torch.no_grad()
-def principal_angles(w0, w, fraction=0.1):
-    """[k] principal angles (degrees) between the top-k left singular subspaces of a weight
-    matrix before (w0) and after (w), k = `fraction` of its smaller side (at least 1), as in
-    "The Path Not Taken" (arXiv 2511.08567): 0 when training kept the directions the matrix
-    writes to, 90 when it replaced them."""
-    k = max(1, int(fraction * min(w.shape)))
+def principal_angles(w0, w, k, side="left"):
+    """[k] principal angles (degrees) between the top-k left (U: the directions the matrix
+    writes to) or right (V: those it reads from) singular subspaces of a weight matrix before
+    (w0) and after (w): the arccos of the singular values of U0^T U (Bjorck & Golub), 0 where
+    training kept a direction, 90 where it replaced it."""
     # float64: arccos is steep near 1, and float32 rounding alone reads as 0.02 degrees
-    u0, u = top_svd(w0, k)[0], top_svd(w, k)[0]                            # [m, k]
-    cosines = torch.linalg.svdvals(u0.T @ u).clamp(max=1.0)                 # [k]
+    pick = (lambda d: d[0]) if side == "left" else (lambda d: d[2].T)
+    a, b = pick(top_svd(w0, k)), pick(top_svd(w, k))                      # [m or n, k]
+    cosines = torch.linalg.svdvals(a.T @ b).clamp(max=1.0)                  # [k]
     return torch.rad2deg(torch.arccos(cosines))
 
 
 def subspace_angle(w0, w, fraction=0.1) -> float:
-    """The mean principal angle (degrees): this project's drift measure."""
-    return principal_angles(w0, w, fraction).mean().item()
+    """This project's own drift measure: the mean principal angle (degrees) between the top-k
+    left singular subspaces, k = `fraction` of the smaller side (at least 1)."""
+    return principal_angles(w0, w, max(1, int(fraction * min(w.shape)))).mean().item()
 
 
-# The paper's four parameter measures (its cl.model.jpg: NSS, max PA, PM overlap, PM update, every
-# 10 steps). The paper cites "The Path Not Taken" (arXiv 2511.08567) for them and its code has none;
-# the definitions below are as "On the Geometry of On-Policy Distillation" (arXiv 2606.07082,
-# section 3.1 and appendix C.3) restates that paper's suite, per weight matrix, in float64, then
-# averaged over the attention and MLP matrices without weighting. PM overlap and PM update are
-# this project's reading of the paper's panel names (their values, ~99% and ~6-8%, fit no other).
+# The paper's four parameter measures (its cl.model.jpg panels: NSS, Max PA, PM overlap, PM
+# update, every 10 steps). The paper cites "The Path Not Taken" (arXiv 2511.08567) for them and its
+# code has none; the definitions below follow "On the Geometry of On-Policy Distillation" (arXiv
+# 2606.07082, section 3.1 and appendix C.3), which restates that suite: per weight matrix, in
+# float64, then averaged over the attention and MLP matrices without weighting. NSS and the
+# largest angle are the restatement's formulas; "PM overlap" and "PM update" are this project's
+# readings of the paper's panel names, which match no formula there exactly (the restatement's
+# own overlap, |M_princ & M_upd| / |M_upd| against a random baseline alpha, would sit near 50%,
+# not at the panel's 99%).
+
+PAPER_K = 512          # the restatement's k for the principal angles
+
+
+def principal_k(shape) -> int:
+    """The k of the largest-angle measure: the restatement's 512 where the matrix's smaller side
+    is larger, else a tenth of that side (at least 1): a lab matrix is 96 wide, where a
+    512-dimensional subspace would be all of it and every angle 0."""
+    side = min(shape)
+    return PAPER_K if side > PAPER_K else max(1, int(0.1 * side))
+
 
 def normalised_spectral_shift(w0, w) -> float:
-    """NSS = ||sigma(W) - sigma(W0)|| / ||sigma(W0)||, sigma the singular values in descending
-    order: how much the matrix's spectrum moved, whatever its singular vectors did."""
+    """NSS (restatement, section 3.1) = ||sigma(W) - sigma(W0)||_2 / ||sigma(W0)||_2 over all
+    singular values in descending order, float64: how far the matrix's spectrum moved, whatever
+    its singular vectors did."""
     s0, s = top_svd(w0, 1)[1], top_svd(w, 1)[1]
     return ((s - s0).norm() / s0.norm()).item()
 
 
-def max_principal_angle(w0, w, fraction=0.1) -> float:
-    """The largest principal angle (degrees), k as in principal_angles (the paper's k = 512
-    spans the whole of a lab matrix)."""
-    return principal_angles(w0, w, fraction).max().item()
+def max_principal_angle(w0, w, k=None) -> float:
+    """Max PA (restatement, appendix C.3): the largest principal angle (degrees) between the
+    top-k singular subspaces of W0 and W, over both the left (U) and the right (V) ones, k =
+    principal_k(W's shape) unless given."""
+    k = k or principal_k(w.shape)
+    return max(principal_angles(w0, w, k, "left").max().item(),
+               principal_angles(w0, w, k, "right").max().item())
 
 
 def principal_mask(w, rank=64, alpha=0.5):
-    """[m, n] bool: the top `alpha` share of entries, by magnitude, of W's rank-`rank`
-    reconstruction U_r S_r V_r^T (the weights the matrix's principal directions rest on), as
-    those at or above the k-th largest (kthvalue: a third of topk's time). Cached with W's
-    decomposition: the base's masks are computed once per run."""
+    """[m, n] bool, the principal mask (restatement, C.3): the top `alpha` share of entries, by
+    magnitude, of W's rank-`rank` reconstruction U_r S_r V_r^T (the weights the matrix's
+    principal directions rest on; r 64, alpha 0.5), as those at or above the k-th largest
+    (kthvalue: a third of topk's time). Cached with W's decomposition: the base's masks are
+    computed once per run."""
     d = decomposition(w, rank)
     if (rank, alpha) not in d.masks:
         r = min(rank, d.s.numel())
@@ -202,21 +222,24 @@ def principal_mask(w, rank=64, alpha=0.5):
 
 
 def update_mask(w0, w, eta=1e-3):
-    """[m, n] bool: the entries that changed as bf16 sees them, |w - w0| > eta max(|w0|, |w|)
-    after casting both to bf16 (a change bf16 cannot represent is no change)."""
+    """[m, n] bool, the update mask (restatement, C.3): the entries that changed as bf16 sees
+    them, |w - w0| > eta max(|w0|, |w|) after casting both to bf16, eta 1e-3 (a change bf16
+    cannot represent is no change)."""
     a, b = w0.bfloat16().double(), w.bfloat16().double()
     return (b - a).abs() > eta * torch.maximum(a.abs(), b.abs())
 
 
 def principal_mask_overlap(w0, w, rank=64, alpha=0.5) -> float:
-    """PM overlap: the share of W0's principal mask that is still W's principal mask (1: the
-    weights the principal directions rest on are the same)."""
+    """"PM overlap", this project's reading of the panel name: |M_princ(W0) & M_princ(W)| /
+    |M_princ(W0)|, the share of W0's principal mask that is still W's (1: the weights the
+    principal directions rest on are the same)."""
     m0 = principal_mask(w0, rank, alpha)
     return ((m0 & principal_mask(w, rank, alpha)).sum() / m0.sum()).item()
 
 
 def principal_mask_update(w0, w, rank=64, alpha=0.5, eta=1e-3) -> float:
-    """PM update: the share of W0's principal mask that training changed (as bf16 sees it)."""
+    """"PM update", this project's reading of the panel name: |M_princ(W0) & M_upd| /
+    |M_princ(W0)|, the share of W0's principal mask that training changed (as bf16 sees it)."""
     m0 = principal_mask(w0, rank, alpha)
     return ((m0 & update_mask(w0, w, eta)).sum() / m0.sum()).item()
 
@@ -311,13 +334,17 @@ def mmd_rbf(x, y, bandwidth=None) -> float:
 def set_embeddings(model, tokenizer, rows, batch_size=50) -> torch.Tensor:
     """[n, d]: the model's last hidden state averaged over the tokens of each row's chat prompt
     and gold answer, i.e. what the set asks and what answering it looks like: in the lab a
-    family's content lives in its prompts and its format in its answers' wrapper."""
+    family's content lives in its prompts and its format in its answers' wrapper. The model is
+    the run's base, or any encoder given with --embedding-model (the paper embeds with a model
+    of its own)."""
     out = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         texts = [sc.format_prompt(tokenizer, ex["prompt"], ex.get("system")) + ex["answer"]
                  for ex in chunk]
-        ids = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+        limit = getattr(model.config, "max_position_embeddings", None)   # long rows: their start
+        ids = [tokenizer(t, add_special_tokens=False, truncation=limit is not None,
+                         max_length=limit).input_ids for t in texts]
         input_ids = sc.pad_cat(ids, tokenizer.pad_token_id)                    # [b, T]
         mask = sc.pad_cat([[1.0] * len(i) for i in ids], 0.0)                  # [b, T]
         hidden = model(input_ids=input_ids.to(model.device), attention_mask=mask.long().to(

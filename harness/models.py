@@ -51,6 +51,23 @@ def load_pretrained(name: str, device: str = "cpu"):
     return model.to(device), tokenizer
 
 
+def load_encoder(name: str, device: str = "cpu"):
+    """(model, tokenizer) of any transformers encoder (a hub id or a folder), for embedding
+    task sets (harness/measures.py set_embeddings): its last hidden state is what is read."""
+    from transformers import AutoModel, AutoTokenizer
+    if not Path(name).exists():
+        offline_unless_reachable(f"the embedding model {name!r}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModel.from_pretrained(name, dtype=torch.float32)
+    except Exception as e:
+        raise ValueError(f"--embedding-model {name!r} could not be loaded: allowed are a hub id "
+                         f"or a folder of a transformers model ({type(e).__name__})") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return model.to(device).eval(), tokenizer
+
+
 def offline_unless_reachable(what: str, timeout: float = 3.0):
     """Without a network, the hub libraries retry for most of a minute before they give up.
     When the hub cannot be reached, switch them to offline mode (the local cache only) at once,

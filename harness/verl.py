@@ -37,7 +37,39 @@ SELF_DISTILLATION_KEYS = (   # declared in the official actor config (SDPO's ver
     "dont_reprompt_on_self_success", "remove_thinking_from_demonstration",
     "include_environment_feedback", "environment_feedback_only_without_solution",
     "max_reprompt_len")
-SDPO_CL_KEYS = ("mask_ratio", "teacher_path", "teacher_init_alpha")   # SDPO-CL's, undeclared: +key
+SDPO_CL_KEYS = ("mask_ratio", "teacher_path", "teacher_init_alpha")   # the fork's, undeclared: +key
+# The other fields the commands carry (verl_overrides, memory_overrides), and the run's seed.
+MAPPED = set(VERL_KEYS) | set(SELF_DISTILLATION_KEYS) | set(SDPO_CL_KEYS) | {
+    "loss_mode", "ppo_mini_batch_size", "steps_per_task", "loss_agg_mode", "eval_mode",
+    "eval_samples", "kl_loss_coef", "lora_rank", "lora_alpha", "lora_target_modules",
+    "optim_8bit", "teacher_bf16", "adam_betas", "gradient_checkpointing", "eval_every", "seed"}
+# What verl cannot run as this project does: a command printed for it would be another method.
+CANNOT = {
+    "replay_fraction": "replay of earlier tasks' prompts: verl trains on one file per stage, "
+                       "so that file would have to hold the earlier tasks' rows too (mix the "
+                       "files --export-verl-data writes yourself)",
+    "multitask": "every task mixed from the start: verl trains on one file; concatenate the "
+                 "tasks' files instead",
+    "distill_scope": "distilling only what follows the final-answer marker has no verl key",
+    "distillation_weight": "the GRPO + SDPO hybrid: verl's loss is one or the other",
+}
+# What verl runs otherwise, or does not need: printed as a note above the command.
+NOTES = {
+    "teacher_update_every": "StableSDPO's restart-and-freeze: verl moves the EMA every step",
+    "teacher_regularization": "the live teacher is shown as an EMA at rate 1.0 (after each step "
+                              "the teacher is the student: the same weights at scoring time)",
+    "reset_teacher_each_task": "verl re-creates the EMA teacher from each stage's checkpoint; "
+                               "carrying it over is not possible there",
+    "lora_dropout": "verl's LoraConfig takes none (peft's default 0)",
+    "eval_examples": "verl evaluates every row of data.val_files: export fewer test rows",
+    "rollout_chunk_size": "memory only (the same numbers); verl's rollout engine batches itself",
+    "micro_batch_size": "memory only (the same numbers); verl's micro-batch is set by the loss "
+                        "averaging (ppo_micro_batch_size_per_gpu)",
+    "share_teacher_prefix": "verl scores every teacher prompt in full, as share_teacher_prefix="
+                            "False does: the same numbers",
+    "bf16": "verl runs its actor in bf16 on the GPU",
+    "answer_marker": "used only with distill_scope, which verl has no key for",
+}
 
 
 def verl_value(v) -> str:
@@ -83,6 +115,11 @@ def verl_overrides(cfg: sc.Config, model_path: str, steps: int, stage: int, base
                 "actor_rollout_ref.actor.use_dynamic_bsz=false"]
     else:
         out.append(f"actor_rollout_ref.actor.loss_agg_mode={cfg.loss_agg_mode}")
+    out += [f"actor_rollout_ref.actor.optim.betas=[{','.join(map(str, cfg.adam_betas))}]",
+            "actor_rollout_ref.model.enable_gradient_checkpointing="
+            f"{verl_value(cfg.gradient_checkpointing)}"]
+    if cfg.eval_every:
+        out.append(f"trainer.test_freq={cfg.eval_every}")
     sample = cfg.eval_mode == "sample"
     out += [f"actor_rollout_ref.rollout.val_kwargs.do_sample={verl_value(sample)}",
             f"actor_rollout_ref.rollout.val_kwargs.n={cfg.eval_samples if sample else 1}"]
@@ -115,29 +152,70 @@ def verl_overrides(cfg: sc.Config, model_path: str, steps: int, stage: int, base
     return out
 
 
+def gaps(cfg: sc.Config) -> tuple:
+    """(refusals, notes): every setting of cfg, other than its default, that no verl key carries:
+    a refusal where verl would run another method (CANNOT, supervised fine-tuning, the KL
+    anchor with SDPO), a note otherwise (NOTES, or that it is not passed on)."""
+    default, refusals, notes = sc.Config(), [], []
+    special = {"loss_mode", "kl_loss_coef", "teacher_regularization"}   # mapped, but not always
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if (value == getattr(default, f.name) or f.name in MAPPED - special
+                or f.name == "teacher_regularization" and value != "live"
+                or f.name == "reset_teacher_each_task" and cfg.teacher_update_rate == 0):
+            continue        # a frozen teacher kept from the base is verl's teacher_path
+        what = f"{f.name}={value!r}"
+        if f.name in CANNOT:
+            refusals.append(f"{what}: {CANNOT[f.name]}")
+        elif f.name == "loss_mode" and value == "sft":
+            refusals.append(f"{what}: verl's PPO trainer has no supervised loss (its SFT trainer "
+                            "is another program, with its own settings)")
+        elif f.name == "kl_loss_coef" and cfg.loss_mode == "sdpo":
+            refusals.append(f"{what} with SDPO: verl refuses the KL loss beside the SDPO loss")
+        elif f.name not in ("loss_mode", "kl_loss_coef"):
+            notes.append(f"{what} has no verl key: {NOTES.get(f.name, 'not passed to verl')}")
+    if cfg.lora_rank and cfg.loss_mode == "sdpo":
+        notes.append("with LoRA, verl's teacher is a whole second model that carries an adapter "
+                     "of its own; here it is a second adapter on the policy's base")
+    return refusals, notes
+
+
+def check_model(model: str):
+    """A model verl can load: a hub id this machine resolves, or a folder with a config.json;
+    not a lab (built by this code) nor a GGUF file. One error naming it, before any output."""
+    from harness.models import offline_unless_reachable
+    if model in LABS:
+        raise ValueError(f"--print-verl --model {model}: verl cannot load a lab (this code builds "
+                         f"it); give a hub id or a folder saved with save_pretrained")
+    if model.endswith(".gguf"):
+        raise ValueError(f"--print-verl --model {model!r}: verl loads a hub id or a folder, not "
+                         f"a GGUF file; save the model with save_pretrained first")
+    if Path(model).exists():
+        if not (Path(model) / "config.json").is_file():
+            raise ValueError(f"--print-verl --model {model!r}: no config.json in that folder")
+        return
+    offline_unless_reachable(f"the model {model!r}")
+    try:
+        from transformers import AutoConfig
+        AutoConfig.from_pretrained(model)
+    except Exception as e:
+        raise ValueError(f"--print-verl --model {model!r}: no such model on the hub or in the "
+                         f"local cache ({type(e).__name__}); give a hub id this machine can "
+                         f"resolve, or a folder") from None
+
+
 def print_verl(methods, configs, names, steps, model, data_dir=None):
-    """One command per method and stage; a stage starts from the previous stage's checkpoint."""
-    for m in methods:
-        cfg = next(c for (mm, _), c in configs.items() if mm == m)
-        notes = []
-        if cfg.loss_mode == "sdpo" and cfg.distillation_weight < 1:
-            notes.append(f"distillation_weight={cfg.distillation_weight} (the GRPO+SDPO hybrid) "
-                         "has no verl key; verl runs pure SDPO")
-        if cfg.loss_mode == "sdpo" and cfg.teacher_update_every > 1:
-            notes.append(f"teacher_update_every={cfg.teacher_update_every} (StableSDPO's "
-                         "restart-and-freeze) has no verl key; verl moves the EMA every step")
-        if cfg.teacher_regularization == "live":
-            notes.append("the live teacher has no verl key; shown as ema at rate 1.0")
-        if cfg.lora_rank and cfg.lora_dropout:
-            notes.append(f"lora_dropout={cfg.lora_dropout} has no verl key (verl's LoraConfig "
-                         "takes none: peft's default 0)")
-        if cfg.lora_rank and cfg.loss_mode == "sdpo":
-            notes.append("with LoRA, verl's teacher is a whole second model that carries an "
-                         "adapter of its own; here it is a second adapter on the policy's base")
-        if (cfg.loss_mode == "sdpo" and cfg.teacher_update_rate > 0 and len(names) > 1
-                and not cfg.reset_teacher_each_task):
-            notes.append("verl re-creates the EMA teacher from each stage's starting checkpoint; "
-                         "reset_teacher_each_task=False carries it over, which verl cannot")
+    """One command per method and stage (a stage starts from the previous stage's checkpoint),
+    each with a note for every setting verl runs otherwise; refused, before anything is printed,
+    for a model verl cannot load or a method it cannot run (gaps)."""
+    check_model(model)
+    first = {m: next(c for (mm, _), c in configs.items() if mm == m) for m in methods}
+    refused = [f"{m}: {'; '.join(gaps(cfg)[0])}" for m, cfg in first.items() if gaps(cfg)[0]]
+    if refused:
+        raise ValueError("--print-verl: verl cannot run these methods as this code does, and a "
+                         "command for them would run another method: " + " | ".join(refused))
+    for m, cfg in first.items():
+        notes = gaps(cfg)[1]
         print(f"# {m}" + "".join(f"\n# note: {n}" for n in notes))
         for k, (name, n_steps) in enumerate(zip(names, steps), 1):
             path = model if k == 1 else f"<checkpoint of stage {k - 1}>"

@@ -39,7 +39,7 @@ def planned(monkeypatch):
 def test_a_finding_sets_the_experiment_it_needs(planned):
     args = planned(["--finding", "ood"])
     assert (args.methods, args.tasks, args.probes, args.steps, args.seeds) == (
-        "grpo,sdpo", "math,science,tool,code", "mcq_math,math_words," + ",".join(
+        "sdpo,sdpo_frozen,grpo", "math,science,tool,code", "mcq_math,math_words," + ",".join(
             lab_families.LADDER), "paper", "0,1,2")
     assert args.name == "ood"
     continual = planned(["--finding", "continual"])
@@ -49,6 +49,7 @@ def test_a_finding_sets_the_experiment_it_needs(planned):
         "grpo,sdpo_frozen,sdpo_ema01,sdpo_ema02,sdpo,stable_sdpo", "math", "math_hard", "25")
     drift = planned(["--finding", "drift"])
     assert drift.steps == "paper" and "eval_every=10" in drift.set
+    assert drift.methods == "grpo,sdpo,sdpo_frozen,grpo_lr_tenth"      # the confound too
     collapse = planned(["--finding", "collapse"])
     assert (collapse.methods, collapse.tasks, collapse.steps) == ("grpo,sdpo",
                                                                    "math,science,tool,code",

@@ -36,6 +36,7 @@ EXPECTED = {
     "sft": dict(loss_mode="sft", kl_loss_coef=0.0),
     "multitask": dict(loss_mode="sdpo", multitask=True),
     "grpo_multitask": dict(loss_mode="grpo", ppo_mini_batch_size=8, multitask=True),
+    "grpo_lr_tenth": dict(loss_mode="grpo", ppo_mini_batch_size=8, lr=1e-4 / 10),
     "grpo_lora": dict(loss_mode="grpo", ppo_mini_batch_size=8, lora_rank=8, lr=10 * 1e-4),
     "sdpo_lora": dict(loss_mode="sdpo", teacher_update_rate=0.05, lora_rank=8, lr=10 * 1e-4),
 }

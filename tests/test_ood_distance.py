@@ -45,16 +45,50 @@ def pairs_with(changes):
         ("a", f"e{d}", float(d), {"0": c, "1": c + 0.02}) for d, c in zip(range(1, 7), changes)]
 
 
+def test_the_paper_floors_gain_and_forgetting_at_zero_each_in_its_panel():
+    pairs = pairs_with([0.1, -0.3, 0.0, 0.0, 0.0, 0.0])
+    gain, forgetting = ef.floored(pairs, +1), ef.floored(pairs, -1)
+    assert gain[1][3] == pytest.approx({"0": 0.1, "1": 0.12})
+    assert forgetting[1][3] == {"0": 0.0, "1": 0.0}              # a gain is no forgetting
+    assert forgetting[2][3] == pytest.approx({"0": 0.3, "1": 0.28})
+    assert gain[2][3] == {"0": 0.0, "1": 0.0}
+
+
 def test_a_peak_is_forgetting_at_intermediate_distance_above_both_near_and_far():
-    got = ef.ood_peak(pairs_with([0.1, 0.1, -0.3, -0.3, 0.0, 0.0]))
-    assert [round(f, 3) for _, _, f in got["bins"].values()] == [-0.11, 0.29, -0.01]
-    assert got["above_near"]["mean"] == pytest.approx(0.40) and got["above_near"]["low"] > 0
-    assert got["above_far"]["mean"] == pytest.approx(0.30) and got["above_far"]["low"] > 0
+    """Floored forgetting per seed (the near tercile's gains count 0, not below it): near 0,
+    intermediate 0.3 and 0.28, far 0 and 0 -> a peak of 0.29 above both."""
+    got = ef.ood_peak(ef.floored(pairs_with([0.1, 0.1, -0.3, -0.3, 0.0, 0.0]), -1))
+    assert [round(f, 3) for _, _, f in got["bins"].values()] == [0.0, 0.29, 0.0]
+    assert got["above_near"]["mean"] == pytest.approx(0.29) and got["above_near"]["low"] > 0
+    assert got["above_far"]["mean"] == pytest.approx(0.29) and got["above_far"]["low"] > 0
 
 
 def test_forgetting_that_grows_with_distance_is_no_peak():
-    got = ef.ood_peak(pairs_with([0.0, 0.0, -0.1, -0.1, -0.3, -0.3]))
+    got = ef.ood_peak(ef.floored(pairs_with([0.0, 0.0, -0.1, -0.1, -0.3, -0.3]), -1))
     assert got["above_near"]["mean"] > 0 and got["above_far"]["mean"] < 0
+    assert ef.peak_reading(got["above_near"], got["above_far"]) == "no"
+
+
+def test_the_relative_change_is_in_units_of_the_base_accuracy_of_the_set():
+    """The paper's unit: a set at 0.4 in the base falling from 0.5 to 0.4 loses 25% (0.1 / 0.4);
+    a set at 0 in the base is read in points (0 -> 0.3: +0.3)."""
+    results = {"tasks": ["a", "b"], "trained": [0], "runs": {"m": {"0": {
+        "R": [[0.2, 0.4], [0.6, 0.3]]}}}}
+    distances = {"a": {"a": 0.0, "b": 0.3}}
+    got = {b: c["0"] for _, b, _, c in ef.ood_pairs(results, distances, "m", relative=True)}
+    assert got == pytest.approx({"a": 2.0, "b": -0.25})
+    results["runs"]["m"]["0"]["R"][0][1] = 0.0
+    assert ef.ood_pairs(results, distances, "m", relative=True)[1][3]["0"] == pytest.approx(0.3)
+
+
+def test_the_quadratic_fit_recovers_a_parabola_with_a_band_that_holds_it():
+    xs = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
+    ys = [2 + 10 * x - 20 * x * x for x in xs]                          # exact: no noise
+    fit, low, high = ef.quadratic_fit(xs, ys, [0.25])
+    assert fit[0] == pytest.approx(2 + 2.5 - 1.25) and high[0] - low[0] == pytest.approx(0, abs=1e-6)
+    noisy = [y + (0.3 if i % 2 else -0.3) for i, y in enumerate(ys)]
+    fit, low, high = ef.quadratic_fit(xs, noisy, [0.25])
+    assert low[0] < 2 + 2.5 - 1.25 < high[0] and high[0] - low[0] > 0.1
 
 
 def test_the_pairs_are_each_sets_change_during_each_stage():
@@ -105,3 +139,27 @@ def test_methods_are_compared_per_relation_on_the_seeds_both_finished():
     results["relations"] = {"tool": {"math": "neither", "tool": "both"}}
     table = ef.relation_table(results, distances, "grpo")
     assert "| sdpo − grpo | +15.0 [" in table                        # (10 + 20) / 2 points
+
+
+def test_a_run_embeds_its_sets_with_the_embedding_model_it_is_given(tmp_path):
+    """--embedding-model: any transformers encoder (here a tiny BERT with the lab's tokenizer)
+    embeds the sets for the distances, once per run; the results say which model it was."""
+    import json
+
+    import run_sequence
+    from conftest import tiny_argv
+    from harness import lab
+    from transformers import BertConfig, BertModel
+    tok = lab.build_lab_tokenizer("lab-short")
+    torch.manual_seed(0)
+    encoder = BertModel(BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1,
+                                   num_attention_heads=2, intermediate_size=32))
+    encoder.save_pretrained(tmp_path / "encoder")
+    tok.save_pretrained(tmp_path / "encoder")
+    results = run_sequence.main(tiny_argv(probes="code") + [
+        "--out", str(tmp_path), "--embedding-model", str(tmp_path / "encoder")])
+    distances = json.loads((tmp_path / "quick" / "distances.json").read_text())
+    assert set(distances) == {"math"} and set(distances["math"]) == {"math", "code"}
+    assert distances["math"]["math"] < distances["math"]["code"]
+    assert results["distances_from"] == str(tmp_path / "encoder")
+    assert results["distances"] == distances

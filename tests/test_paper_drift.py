@@ -26,13 +26,37 @@ def test_nss_is_zero_for_a_rotation_and_the_relative_change_of_a_rescaling():
     assert measures.normalised_spectral_shift(W0, moved) == pytest.approx(1 / math.sqrt(14), abs=1e-12)
 
 
+def turn(degrees):
+    """A rotation by `degrees` about e1: it moves e2 toward e3."""
+    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    return torch.tensor([[1.0, 0, 0], [0, c, -s], [0, s, c]], dtype=torch.float64)
+
+
 def test_the_largest_principal_angle_is_the_rotation_of_the_top_directions():
     # the top-2 left singular subspace (e1, e2) turned by 25 degrees about e1: angles 0 and 25
-    c, s = math.cos(math.radians(25)), math.sin(math.radians(25))
-    turn = torch.tensor([[1.0, 0, 0], [0, c, -s], [0, s, c]], dtype=torch.float64)
-    assert measures.max_principal_angle(W0, turn @ W0, fraction=2 / 3) == pytest.approx(25.0, abs=1e-6)
-    assert measures.subspace_angle(W0, turn @ W0, fraction=2 / 3) == pytest.approx(12.5, abs=1e-6)
-    assert measures.max_principal_angle(W0, 2.0 * W0, fraction=2 / 3) == pytest.approx(0.0, abs=1e-6)
+    assert measures.max_principal_angle(W0, turn(25) @ W0, k=2) == pytest.approx(25.0, abs=1e-6)
+    assert measures.subspace_angle(W0, turn(25) @ W0, fraction=2 / 3) == pytest.approx(
+        12.5, abs=1e-6)
+    assert measures.max_principal_angle(W0, 2.0 * W0, k=2) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_the_largest_principal_angle_reads_the_right_singular_vectors_too():
+    """W0 R^T turns the directions W0 reads from (V) by 30 degrees and leaves those it writes to
+    (U): the left angles are all 0, the right ones 0 and 30; the measure takes the largest of
+    both, as the restatement defines it. A left-only angle (this project's mean) sees nothing."""
+    moved = W0 @ turn(30).T
+    assert measures.principal_angles(W0, moved, 2, "left").max().item() == pytest.approx(
+        0.0, abs=1e-6)
+    assert measures.principal_angles(W0, moved, 2, "right").max().item() == pytest.approx(
+        30.0, abs=1e-6)
+    assert measures.max_principal_angle(W0, moved, k=2) == pytest.approx(30.0, abs=1e-6)
+    assert measures.subspace_angle(W0, moved, fraction=2 / 3) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("shape, k", [((2560, 9728), 512), ((576, 1536), 512),
+                                      ((96, 256), 9), ((96, 96), 9), ((4, 4), 1)])
+def test_k_is_the_sources_512_where_the_matrix_is_larger_and_a_tenth_of_it_below(shape, k):
+    assert measures.principal_k(shape) == k
 
 
 def test_the_principal_mask_is_the_largest_entries_of_the_low_rank_reconstruction():
