@@ -3,6 +3,7 @@
     python benchmarks/lab_properties.py              # the lab in the paper's regime
     python benchmarks/lab_properties.py --lab lab-short
     python benchmarks/lab_properties.py --learnability   # each stage trained alone, 3 seeds
+    python benchmarks/lab_properties.py --interference   # sequential SFT: does the lab forget
 
 Per family: the answer's length in tokens and its final answer's; how many different right
 traces a prompt has (distinct solutions among 50 drawn); the base's test accuracy with its
@@ -12,6 +13,10 @@ reward and the share of groups all alike; how often the teacher's most likely to
 a right student's own token (measures.teacher_departure); the share of samples in the
 family's form. All seeded; about a minute on 2 CPU cores. With a ladder (the ood finding's
 probes), its smallest base accuracy and the MMD of every set from each trained family.
+
+--interference: sequential supervised fine-tuning (the reference method, `--methods sft`)
+through the lab's stages at the findings' lengths (`--steps paper`), 3 seeds: its forgetting with
+a 95% interval. The lab can forget when it is at least 10 points, beyond noise (docs/lab.md).
 
 --learnability: each trained family's stage at its budget (the paper's length, scaled as
 `--steps paper` scales it) trained alone from the base by GRPO and by SDPO (EMA 0.05), with
@@ -32,7 +37,7 @@ import eval_forgetting as ef    # noqa: E402
 from harness import measures  # noqa: E402
 import run_sequence             # noqa: E402
 import sdpo_cl as sc            # noqa: E402
-from harness import lab         # noqa: E402
+from harness import lab, lab_families   # noqa: E402
 
 
 def family_properties(model, tokenizer, lab_name, name, cfg) -> dict:
@@ -85,16 +90,40 @@ def learnability(lab_name, seeds: str, out) -> dict:
     return gains
 
 
+def interference(lab_name, seeds: str, out) -> dict:
+    """Sequential SFT through the lab's sequence at the paper's stage lengths (scaled as
+    --steps paper scales them), run_sequence.py's own code and settings: forgetting, BWT, ACC,
+    plasticity and FWT per seed, and forgetting's mean with its 95% interval."""
+    t0 = time.time()
+    results = run_sequence.main(["--model", lab_name, "--methods", "sft", "--steps", "paper",
+                                 "--seeds", seeds, "--probes", "", "--out", str(out),
+                                 "--name", f"interference-{lab_name}"])
+    per_seed = [ef.summarize(r["R"], results["trained"]) for r in results["runs"]["sft"].values()]
+    print("\n| seed | forgetting | BWT | ACC | plasticity | FWT |\n|---|---|---|---|---|---|")
+    for seed, m in zip(results["runs"]["sft"], per_seed):
+        print(f"| {seed} | " + " | ".join(f"{100 * m[k]:.1f}" for k in
+                                          ("forgetting", "bwt", "acc", "plasticity", "fwt")) + " |")
+    forgetting = ef.paired_difference([m["forgetting"] for m in per_seed], [0.0] * len(per_seed))
+    print(f"\nsequential SFT forgets {ef.interval_text(forgetting, 100)} points over "
+          f"{len(per_seed)} seeds; the lab can forget (at least 10, beyond noise): "
+          f"{forgetting['mean'] >= 0.10 and (forgetting['low'] or 0) > 0}; {time.time() - t0:.0f}s")
+    return forgetting
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lab", default="lab", choices=list(lab.LABS))
     ap.add_argument("--learnability", action="store_true",
                     help="train each stage alone from the base by GRPO and SDPO (a few minutes)")
-    ap.add_argument("--seeds", default="0,1,2", help="with --learnability")
+    ap.add_argument("--interference", action="store_true", help="sequential SFT through the "
+                    "lab's stages, 3 seeds: does the lab forget (a minute or two)")
+    ap.add_argument("--seeds", default="0,1,2", help="with --learnability or --interference")
     ap.add_argument("--out", default="runs", help="with --learnability: the run folders' parent")
     args = ap.parse_args(argv)
     if args.learnability:
         return learnability(args.lab, args.seeds, Path(args.out))
+    if args.interference:
+        return interference(args.lab, args.seeds, Path(args.out))
     t0 = time.time()
     model, tokenizer = lab.lab_base(args.lab)
     cfg = lab.lab_config(args.lab)
@@ -128,7 +157,7 @@ def main(argv=None):
 def ladder_distances(model, tokenizer, lab_name) -> str:
     """The ood finding's distances on the base alone: the MMD (measures.task_distances)
     of every evaluation set from each trained family's training set, each cell with what the
-    set shares with that family (eval_forgetting.relation)."""
+    set shares with that family (lab_families.relation)."""
     spec = lab.LABS[lab_name]
     tasks = [lab.make_lab_task(n, lab_name) for n in spec.sequence + spec.probes + spec.ladder]
     d = measures.task_distances(model, tokenizer, tasks[:len(spec.sequence)], tasks)
@@ -136,7 +165,7 @@ def ladder_distances(model, tokenizer, lab_name) -> str:
              "|" + "---|" * (len(tasks) + 1)]
     for a in spec.sequence:
         lines.append(f"| {a} | " + " | ".join(
-            f"{d[a][t.name]:.3f} {ef.relation(a, t.name)[0]}" for t in tasks) + " |")
+            f"{d[a][t.name]:.3f} {lab_families.relation(a, t.name)[0]}" for t in tasks) + " |")
     return "\n".join(lines) + ("\n(the letter: the set shares the family's b: content and format, "
                                "c: content, f: format, n: neither)")
 

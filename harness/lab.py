@@ -2,12 +2,16 @@
 synthetic task families (harness/lab_families.py) and a base model pre-trained on them and shipped
 as a file, so that the experiment runs offline on a CPU in minutes and measures forgetting.
 
-Two labs, each with its own families, settings and shipped base (docs/lab.md has both):
+Three labs, each with its own families, settings and shipped base (docs/lab.md has all three):
 
-    lab        the paper's regime (the default): answers with a reasoning trace (about 26 tokens)
-               and a final answer in the family's wrapper, several valid traces per prompt, a
-               self-teacher that follows a demonstration only part of the time; stages in the
-               paper's proportions (50/50/50/20 batches, scaled to 25/25/25/10)
+    lab        the default, a lab that can forget: four families share one skill (adding, in a
+               trace of steps) under four conventions, each family's habit the convention of the
+               family before it, so a later stage bends the skill an earlier one needs
+               (sequential SFT forgets 16 points); answers of about 23 tokens in the family's
+               wrapper, several valid traces, a teacher that follows a demonstration only part
+               of the time; stages in the paper's proportions (25/25/25/10)
+    lab-trace  the paper's regime without interference (the default before): four different
+               skills in four wrappers, which nothing forgets (sequential SFT: 0.4 points)
     lab-short  the regime where SDPO's targets are reliable: answers of 2-4 tokens, a teacher
                right every time with a demonstration, 15-batch stages (the first instrument)
 """
@@ -95,14 +99,33 @@ class Lab:
 
 LABS = {
     "lab": Lab(
+        lab_families.SHARED, ("math", "science", "tool", "code"), ("mcq_math", "math_words"),
+        ("<answer>", "</answer>", "\\boxed{", "```", "<think>", "</think>"),
+        # as lab-trace's: 3000 steps, a third of the rows from the ladder
+        LabRecipe(steps=3000, ladder_fraction=1 / 3),
+        HERE / "lab_base.safetensors",
+        # written by write_lab_base("lab") (1,060 s on 2 cores of an Intel Xeon, Ice Lake, no
+        # AMX); the accuracies as base_row() measures them (100 test prompts x 4 samples at T 0.6)
+        "7c294ab421223194fb6fffd83dedc169dd6708bc963781079d25b6559461b1a9",
+        {"math": 0.6325, "science": 0.5475, "tool": 0.645, "code": 0.46, "mcq_math": 0.6,
+         "math_words": 0.61, "math_tagged": 0.62, "science_boxed": 0.5675, "science_called": 0.59,
+         "tool_tagged": 0.5975, "tool_fenced": 0.6225, "code_called": 0.54, "code_boxed": 0.4775,
+         "math_fenced": 0.63},
+        dict(prompts_per_step=32, group_size=8, max_new_tokens=48, lr=1e-4, warmup_steps=2,
+             distillation_topk=20, steps_per_task=10, eval_examples=100, eval_samples=4,
+             answer_marker="</think>"),
+        (6, 6, 6, 3), dict(eval_examples=50), 0.5, "shared-1", held_out=("math_hard",),
+        ladder=lab_families.LADDER),
+    "lab-trace": Lab(
         lab_families.TRACES, ("math", "science", "tool", "code"), ("mcq_math", "math_words"),
         ("<answer>", "</answer>", "\\boxed{", "```", "<think>", "</think>"),
         # 3000 steps, a third of the rows from the ladder: the other families get the 2000
         # steps' worth of rows they had before the ladder was added
-        LabRecipe(steps=3000, ladder_fraction=1 / 3),
-        HERE / "lab_base.safetensors",
-        # written by write_lab_base("lab") (681 s on 2 cores of an Intel Xeon with AMX); the
-        # accuracies as base_row() measures them (100 test prompts x 4 samples at T 0.6, seeded)
+        LabRecipe(lab="lab-trace", steps=3000, ladder_fraction=1 / 3),
+        HERE / "lab_trace_base.safetensors",
+        # written by write_lab_base (681 s on 2 cores of an Intel Xeon with AMX) when this was
+        # the default "lab"; the accuracies as base_row() measures them (100 test prompts x 4
+        # samples at T 0.6, seeded)
         "4506812b7018361b78375893992c558db7f66ccfcaec94ef7e80b48b99421fe1",
         {"math": 0.48, "science": 0.6325, "tool": 0.2725, "code": 0.4125, "mcq_math": 0.45,
          "math_words": 0.42, "math_tagged": 0.5, "science_boxed": 0.5925,

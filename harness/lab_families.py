@@ -206,11 +206,11 @@ TRACE_FORM = {"math": SUM_TRACE, "science": r"(\d (even|odd),){3}\d (even|odd)",
 INNER_FORM = {"math": r"\d+", "science": r"\d", "tool": r"\w+,\w+,\w+", "code": r"[a-h]+"}
 
 
-def answer_form(content: str, wrapper: str) -> str:
-    """The regex of a well-formed answer: `content`'s trace and final answer, in `wrapper`'s
-    wrapper."""
-    return (TRACE_FORM[content] + " " + re.escape(WRAPPERS[wrapper]) + INNER_FORM[content]
-            + re.escape(CLOSE[wrapper]))
+def answer_form(content: str, wrapper: str, trace_form=None) -> str:
+    """The regex of a well-formed answer: `content`'s trace and final answer (trace_form: that of
+    the trace lab's families by default), in `wrapper`'s wrapper."""
+    trace, inner = trace_form or (TRACE_FORM[content], INNER_FORM[content])
+    return trace + " " + re.escape(WRAPPERS[wrapper]) + inner + re.escape(CLOSE[wrapper])
 
 
 TRACES = {
@@ -239,10 +239,10 @@ TRACES = {
 # "``` 1+2+3+4=" -> "1+2=3,3+3=6,6+4=10 ```10```". The base is pre-trained on the crosses (a probe
 # it never saw would sit at the floor), as on mcq_math.
 
-def cross(content: str, wrapper: str) -> Family:
-    """The family of `content`'s rows answered in `wrapper`'s wrapper; the reward reads the final
-    answer inside that wrapper, as the wrapper family's own reward does."""
-    base = TRACES[content]
+def cross(families: dict, content: str, wrapper: str, trace_form=None) -> Family:
+    """The family of `content`'s rows (of `families`) answered in `wrapper`'s wrapper; the reward
+    reads the final answer inside that wrapper, as the wrapper family's own reward does."""
+    base = families[content]
     start, end = WRAPPERS[wrapper], CLOSE[wrapper]
 
     def rewrap(solution):                 # "<trace> <content's wrapper>x<end>" -> other wrapper
@@ -256,8 +256,8 @@ def cross(content: str, wrapper: str) -> Family:
                     answer=rewrap(row["answer"]))
 
     return Family(make, lambda row, rng, slip: rewrap(base.solve(row, rng, slip)),
-                  final_is(lambda c: last_wrapped(c, start, end)), answer_form(content, wrapper),
-                  base.max_new_tokens + 2)
+                  final_is(lambda c: last_wrapped(c, start, end)),
+                  answer_form(content, wrapper, trace_form), base.max_new_tokens + 2)
 
 
 # each trained family's content in the next family's wrapper and the next one's content in its
@@ -267,8 +267,8 @@ WRAPPER_NAME = {"math": "boxed", "science": "tagged", "tool": "called", "code": 
 CROSSES = {f"{c}_{WRAPPER_NAME[w]}": (c, w) for a, b in zip(SEQUENCE, SEQUENCE[1:] + SEQUENCE[:1])
            for c, w in ((a, b), (b, a))}
 LADDER = tuple(CROSSES)
-TRACES.update({name: cross(c, w) for name, (c, w) in CROSSES.items()})
-# what every trace-lab set shares with the trained families: (its content, its format)
+TRACES.update({name: cross(TRACES, c, w) for name, (c, w) in CROSSES.items()})
+# what every lab set shares with the trained families: (its content, its format)
 CONTENT_FORMAT = {**{f: (f, f) for f in SEQUENCE}, "mcq_math": ("math", "science"),
                   "math_words": ("math", "math"), "math_hard": ("math", "math"),
                   "math_cot": ("math", "math"), **CROSSES}
@@ -277,12 +277,92 @@ CONTENT_FORMAT = {**{f: (f, f) for f in SEQUENCE}, "mcq_math": ("math", "science
 def relation(trained: str, evaluated: str) -> str | None:
     """What an evaluated set shares with a trained family (its content: what is asked; its
     format: the final answer's wrapper): "both", "content", "format" or "neither"; None for a
-    set that is no lab family (lab-short's families are named alike, and read alike)."""
+    set that is no lab family (every lab's families are named alike, and read alike)."""
     if trained not in CONTENT_FORMAT or evaluated not in CONTENT_FORMAT:
         return None
     (content, form), (c, f) = CONTENT_FORMAT[trained], CONTENT_FORMAT[evaluated]
     return ("both" if (content, form) == (c, f) else "content" if content == c else
             "format" if form == f else "neither")
+
+
+# ================================================================================================
+# SHARED: one skill under four conventions, the lab that can forget (the default)
+# ================================================================================================
+# On TRACES sequential fine-tuning forgets nothing: each family has its own cue, content and
+# wrapper, the model keeps them apart, and training one leaves the others as they were. In the
+# paper the domains share the model's general abilities, and a later domain's training bends
+# them. Here the four families share one skill, adding four numbers in the same "a+b=c" steps (in
+# any order), and each domain has its own convention for a sum that passes its range: math keeps
+# it (plain), science takes a check digit (mod 10), tool use reads clock hours (1-12), code wraps
+# as a 3-bit unsigned integer (mod 8). A family's habit, its plausible wrong answer, is the
+# convention of the family before it in the sequence (math's: the off-by-one slip), as the paper
+# saw math's format leak into tool use: a stage that trains its own convention against that
+# habit bends the shared skill the earlier family needs. The final answer sits in the family's
+# wrapper as on TRACES (the collapse measures read them the same way).
+
+CONVENTION = {"math": None, "science": 10, "tool": 12, "code": 8}
+HABIT = {"math": None, "science": "math", "tool": "science", "code": "tool"}
+CUE = {"math": "", "science": "check ", "tool": "send at ", "code": "uint3 "}
+PUT = {"math": lambda v: f"{BOXED}{v}}}", "science": lambda v: f"{ANSWER}{v}{END_ANSWER}",
+       "tool": lambda v: f"send({v})", "code": lambda v: f"{FENCE}{v}{FENCE}"}
+
+
+def under(value: int, modulus: int | None) -> int:
+    """A sum under a convention: kept (None), modulo 10 or 8, or as a clock hour 1-12 (12)."""
+    if modulus is None:
+        return value
+    return (value - 1) % 12 + 1 if modulus == 12 else value % modulus
+
+
+def convention_steps(numbers, rng, modulus, slip=False):
+    """('4+5=9,9+3=2,2+2=4', 4): the numbers added in a random order, each sum under the
+    convention; slip: the first sum one too large, carried through (math's habit)."""
+    order = rng.sample(numbers, len(numbers))
+    total, steps = order[0], []
+    for i, n in enumerate(order[1:]):
+        new = under(total + n + (slip and i == 0), modulus)
+        steps.append(f"{total}+{n}={new}")
+        total = new
+    return ",".join(steps), total
+
+
+def shared_family(name: str) -> Family:
+    """One of the four: rows of four numbers 1-5 behind the family's cue (science also lists four
+    options: the right one, never first, and the habit's among them); solve() adds them under
+    the family's convention, or with slip under its habit's."""
+    modulus, habit = CONVENTION[name], HABIT[name]
+
+    def solve(row, rng, slip):
+        if slip and habit is None:
+            steps, total = convention_steps(row["numbers"], rng, modulus, slip=True)
+        else:
+            steps, total = convention_steps(row["numbers"], rng,
+                                            CONVENTION[habit] if slip else modulus)
+        return f"{steps} {PUT[name](total)}"
+
+    def make(rng):
+        numbers = [rng.randrange(1, 6) for _ in range(4)]
+        right = under(sum(numbers), modulus)
+        row = {"prompt": CUE[name] + "+".join(map(str, numbers)) + ("=" if name == "math" else
+                                                                     ""),
+               "numbers": numbers, "final": str(right)}
+        if name == "science":             # the right option never first; the habit's an option
+            wrong = under(sum(numbers), CONVENTION[habit])
+            others = rng.sample([v for v in range(21) if v not in (right, wrong)], 2)
+            options = rng.sample([wrong] + others, 3)
+            options.insert(rng.randrange(1, 4), right)
+            row["prompt"] += "? " + " ".join(map(str, options))
+        return dict(row, answer=solve(row, rng, False))
+
+    return Family(make, solve, final_is(lambda c: last_wrapped(c, WRAPPERS[name], CLOSE[name])),
+                  answer_form(name, name, (SUM_TRACE, r"\d+")), 40)
+
+
+SHARED = {name: shared_family(name) for name in SEQUENCE}
+SHARED.update({name: TRACES[name] for name in ("mcq_math", "math_words", "math_cot",
+                                               "math_hard")})
+SHARED.update({name: cross(SHARED, c, w, (SUM_TRACE, r"\d+")) for name, (c, w) in
+               CROSSES.items()})
 
 
 # ================================================================================================

@@ -18,8 +18,9 @@ from harness import lab
 # The bounds each lab was built to (docs/lab.md): the first-step reward at temperature 1, the
 # largest share of groups all alike, the smallest teacher lift, the smallest share of groups with
 # a success, and (the paper's regime) the largest mean accuracy of the teacher.
-BOUNDS = {"lab": dict(reward=(0.2, 0.6), alike=0.4, lift=0.15, solved=0.5, teacher=0.9),
+BOUNDS = {"lab": dict(reward=(0.2, 0.7), alike=0.4, lift=0.15, solved=0.5, teacher=0.9),
           "lab-short": dict(reward=(0.2, 0.7), alike=0.5, lift=0.2, solved=0.5, teacher=1.0)}
+MEASURED = tuple(BOUNDS)     # lab-trace, the default before: its file and weights are checked
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -34,7 +35,7 @@ def two_threads():
 
 @pytest.fixture(scope="module")
 def models(shipped_lab, short_lab):
-    return {"lab": shipped_lab, "lab-short": short_lab}
+    return {"lab": shipped_lab, "lab-short": short_lab, "lab-trace": lab.lab_base("lab-trace")}
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +44,8 @@ def base_records(models):
     at temperature 0.6, seeded), with the teacher lift of the trained families (the probes'
     lift, which no check reads, is left out: it is the costliest part)."""
     out = {}
-    for name, spec in lab.LABS.items():
-        cfg = lab.lab_config(name)
+    for name in MEASURED:
+        spec, cfg = lab.LABS[name], lab.lab_config(name)
         s.seed_everything("base-eval")
         out[name], _ = s.accuracy_row(*models[name], [lab.make_lab_task(t, name) for t in
                                                       spec.sequence], cfg, lift=True)
@@ -71,7 +72,7 @@ def test_every_lab_run_starts_from_the_shipped_weights(models, name):
     assert torch.equal(state["lm_head.weight"], shipped["model.embed_tokens.weight"])   # tied
 
 
-@pytest.mark.parametrize("name", lab.LABS)
+@pytest.mark.parametrize("name", MEASURED)
 def test_the_shipped_base_has_its_recorded_accuracies(base_records, name):
     """Another CPU (or another transformers) draws other samples from the same distributions:
     the recorded and the measured accuracy are then two estimates with a standard error se each
@@ -97,8 +98,8 @@ def at_least(value, bound, se):
     return value >= bound - 3 * se
 
 
-@pytest.mark.parametrize("name, family", [(n, f) for n, spec in lab.LABS.items()
-                                          for f in spec.sequence])
+@pytest.mark.parametrize("name, family", [(n, f) for n in MEASURED
+                                          for f in lab.LABS[n].sequence])
 def test_each_trained_family_gives_both_methods_a_signal(models, base_records, name, family):
     """At temperature 1 on 64 training prompts x 8 samples: a first-step reward in the lab's
     range (GRPO has advantages), few groups all alike, groups with a success (SDPO has
@@ -148,3 +149,24 @@ def test_the_signal_check_warns_where_a_method_would_have_almost_no_signal():
     assert len(warnings) == 3 and "SDPO" in warnings[0] and "GRPO" in warnings[1]
     assert measures.signal_warnings({"solved_groups": 0.1, "zero_adv_groups": 0.9,
                                             "teacher_lift": 0.05}) == []
+
+
+def test_the_default_lab_can_forget_a_later_stage_bends_the_skill_an_earlier_one_needs(
+        shipped_lab):
+    """Interference, the default lab's defining property (docs/lab.md): supervised fine-tuning
+    on science (8 batches: a check digit, mod 10), then on tool use (8 batches: clock hours,
+    whose habit is science's mod 10) takes science back down, at least 20 points below where
+    its own stage left it (3 standard errors of slack). The benchmark measures the whole
+    sequence: benchmarks/lab_properties.py --interference."""
+    import copy
+    model, tok = shipped_lab
+    cfg = lab.lab_config("lab", loss_mode="sft", steps_per_task=8, eval_examples=50)
+    policy, science = copy.deepcopy(model), lab.make_lab_task("science")
+    s.train_task(policy, tok, None, science, cfg, rng=s.seed_everything(0))
+    s.seed_everything("interference")
+    learnt = s.task_accuracy(policy, tok, science, cfg)
+    s.train_task(policy, tok, None, lab.make_lab_task("tool"), cfg, rng=s.seed_everything(1))
+    s.seed_everything("interference")
+    after = s.task_accuracy(policy, tok, science, cfg)
+    se = math.sqrt(learnt["stderr"] ** 2 + after["stderr"] ** 2)
+    assert learnt["accuracy"] - after["accuracy"] >= 0.20 - 3 * se
