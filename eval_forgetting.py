@@ -68,44 +68,62 @@ def mean_std(values) -> tuple:
     return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
 
 
-# Student's t quantile t(0.975, df) for two-sided 95% intervals; between entries the smaller df
-# (a wider interval) is used.
+# Student's t quantiles t(0.975, df) (two-sided 95% intervals) and t(0.8, df) (80% power); between
+# entries the smaller df (a wider interval, a larger detectable difference) is used.
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
          9: 2.262, 10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042, 60: 2.000, 120: 1.980}
+T_80 = {1: 1.376, 2: 1.061, 3: 0.978, 4: 0.941, 5: 0.920, 6: 0.906, 7: 0.896, 8: 0.889,
+        9: 0.883, 10: 0.879, 12: 0.873, 15: 0.866, 20: 0.860, 30: 0.854, 60: 0.848, 120: 0.845}
 
 
-def t_quantile(df: int) -> float:
-    return T_975[max(k for k in T_975 if k <= df)]
+def t_quantile(df: int, table=T_975) -> float:
+    return table[max(k for k in table if k <= df)]
+
+
+def detectable_difference(sd, n) -> float | None:
+    """The smallest true paired difference that n seeds detect (a 95% interval excluding 0) with
+    80% power, given the paired differences' standard deviation sd: (t(0.975, n - 1) +
+    t(0.8, n - 1)) sd / sqrt(n). None below two seeds."""
+    if n < 2:
+        return None
+    return (t_quantile(n - 1) + t_quantile(n - 1, T_80)) * sd / math.sqrt(n)
 
 
 def paired_difference(a, b) -> dict:
     """Mean of a[i] - b[i] over paired runs (the same seed: the same base evaluation and the
-    same training prompts) with a 95% t interval. With one pair there is no interval."""
+    same training prompts) with a 95% t interval and the difference its seeds could detect
+    (detectable_difference). With one pair there is neither."""
     d = [x - y for x, y in zip(a, b) if x is not None and y is not None]
     if not d:
-        return {"n": 0, "mean": None, "low": None, "high": None}
+        return {"n": 0, "mean": None, "low": None, "high": None, "detectable": None}
     m, sd = mean_std(d)
     if len(d) < 2:
-        return {"n": 1, "mean": m, "low": None, "high": None}
+        return {"n": 1, "mean": m, "low": None, "high": None, "detectable": None}
     half = t_quantile(len(d) - 1) * sd / math.sqrt(len(d))
-    return {"n": len(d), "mean": m, "low": m - half, "high": m + half}
+    return {"n": len(d), "mean": m, "low": m - half, "high": m + half,
+            "detectable": detectable_difference(sd, len(d))}
 
 
-def interval_text(diff, scale=1.0, digits=1) -> str:
-    """A paired difference as text: '+1.2 [-0.3, +2.7]', the mean alone with one pair, n/a
-    without any."""
+def interval_text(diff, scale=1.0, digits=1, power=False) -> str:
+    """A paired difference as text: '+1.2 [-0.3, +2.7]', with power its detectable difference
+    too ('+1.2 [-0.3, +2.7] (detects 4.1)'); the mean alone with one pair, n/a without any."""
     if diff["mean"] is None:
         return "n/a"
     text = f"{scale * diff['mean']:+.{digits}f}"
-    return text if diff["low"] is None else (
-        text + f" [{scale * diff['low']:+.{digits}f}, {scale * diff['high']:+.{digits}f}]")
+    if diff["low"] is None:
+        return text
+    text += f" [{scale * diff['low']:+.{digits}f}, {scale * diff['high']:+.{digits}f}]"
+    return text + (f" (detects {abs(scale) * diff['detectable']:.{digits}f})" if power else "")
 
 
-def verdict(diff) -> str:
-    """'beyond noise' when the 95% interval excludes 0, 'within noise' when it contains 0."""
+def verdict(diff, scale=100.0, unit="points") -> str:
+    """'beyond noise' when the 95% interval excludes 0; when it holds 0, 'not detected (would
+    detect >= X points)', X the difference its seeds detect with 80% power."""
     if diff["low"] is None:
         return "one seed, no interval"
-    return "beyond noise" if diff["low"] > 0 or diff["high"] < 0 else "within noise"
+    if diff["low"] > 0 or diff["high"] < 0:
+        return "beyond noise"
+    return f"not detected (would detect >= {abs(scale) * diff['detectable']:.1f} {unit})"
 
 
 # ================================================================================================
@@ -148,6 +166,9 @@ def method_values(results, run) -> dict:
     values["similarity"] = last.get("response_similarity")
     values.update(last.get("paper_drift") or dict.fromkeys(PAPER_DRIFT))
     values["repetition"] = last["artifacts"]["repetition_frac"]
+    leaks = [v for rec in records[1:] for v in rec.get("train", {}).get("series", {}).get(
+        "leak_rate", []) if v is not None]
+    values["leak"] = sum(leaks) / len(leaks) if leaks else None
     return values
 
 
@@ -172,21 +193,73 @@ COLUMNS = [("acc", "ACC", 100), ("bwt", "BWT", 100), ("forgetting", "Forgetting"
            ("response_kl", "Response KL", 1), ("similarity", "Similarity", 1),
            ("repetition", "Repetition %", 100), ("nss", "NSS ×1e3", 1000),
            ("max_angle", "Max angle °", 1), ("pm_overlap", "PM overlap %", 100),
-           ("pm_update", "PM update %", 100)]
+           ("pm_update", "PM update %", 100), ("leak", "Leaks %", 100)]
+
+
+def mean_cell(values, scale, digits) -> str:
+    """A table cell: the mean over seeds, ± their std with several seeds; "–" when the run did
+    not measure it (e.g. no code task: no leaks)."""
+    m, sd = mean_std(values)
+    if m is None:
+        return "–"
+    several = sum(v is not None for v in values) > 1
+    return f"{m * scale:.{digits}f}" + (f" ± {sd * scale:.{digits}f}" if several else "")
+
+
+def summary_table(results, baseline="grpo") -> str:
+    """The end-of-run summary, at most 100 columns: per method its seeds, ACC, forgetting,
+    plasticity, parameter drift and response KL (mean, and ± std with several seeds), then each
+    method's forgetting and ACC minus `baseline`'s (with several seeds: [95% interval] and what
+    they detect). The full tables are in report.md."""
+    rows = method_rows(results)
+    keys = ("acc", "forgetting", "plasticity", "param_drift", "response_kl")
+    lines = ["| method | seeds | " + " | ".join(LABEL[k] for k in keys) + " |",
+             "|" + "---|" * (len(keys) + 2)]
+    for method, per in rows.items():
+        cells = [mean_cell(per[key], SCALE[key], 3 if key == "response_kl" else 1)
+                 for key in keys]
+        lines.append(f"| {method} | {len(per['acc'])} | " + " | ".join(cells) + " |")
+    paired = paired_rows(results, baseline, [("forgetting", ""), ("acc", "")])
+    for method, diffs in paired.items():
+        lines.append(f"{method} − {baseline}: forgetting "
+                     f"{interval_text(diffs['forgetting'], 100, power=True)}, ACC "
+                     f"{interval_text(diffs['acc'], 100, power=True)} (points)")
+    return "\n".join(lines)
+
+
+def cautions(results) -> list:
+    """What a run cannot show, said plainly: a stage whose learning rate was 0 at every batch
+    (no update: the warm-up gives batch 0 a rate of 0), and an own-stage gain smaller than its
+    standard error (sqrt(SE before^2 + SE after^2) over the test prompts: evaluation noise)."""
+    out = []
+    for method, seeds in results["runs"].items():
+        for seed, run in seeds.items():
+            for k, j in enumerate(results["trained"][:len(run["R"]) - 1], 1):
+                task = results["tasks"][j]
+                lrs = run["records"][k].get("train", {}).get("series", {}).get("lr")
+                if lrs and not any(lrs):
+                    out.append(f"{method} seed {seed}, stage {k} ({task}): no update (its "
+                               f"learning rate was 0 at every batch; the warm-up's first batch "
+                               f"gets 0)")
+                gain = run["R"][k][j] - run["R"][k - 1][j]
+                se = math.sqrt(run["SE"][k][j] ** 2 + run["SE"][k - 1][j] ** 2) if "SE" in run \
+                    else 0.0
+                if abs(gain) < se:
+                    out.append(f"{method} seed {seed}, stage {k} ({task}): its gain "
+                               f"{100 * gain:+.1f} is within its standard error "
+                               f"({100 * se:.1f}): evaluation noise, not learning")
+    return out
 
 
 def comparison_table(results) -> str:
-    """A markdown table: one row per method, mean ± std over seeds, accuracies in points."""
+    """A markdown table: one row per method, mean ± std over seeds (mean_cell), accuracies in
+    points."""
     rows = method_rows(results)
     head = "| method | seeds | " + " | ".join(c[1] for c in COLUMNS) + " |"
     lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
     for method, per in rows.items():
-        cells = []
-        for key, _, scale in COLUMNS:
-            m, s = mean_std(per[key])
-            digits = 3 if key == "response_kl" else 1
-            cells.append("n/a" if m is None
-                         else f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}")
+        cells = [mean_cell(per[key], scale, 3 if key == "response_kl" else 1)
+                 for key, _, scale in COLUMNS]
         lines.append(f"| {method} | {len(per['acc'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -230,7 +303,8 @@ def paired_table(results, baseline="grpo", metrics=PAIRED) -> str:
     for method, diffs in rows.items():
         cells = []
         for key, _ in metrics:
-            cells.append(interval_text(diffs[key], SCALE[key], 3 if key == "response_kl" else 1))
+            cells.append(interval_text(diffs[key], SCALE[key], 3 if key == "response_kl" else 1,
+                                       power=True))
         lines.append(f"| {method} | {diffs[metrics[0][0]]['n']} | " + " | ".join(cells) + " |")
         f, a = diffs.get("forgetting"), diffs.get("acc")
         said = []
@@ -341,8 +415,56 @@ def matched_gain_table(results, baseline="grpo") -> str:
                     d = paired_difference([seeds[s][key] for s in common],
                                           [values[baseline][s][key] for s in common])
                     if d["low"] is not None:
-                        cell += f" ({interval_text(d, SCALE[key], 2)})"
+                        cell += f" ({interval_text(d, SCALE[key], 2, power=True)})"
                 cells.append(cell)
+            lines.append(f"| {k} {results['tasks'][results['trained'][k - 1]]} | "
+                         f"{100 * g_star:.1f} | {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def forgetting_path(results, run, k) -> list:
+    """Stage k >= 2 of a run as (in-domain gain since the stage began, the mean drop of the
+    earlier trained tasks since then) points: the stage's start, its learning-curve points, its
+    end. A stage without curve points gives its start and end only."""
+    tasks, trained, R = results["tasks"], results["trained"], run["R"]
+    own, earlier = trained[k - 1], trained[:k - 1]
+    start = R[k - 1]
+    drop = lambda acc: sum(start[j] - acc[j] for j in earlier) / len(earlier)   # noqa: E731
+    points = [(0.0, 0.0)]
+    for c in run["records"][k].get("curve", []):
+        acc = [c["accuracy"][t] for t in tasks]
+        points.append((acc[own] - start[own], drop(acc)))
+    return points + [(R[k][own] - start[own], drop(R[k]))]
+
+
+def matched_forgetting_table(results, baseline="grpo") -> str:
+    """Forgetting at matched in-domain gain, stage by stage from the second: each run's drop of
+    the earlier tasks where its own gain on the stage's task first reaches g*, the smallest
+    final stage gain of any finished run (linear between the evaluations), mean over seeds, and
+    each method minus `baseline` paired over seeds [95% interval] (what it detects): so that
+    "forgets less" cannot just mean "learned less"."""
+    runs = {m: {s: r for s, r in seeds.items() if len(r["R"]) == len(results["trained"]) + 1}
+            for m, seeds in results["runs"].items()}
+    runs = {m: seeds for m, seeds in runs.items() if seeds}
+    lines = ["| stage | g* (points) | method | drop of the earlier tasks at g* (points) |"
+             + (f" − {baseline} |" if baseline in runs else ""), "|---|---|---|---|"
+             + ("---|" if baseline in runs else "")]
+    for k in range(2, len(results["trained"]) + 1):
+        paths = {m: {s: forgetting_path(results, r, k) for s, r in seeds.items()}
+                 for m, seeds in runs.items()}
+        g_star = min((p[-1][0] for seeds in paths.values() for p in seeds.values()), default=0)
+        if g_star <= 0:
+            continue
+        at = {m: {s: at_gain([(g, {"drop": d}) for g, d in p], g_star, "drop")
+                  for s, p in seeds.items()} for m, seeds in paths.items()}
+        for m, seeds in at.items():
+            mean, _ = mean_std(list(seeds.values()))
+            cells = ["n/a" if mean is None else f"{100 * mean:+.1f}"]
+            if baseline in at:
+                common = sorted(set(seeds) & set(at[baseline]))
+                cells.append("" if m == baseline else interval_text(paired_difference(
+                    [seeds[s] for s in common], [at[baseline][s] for s in common]), 100,
+                    power=True))
             lines.append(f"| {k} {results['tasks'][results['trained'][k - 1]]} | "
                          f"{100 * g_star:.1f} | {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines) if len(lines) > 2 else ""
@@ -413,11 +535,17 @@ def ood_peak(pairs) -> dict:
 
 
 def peak_reading(near, far) -> str:
+    """A peak at intermediate distance: above both the near and the far tercile beyond noise;
+    "no" where it is below either beyond noise; else not detected, with the larger of the two
+    differences the seeds could detect."""
     if near["low"] is None or far["low"] is None:
         return "n/a"
     if near["low"] > 0 and far["low"] > 0:
         return "yes, beyond noise"
-    return "no" if near["high"] < 0 or far["high"] < 0 else "not beyond noise"
+    if near["high"] < 0 or far["high"] < 0:
+        return "no"
+    return (f"not detected (would detect >= "
+            f"{100 * max(near['detectable'], far['detectable']):.1f})")
 
 
 def ood_table(results, distances, baseline=None) -> str:
@@ -437,11 +565,12 @@ def ood_table(results, distances, baseline=None) -> str:
         cells = [f"{100 * f:.1f} ({lo:.3f}-{hi:.3f})" for lo, hi, f in got["bins"].values()
                  ] or ["n/a (fewer than 3 pairs)"] * len(BINS)
         near, far = got["above_near"], got["above_far"]
-        cells += [interval_text(near, 100), interval_text(far, 100), peak_reading(near, far)]
+        cells += [interval_text(near, 100, power=True), interval_text(far, 100, power=True),
+                  peak_reading(near, far)]
         if versus:
             mine, theirs = bin_means(pairs), bin_means(forgetting[versus])
             cells.append("" if method == versus or not mine or not theirs else interval_text(
-                paired_difference(mine["intermediate"], theirs["intermediate"]), 100))
+                paired_difference(mine["intermediate"], theirs["intermediate"]), 100, power=True))
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -512,15 +641,90 @@ def relation_table(results, distances, baseline="grpo") -> str:
              + " | content − neither | format − neither |", "|" + "---|" * (len(rels) + 3)]
     for m, g in got.items():
         cells = [f"{100 * mean_std(list(g[r].values()))[0]:+.1f}" for r in rels]
-        cells += [interval_text(paired_by_seed(g[r], g["neither"]), 100)
+        cells += [interval_text(paired_by_seed(g[r], g["neither"]), 100, power=True)
                   if r in g and "neither" in g else "n/a" for r in ("content", "format")]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     for m in got:
         if m != baseline and baseline in got:
-            cells = [interval_text(paired_by_seed(got[m][r], got[baseline][r]), 100)
+            cells = [interval_text(paired_by_seed(got[m][r], got[baseline][r]), 100, power=True)
                      for r in rels]
             lines.append(f"| {m} − {baseline} | " + " | ".join(cells) + " | | |")
     return "\n".join(lines)
+
+
+DOSE_METRICS = ("forgetting", "plasticity", "acc", "response_kl", *PAPER_DRIFT, "leak")
+
+
+def dose_rows(results, baseline="grpo") -> list:
+    """The dose finding's reading: per SDPO method of the run, (kind, dose p, its teacher's
+    measured departure and foreign-wrapper share on the base, averaged over the trained tasks,
+    {metric: paired difference against `baseline`}), dose 0 (plain SDPO) first in each kind."""
+    doses, paired = results.get("doses", {}), paired_rows(results, baseline, [
+        (key, LABEL[key]) for key in DOSE_METRICS])
+    rows = []
+    for kind in ("content", "format"):
+        for method, (k, share) in sorted(doses.items(), key=lambda item: item[1][1]):
+            if (k == kind or share == 0) and method in paired:
+                seen = list(results.get("departure", {}).get(method, {}).values())
+                mean = lambda key: (sum(d[key] for d in seen) / len(seen)            # noqa: E731
+                                    if seen and all(d[key] is not None for d in seen) else None)
+                rows.append((kind, share, method, mean("departure"), mean("foreign"),
+                             paired[method]))
+    return rows
+
+
+def dose_boundary(rows) -> dict:
+    """Per kind, the smallest dose at which SDPO's forgetting exceeds the baseline's beyond noise
+    (its 95% interval above 0), or None: the lab's boundary for the paper's mechanism."""
+    out = {}
+    for kind in ("content", "format"):
+        beyond = [share for k, share, _, _, _, d in rows if k == kind
+                  and d["forgetting"]["low"] is not None and d["forgetting"]["low"] > 0]
+        out[kind] = min(beyond) if beyond else None
+    return out
+
+
+def dose_table(results, baseline="grpo") -> str:
+    """One row per (kind, dose): the teacher's measured departure and foreign-wrapper share,
+    and each metric's difference against `baseline`, paired over seeds [95% interval] (the
+    difference its seeds detect)."""
+    rows = dose_rows(results, baseline)
+    if not rows:
+        return ""
+    lines = ["| kind | dose p | method | teacher departure % | foreign wrapper % | "
+             + " | ".join(f"{LABEL[k]} − {baseline}" for k in DOSE_METRICS) + " |",
+             "|" + "---|" * (5 + len(DOSE_METRICS))]
+    for kind, share, method, departure, foreign, diffs in rows:
+        seen = [("n/a" if v is None else f"{100 * v:.1f}") for v in (departure, foreign)]
+        cells = [interval_text(diffs[k], SCALE[k], 3 if k == "response_kl" else 1, power=True)
+                 for k in DOSE_METRICS]
+        lines.append(f"| {kind} | {share:g} | {method} | " + " | ".join(seen + cells) + " |")
+    return "\n".join(lines)
+
+
+def dose_plot(results, out: Path, baseline="grpo") -> Path:
+    """dose.png: SDPO's forgetting minus the baseline's, with its 95% interval, against the dose
+    p of each kind of misleading demonstration (0: plain SDPO)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = dose_rows(results, baseline)
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for i, kind in enumerate(("content", "format")):
+        points = [(share, d["forgetting"]) for k, share, _, _, _, d in rows if k == kind]
+        xs = [x + (0.01 if i else -0.01) for x, _ in points]
+        ys = [100 * d["mean"] for _, d in points]
+        low = [100 * (d["mean"] - d["low"]) if d["low"] is not None else 0 for _, d in points]
+        high = [100 * (d["high"] - d["mean"]) if d["low"] is not None else 0 for _, d in points]
+        ax.errorbar(xs, ys, yerr=[low, high], marker="o", capsize=3, label=kind, color=f"C{i}")
+    ax.axhline(0, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("dose p: share of teacher contexts with a misleading demonstration")
+    ax.set_ylabel(f"forgetting, SDPO − {baseline} (points)")
+    ax.legend(fontsize=8, title="misleading", title_fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "dose.png", dpi=90)
+    plt.close(fig)
+    return out / "dose.png"
 
 
 def write_report(results, out: Path, baselines=None, finding=None) -> str:
@@ -548,6 +752,10 @@ def write_report(results, out: Path, baselines=None, finding=None) -> str:
             f"{100 * v['teacher_lift']:+.0f} points"
             + "".join(f" (WARNING: {w})" for w in v["warnings"])
             for name, v in results["signal"].items()) + ".", ""]
+    if cautions(results):
+        parts += ["What this run cannot show:", ""] + [f"- {c}" for c in cautions(results)] + [""]
+    parts += ["Every number is defined, with its formula and which way is better, in the "
+              "project's glossary (docs/glossary.md).", ""]
     parts += ["Accuracies and their differences are in points (0-100); mean ± std over seeds. "
               "BWT < 0 and Forgetting > 0 mean forgetting; OOD Δ is the final minus base "
               "accuracy on the held-out probes; Angle is the mean principal angle between the top "
@@ -601,6 +809,30 @@ def write_report(results, out: Path, baselines=None, finding=None) -> str:
                           "family (the ladder: its content, its format, both or neither), "
                           "forgetting in points, mean over seeds [95% interval over seeds]:", "",
                           by_relation, ""]
+        if finding["name"] == "dose" and dose_table(results, baselines[0]):
+            plots.append(dose_plot(results, out, baselines[0]))
+            boundary = dose_boundary(dose_rows(results, baselines[0]))
+            parts += ["![dose](dose.png)", "", "Each dose of misleading demonstrations (of "
+                      "another prompt of the task: content; of another task, in its wrapper: "
+                      "format; harness/dose.py), the teacher's departure from a right answer on "
+                      "the base model at that dose (the share of tokens where its most likely "
+                      "token is not the student's own, and the share of samples whose teacher "
+                      "carries another task's wrapper), and SDPO at that dose minus "
+                      f"{baselines[0]}, paired over seeds [95% interval] (the difference its "
+                      "seeds detect):", "", dose_table(results, baselines[0]), "",
+                      "The smallest dose at which SDPO forgets more than "
+                      f"{baselines[0]} beyond noise: " + "; ".join(
+                          f"{kind} {'none of those run' if p is None else f'p = {p:g}'}"
+                          for kind, p in boundary.items()) + ".", ""]
+        if finding["name"] in ("drift", "continual") and matched_forgetting_table(results):
+            parts += ["Forgetting at matched in-domain gain: for each stage from the second, "
+                      "each run's drop of the earlier tasks (since the stage began) where its "
+                      "gain on the stage's own task first reaches g*, the smallest final stage "
+                      "gain of any run (linear between the evaluations every few batches; a "
+                      "stage evaluated only at its ends reads the straight line between them); "
+                      f"mean over seeds, and each method − {baselines[0]} [95% interval] (the "
+                      "difference its seeds detect):", "",
+                      matched_forgetting_table(results, baselines[0]), ""]
         if finding["name"] == "drift" and matched_gain_table(results):
             parts += ["Drift at matched in-domain gain: each run's drift where its gain on the "
                       "stage's own task first reaches g*, the smallest final stage gain of any "
@@ -625,7 +857,7 @@ def write_report(results, out: Path, baselines=None, finding=None) -> str:
 
 FINDING_FIGURES = {"teacher-stability": ("curves",), "ood": (), "cot": ("curves",),
                    "continual": ("accuracy", "razor"), "drift": ("paper_drift", "drift", "razor"),
-                   "collapse": ("collapse",)}
+                   "collapse": ("collapse",), "dose": ("accuracy",)}
 
 
 def finished_runs(results, method) -> list:
@@ -891,7 +1123,7 @@ def merge(results_list) -> dict:
     return merged
 
 
-def main(argv=None):
+def build_parser():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="run folders (each with a results.json)")
@@ -900,6 +1132,11 @@ def main(argv=None):
                     "section (default: the one the run was started for, if any)")
     ap.add_argument("--baselines", help="comma-separated methods to pair every other method "
                     "against (default grpo, or the finding's), e.g. grpo,sdpo")
+    return ap
+
+
+def main(argv=None):
+    ap = build_parser()
     args = ap.parse_args(argv)
     if len(args.runs) > 1 and not args.out:
         ap.error("several run folders: give --out, a folder for the comparison (the first "

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import eval_forgetting as ef
 import sdpo_cl as sc
-from harness import data, lab, lab_families, lora, measures, models, runs, sandbox, verl
+from harness import (data, dose, lab, lab_families, lora, measures, models, runs, sandbox,
+                     tracking, verl)
 from harness.lab_families import LADDER
 from harness.loading import load_policy, load_task
 from harness.measures import Measures
@@ -120,6 +121,15 @@ METHODS = {
                             "confound: the SDPO code base swept GRPO at 1e-5 and 1e-6)",
                             loss_mode="grpo", ppo_mini_batch_size=quarter_of_the_batch,
                             lr=a_tenth_of_the_rate),
+    # a dose of misalignment (harness/dose.py): a share of the teacher's demonstrations swapped
+    # for misleading ones, of another prompt of the task (content) or of another task (format)
+    **{f"sdpo_{kind}{round(100 * share)}": Method(
+        f"SDPO whose teacher sees a misleading demonstration in {round(100 * share)}% of its "
+        f"contexts: " + ("the answer to another prompt of the task (the right form, the wrong "
+                         "content)" if kind == "content" else "another task's answer, in its "
+                         "wrapper (the paper's artifact)"),
+        loss_mode="sdpo", misleading_share=share, misleading_kind=kind)
+       for kind in ("content", "format") for share in (0.5, 1.0)},
     # LoRA (harness/lora.py): a rank-8 adapter on every linear layer, verl's alpha 16
     "grpo_lora": Method("GRPO training a rank-8 LoRA adapter (every linear layer, alpha 16) at "
                         "ten times the learning rate, the base frozen", loss_mode="grpo",
@@ -159,9 +169,11 @@ FINDINGS = {
              "family's content, its format, both or neither",
         baselines=("sdpo_frozen", "grpo")),
     "continual": dict(
-        methods="grpo,sdpo,sdpo_frozen", steps="paper", seeds="0,1,2",
+        methods="grpo,sdpo,sdpo_frozen,sft", steps="paper", seeds="0,1,2",
         paper="SDPO accumulates forgetting across sequential domains; GRPO preserves more",
-        look="forgetting and BWT, their paired differences and intervals"),
+        look="forgetting and BWT, their paired differences, intervals and the differences the "
+             "seeds could detect; forgetting at matched in-domain gain; and sequential SFT, "
+             "the reference point (the lab's interference)"),
     "drift": dict(
         methods="grpo,sdpo,sdpo_frozen,grpo_lr_tenth", probes="", steps="paper", seeds="0,1,2",
         set=["eval_every=10", "eval_examples=50"],
@@ -183,6 +195,21 @@ FINDINGS = {
              "the teacher's targets rate those samples' tokens above the student does (a "
              "positive gap feeds the artifact), the repetition and unfinished rates, and the "
              "reward"),
+    "dose": dict(
+        # fixed before the first run (issue 37): doses 0, 0.5, 1 of each kind, 3 seeds, GRPO
+        # beside; stages 12/12/12/5 (the paper's 50/50/50/20 x 0.25: six methods x three seeds
+        # at the findings' 25/25/25/10 take about 45 minutes on 2 slow cores, over the 30), 50
+        # test prompts, no probes; detection: SDPO - GRPO forgetting with a 95% interval above 0
+        methods="grpo,sdpo,sdpo_content50,sdpo_content100,sdpo_format50,sdpo_format100",
+        steps="12,12,12,5", probes="", seeds="0,1,2", set=["eval_examples=50"],
+        paper="the paper blames content and format errors in the teacher's targets (the \\boxed "
+              "artifact amplified in the tool stage, noisy long reasoning) for SDPO's forgetting",
+        look="dose.png and the table: SDPO minus GRPO forgetting, plasticity, ACC, response KL, "
+             "the four drift measures and the wrapper leaks at each dose of misleading "
+             "demonstrations (content: another prompt's answer; format: another task's, in its "
+             "wrapper), each teacher's measured departure, and the smallest dose at which SDPO "
+             "forgets more than GRPO beyond noise",
+        baselines=("grpo", "sdpo")),
     "cot": dict(
         methods="grpo,sdpo_frozen,sdpo_frozen_cot,sdpo_frozen_answer", tasks="math_cot",
         probes="", steps="25", seeds="0,1,2", set=["eval_every=4"],
@@ -258,8 +285,10 @@ def build_parser():
         f"{k}: {v.help}" for k, v in METHODS.items()).replace("%", "%%"))
     ap.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2 (default 0)")
     ap.add_argument("--tasks", help="the training sequence, in order (default "
-                    f"{','.join(lab.LABS['lab'].sequence)}): lab families, gsm8k, or folders in "
-                    "the official SDPO layout")
+                    f"{','.join(lab.LABS['lab'].sequence)}): lab families (on --model lab-short "
+                    "or lab-trace, theirs), gsm8k, sciknoweval:<domain> (from the hub: "
+                    f"{', '.join(data.SCIKNOWEVAL_DOMAINS)}), or folders in the official SDPO "
+                    "layout (train.json and test.json)")
     ap.add_argument("--probes", help="held-out tasks, evaluated but never trained (default "
                     f"{','.join(lab.LABS['lab'].probes)})")
     ap.add_argument("--steps", default=None,
@@ -268,9 +297,10 @@ def build_parser():
                          f"{lab.LABS['lab'].paper_scale} on the lab); default "
                          f"{','.join(map(str, lab.LABS['lab'].quick_steps))} on the lab, 50 on "
                          "a real model")
-    ap.add_argument("--model", default="lab", help="'lab' (the built-in tiny model in the "
-                    "paper's regime, default), 'lab-short' (the first lab: answers of 2-4 "
-                    "tokens), a hub id, a local folder, or a .gguf file")
+    ap.add_argument("--model", default="lab", help="'lab' (the built-in tiny model, default: "
+                    "a lab that can forget), 'lab-trace' (the paper's regime without "
+                    "interference), 'lab-short' (answers of 2-4 tokens), a hub id, a local "
+                    "folder, or a .gguf file")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                     help="where to train: auto (default) runs the lab on the CPU, where it is "
                     "fastest, and a real model on CUDA when there is one")
@@ -293,6 +323,15 @@ def build_parser():
     ap.add_argument("--long-prompts", choices=("error", "drop", "truncate"), default="error",
                     help="prompts that do not fit the model's context with the generation "
                     "budget: an error before anything runs (default), dropped, or cut")
+    ap.add_argument("--checkpoint-every", type=int, default=10, metavar="N", help="inside a "
+                    "stage, keep what a resume needs every N rollout batches (one checkpoint at a "
+                    "time, replaced; 0: only at stage ends): a run stopped midway loses at most "
+                    "N batches (default %(default)s: about 10 minutes of a real model on one "
+                    "GPU at a minute a batch)")
+    ap.add_argument("--report-to", default=None, metavar="BACKENDS", help="stream the per-step "
+                    "metrics of log.jsonl and each stage's accuracies as curves, as the run "
+                    "goes: tensorboard (<run folder>/tensorboard) and/or wandb, comma-separated "
+                    "(each needs its package)")
     ap.add_argument("--skip-signal-check", action="store_true", help="start training without "
                     "the signal check (one rollout batch per trained task at the training "
                     "temperature, before anything trains)")
@@ -340,6 +379,8 @@ class RunPlan:
     run_config: dict           # what config.json holds (a resume must match it)
     finding: str | None = None
     signal_check: bool = True
+    checkpoint_every: int = 10         # rollout batches between mid-stage checkpoints (0: none)
+    report_to: tuple = ()              # tensorboard and/or wandb (harness/tracking.py)
     now: tuple = (None, None, None)    # (method, seed, folder) being trained, for Ctrl-C
 
 
@@ -367,6 +408,9 @@ def check_paths(args, configs):
     """--lab-steps, --out and teacher_path, checked before anything is written."""
     if args.lab_steps is not None and args.lab_steps < 1:
         raise ValueError(f"--lab-steps {args.lab_steps}: give a positive number of steps")
+    if args.checkpoint_every < 0:
+        raise ValueError(f"--checkpoint-every {args.checkpoint_every}: give 0 (only at stage "
+                         f"ends) or a positive number of rollout batches")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {args.out!r} is a file; give a folder for the run folders")
@@ -418,6 +462,8 @@ def plan_run(args) -> RunPlan | None:
     """Every check that can fail, before any training and any write: flags, settings, tasks,
     the model, prompt lengths. Returns what the run needs, or None after --print-verl or
     --export-verl-data (which do their work here and stop)."""
+    report_to = tuple(parse_list("--report-to", args.report_to or "", allow_empty=True))
+    tracking.check_backends(report_to)
     names = parse_list("--tasks", args.tasks)
     probe_names = [n for n in parse_list("--probes", args.probes, allow_empty=True)
                    if n not in names]
@@ -439,6 +485,9 @@ def plan_run(args) -> RunPlan | None:
     if args.print_verl or args.export_verl_data:
         return None
     check_code_isolation(tasks + probes)
+    kinds = {c.misleading_kind for c in configs.values() if c.misleading_share}
+    if kinds:                                    # the dose of misalignment's demonstrations
+        dose.add_misleading(tasks + probes, kinds)
     device = models.resolve_device(args.device, args.model)
     check_memory_options(configs.values(), device)
     base, tokenizer = load_policy(args.model, device, args.lab_steps)
@@ -460,7 +509,8 @@ def plan_run(args) -> RunPlan | None:
         run_config["embedding_model"] = args.embedding_model
         models.load_encoder(args.embedding_model)          # refused now, not after training
     return RunPlan(methods, seeds, names, steps, configs, tasks, probes, base, tokenizer, device,
-                   json.loads(json.dumps(run_config)), args.finding, not args.skip_signal_check)
+                   json.loads(json.dumps(run_config)), args.finding, not args.skip_signal_check,
+                   args.checkpoint_every, report_to)
 
 
 def settings_difference(old, new) -> str:
@@ -508,9 +558,11 @@ def main(argv=None):
     except KeyboardInterrupt:
         m, s, sub = plan.now
         done = runs.last_finished_stage(sub)
+        mid = runs.midstage_step(sub, done + 1)
+        kept = (f"stage {done}" if done > 0 else "no stage yet") + (
+            f" and stage {done + 1} up to batch {mid + 1}" if mid >= 0 else "")
         where = ("while evaluating the base model" if m is None else
-                 f"during {m} seed {s} " + (f"after stage {done}" if done >= 0 else
-                                            "before its first stage"))
+                 f"during {m} seed {s}, which has kept {kept}")
         print(f"\ninterrupted {where}; run the same command to resume", file=sys.stderr)
         sys.exit(130)
     except FloatingPointError as e:
@@ -555,13 +607,16 @@ def run(plan: RunPlan, folder, t_start) -> dict:
     set_distances(plan, folder)
     plan.base.to("cpu")     # each run takes a copy to the device: no second one stays there
     log_path = folder / "log.jsonl"
+    tracker = tracking.Tracker(plan.report_to, folder, plan.steps) if plan.report_to else None
     try:
         for m in plan.methods:
             for s in plan.seeds:
                 plan.now = (m, s, folder / m / f"seed{s}")   # for the Ctrl-C message
-                run_one(plan, folder, m, s, done_stages(m, s), row0, log_path)
+                run_one(plan, folder, m, s, done_stages(m, s), row0, log_path, tracker)
     finally:    # also after a fault: results.json holds every finished stage, as strict JSON
         results = write_results(folder, plan)
+        if tracker is not None:
+            tracker.close()
     print_summary(results, plan, folder, t_start)
     return results
 
@@ -569,6 +624,8 @@ def run(plan: RunPlan, folder, t_start) -> dict:
 def base_row_and_signal(plan: RunPlan, folder) -> dict:
     """Row 0 (printed), then the signal check of every trained task (signal.json)."""
     t0, cfg = time.time(), next(iter(plan.configs.values()))
+    print(f"evaluating the base model on {len(plan.tasks + plan.probes)} tasks, with and without "
+          f"a demonstration (row 0 of every method and seed)")
     row0 = sc.base_row(plan.base, plan.tokenizer, plan.tasks + plan.probes, cfg,
                        Measures(plan.tokenizer))
     record = row0["record"]
@@ -587,7 +644,23 @@ def base_row_and_signal(plan: RunPlan, folder) -> dict:
               f"{100 * check['teacher_lift']:+.0f} points"
               + "".join(f"\n  WARNING: {w}" for w in check["warnings"]))
     runs.write_json(folder / "signal.json", signal)
+    if any(c.misleading_share for c in plan.configs.values()):
+        runs.write_json(folder / "departure.json", teacher_departures(plan))
     return row0
+
+
+def teacher_departures(plan: RunPlan) -> dict:
+    """{SDPO method: {trained task: measures.teacher_departure}} on the base model, each method
+    with its own dose of misleading demonstrations: the dose in a unit any model has."""
+    out = {}
+    for method in plan.methods:
+        cfg = plan.configs[(method, plan.seeds[0])]
+        if cfg.loss_mode == "sdpo":
+            for task in plan.tasks:
+                sc.seed_everything("departure", method, task.name)
+                out.setdefault(method, {})[task.name] = measures.teacher_departure(
+                    plan.base, plan.tokenizer, task, cfg)
+    return out
 
 
 def set_distances(plan: RunPlan, folder):
@@ -605,11 +678,16 @@ def set_distances(plan: RunPlan, folder):
 class RunHooks(Measures):
     """The hooks of one method and seed (sdpo_cl.Hooks): the measures (harness/measures.py),
     a log line per step, and the run folder: the stages already finished loaded on a resume,
-    each finished stage checkpointed (stage 0 with the base's answers, for response drift)."""
+    each finished stage checkpointed (stage 0 with the base's answers, for response drift), and
+    inside a stage a checkpoint every `every` rollout batches, from which a stopped stage goes
+    on (harness/runs.py: one at a time)."""
 
-    def __init__(self, tokenizer, folder, done, base_sequences, log=None):
+    def __init__(self, tokenizer, folder, done, base_sequences, log=None, every=10,
+                 on_stage=None):
         super().__init__(tokenizer)
         self.folder, self.done, self.base_sequences, self.write = folder, done, base_sequences, log
+        self.every, self.current = every, done + 1        # the stage being trained
+        self.on_stage = on_stage                           # (k, record): the curves' accuracies
 
     def log(self, metrics):
         if self.write is not None:
@@ -618,13 +696,24 @@ class RunHooks(Measures):
     def resume(self, policy, teacher):
         return runs.resume(self.folder, self.done, policy, teacher)
 
+    def resume_steps(self, state):
+        return runs.load_midstage(self.folder, self.current, state)
+
+    def after_step(self, step, state):
+        if self.every and (step + 1) % self.every == 0:
+            runs.save_midstage(self.folder, self.current, step, state)
+
     def finished(self, k, record, policy, teacher):
         runs.save_stage(self.folder, k, record, policy, self.tokenizer, teacher,
                         {"base_sequences.json": self.base_sequences} if k == 0 else None)
+        runs.drop_midstage(self.folder)
+        self.current = k + 1
+        if self.on_stage is not None:
+            self.on_stage(k, record)
 
 
 def run_in_folder(cfg, policy, tokenizer, tasks, probes, folder, *, row0=None, steps=None,
-                  log=None, desc="") -> list:
+                  log=None, desc="", checkpoint_every=10, on_stage=None) -> list:
     """sdpo_cl.continual_sequence with a run folder: every finished stage checkpointed (policy
     and teacher), and a rerun resumes after the last finished, intact stage. With lora_rank, the
     policy trains a LoRA adapter on its frozen weights (harness/lora.py)."""
@@ -637,44 +726,56 @@ def run_in_folder(cfg, policy, tokenizer, tasks, probes, folder, *, row0=None, s
     if cfg.lora_rank:
         policy = lora.add_lora(policy, cfg)
     return sc.continual_sequence(cfg, policy, tokenizer, tasks, probes, steps=steps, row0=row0,
-                                 hooks=RunHooks(tokenizer, folder, done, row0["sequences"], log),
-                                 desc=desc)
+                                 hooks=RunHooks(tokenizer, folder, done, row0["sequences"], log,
+                                                checkpoint_every, on_stage), desc=desc)
 
 
-def run_one(plan: RunPlan, folder, m, s, done, row0, log_path):
+def run_one(plan: RunPlan, folder, m, s, done, row0, log_path, tracker=None):
     """One method and seed through the whole sequence, resuming after stage `done`."""
     if done == len(plan.tasks):
         print(f"{m} seed {s}: finished earlier, kept")
         return
-    if done >= 0:
-        print(f"resuming {m}/seed{s} after stage {done}")
-    runs.keep_log_lines(log_path, lambda r: not (r["method"] == m and r["seed"] == s
-                                                 and r["stage"] > done))
+    sub = folder / m / f"seed{s}"
+    mid = runs.midstage_step(sub, done + 1)          # a stage stopped midway: its last step kept
+    if done >= 0 or mid >= 0:
+        print(f"resuming {m}/seed{s} after stage {done}"
+              + (f", inside stage {done + 1} after batch {mid + 1}" if mid >= 0 else ""))
+    runs.keep_log_lines(log_path, lambda r: not (r["method"] == m and r["seed"] == s and (
+        r["stage"] > done + 1 or r["stage"] == done + 1 and r["step"] > mid)))
     with open(log_path, "a") as log_file:
         def log(metrics, m=m, s=s, f=log_file):
             f.write(json.dumps(runs.strict_json({"method": m, "seed": s, **metrics})) + "\n")
             f.flush()
+            if tracker is not None:
+                tracker.step(m, s, metrics)
         t0 = time.time()
         policy = copy.deepcopy(plan.base).to(plan.device)
         records = run_in_folder(plan.configs[(m, s)], policy, plan.tokenizer,
-                                plan.tasks, plan.probes, folder / m / f"seed{s}", row0=row0,
-                                steps=plan.steps, log=log, desc=f"{m} seed {s}")
-    gains = [records[k + 1]["accuracy"][t.name] - records[k]["accuracy"][t.name]
-             for k, t in enumerate(plan.tasks)]
-    print(f"{m} seed {s}: {time.time() - t0:.0f}s; own-stage gain (points) " + ", ".join(
-        f"{t.name} {100 * g:+.0f}" for t, g in zip(plan.tasks, gains)) + "; final accuracy "
-        + ", ".join(f"{k} {100 * v:.0f}" for k, v in records[-1]["accuracy"].items()))
+                                plan.tasks, plan.probes, sub, row0=row0, steps=plan.steps,
+                                log=log, desc=f"{m} seed {s}",
+                                checkpoint_every=plan.checkpoint_every,
+                                on_stage=tracker and (lambda k, record: tracker.stage(m, s, k,
+                                                                                      record)))
+    gains = []
+    for k, t in enumerate(plan.tasks):      # a gain within its standard error is not learning
+        gain = records[k + 1]["accuracy"][t.name] - records[k]["accuracy"][t.name]
+        se = (records[k + 1]["stderr"][t.name] ** 2 + records[k]["stderr"][t.name] ** 2) ** 0.5
+        gains.append(f"{t.name} {100 * gain:+.0f}" + (f" (within its s.e. {100 * se:.0f})"
+                                                       if abs(gain) < se else ""))
+    print(f"{m} seed {s}: {time.time() - t0:.0f}s; own-stage gain (points) " + ", ".join(gains)
+          + "; final accuracy "
+          + ", ".join(f"{k} {100 * v:.0f}" for k, v in records[-1]["accuracy"].items()))
 
 
 def print_summary(results, plan: RunPlan, folder, t_start):
+    """A short summary (at most 100 columns); the full tables and figures go to report.md."""
     ef.write_report(results, folder)
-    print("\n" + ef.comparison_table(results))
-    paired = ef.paired_table(results)
-    if paired:
-        print("\npaired differences against grpo (points, 95% interval):\n" + paired)
-    for m in plan.methods:
-        print(f"\n{m}:\n" + ef.accuracy_table(results, m))
-    print(f"\nwall time {time.time() - t_start:.0f}s; report: {folder / 'report.md'}")
+    baseline = ((results.get("finding") or {}).get("baselines") or ("grpo",))[0]
+    print("\n" + ef.summary_table(results, baseline))
+    for caution in ef.cautions(results):
+        print(f"CAUTION: {caution}")
+    print(f"\nwall time {time.time() - t_start:.0f}s; report (every table, the figures): "
+          f"{folder / 'report.md'}; what each number means: docs/glossary.md")
 
 
 def write_results(folder, plan: RunPlan) -> dict:
@@ -691,6 +792,8 @@ def write_results(folder, plan: RunPlan) -> dict:
                 "R": [[r["accuracy"][n] for n in names] for r in records],
                 "SE": [[r["stderr"][n] for n in names] for r in records], "records": records}
     signal, distances = folder / "signal.json", folder / "distances.json"
+    departure = folder / "departure.json"
+    first = {m: plan.configs[(m, plan.seeds[0])] for m in plan.methods}
     results = {"name": folder.name, "config": {
         "model": plan.run_config["model"], "lab_steps": plan.run_config["lab_steps"],
         "steps": plan.run_config["steps"],
@@ -701,7 +804,10 @@ def write_results(folder, plan: RunPlan) -> dict:
         "distances_from": plan.run_config.get("embedding_model") or "the base model itself",
         "relations": {a: {b: lab_families.relation(a, b) for b in names
                           if lab_families.relation(a, b)} for a in names[:len(plan.tasks)]},
-        "finding": plan.finding and {"name": plan.finding, **FINDINGS[plan.finding]}}
+        "finding": plan.finding and {"name": plan.finding, **FINDINGS[plan.finding]},
+        "doses": {m: [c.misleading_kind, c.misleading_share] for m, c in first.items()
+                  if c.loss_mode == "sdpo"},
+        "departure": json.loads(departure.read_text()) if departure.exists() else {}}
     runs.write_json(folder / "results.json", results)
     return results
 

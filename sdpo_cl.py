@@ -13,10 +13,10 @@ distribution at each position. SDPO replaces the GRPO loss; rewards only pick de
 The experiment (Wang et al., "Denser != Better", arXiv 2607.01763) trains tasks T1..TN one after
 another, evaluates every task after every stage, and asks which method forgets more.
 
-No function uses a name defined further down. Everything else lives in files of its own: the
-lab, the paper's data, loading, the measures a run takes, run folders, the verl bridge (harness/),
-the driver (run_sequence.py), the reports (eval_forgetting.py). A comment marks each departure
-from the official (verl) code (all in docs/departures.md). `python sdpo_cl.py`: the walkthrough.
+No function uses a name defined further down; the lab, the paper's data, loading, measures, run
+folders and the verl bridge live in harness/, the driver in run_sequence.py, the reports in
+eval_forgetting.py. A comment marks each departure from the official (verl) code (docs/
+departures.md lists them). `python sdpo_cl.py` runs the walkthrough.
 """
 from __future__ import annotations
 
@@ -246,19 +246,17 @@ def knob(default, *, low=None, high=None, strict=False, choices=None, none=None)
 def knob_problem(f, value) -> str | None:
     """What field f's knob allows, when `value` is not allowed; None when it is."""
     rule, kind = f.metadata, type(f.default)
-    if value is None and rule["none"] or rule["choices"] and value in rule["choices"]:
-        return None
     if rule["choices"]:
-        return "one of " + ", ".join(map(repr, rule["choices"]))
+        return None if value in rule["choices"] else "one of " + ", ".join(
+            map(repr, rule["choices"]))
+    if value is None and rule["none"]:
+        return None
     if kind in (bool, str):
         return None if isinstance(value, kind) else "true or false" if kind is bool else "a string"
     low, high, strict = rule["low"], rule["high"], rule["strict"]
-    if kind is int:
-        wanted = f"an integer >= {low}"
-    elif high is None:
-        wanted = f"a finite number {'>' if strict else '>='} {low}"
-    else:
-        wanted = f"a number in {'(' if strict else '['}{float(low)}, {float(high)}]"
+    wanted = (f"an integer >= {low}" if kind is int
+              else f"a finite number {'>' if strict else '>='} {low}" if high is None
+              else f"a number in {'(' if strict else '['}{float(low)}, {float(high)}]")
     wanted += f", or None ({rule['none']})" if rule["none"] else ""
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if (not number or not math.isfinite(value) or kind is int and not isinstance(value, int)
@@ -282,8 +280,6 @@ def check_config(c) -> None:
                        ("feedback_template", ("{feedback_raw}",))):
         if not all(k in getattr(c, name) for k in keys):
             refuse(name, "a string containing " + " ".join(keys))
-    if c.teacher_path is not None and not isinstance(c.teacher_path, str):
-        refuse("teacher_path", "a folder or a hub id, or None")
     if not (isinstance(c.adam_betas, (tuple, list)) and len(c.adam_betas) == 2 and all(
             isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
             for b in c.adam_betas)):
@@ -370,6 +366,8 @@ class Config:
     reset_teacher_each_task: bool = knob(True)  # re-created at each stage, as a run per stage
     teacher_bf16: bool = knob(False)            # the teacher's weights in bf16: half the bytes
     mask_ratio: float = knob(0.0, low=0, high=1)   # the paper's code: drop this share of tokens
+    misleading_share: float = knob(0.0, low=0, high=1)   # demonstrations swapped for misleading
+    misleading_kind: str = knob("content", choices=("content", "format"))   # ones (ours)
     distill_scope: str = knob("all", choices=("all", "final_answer"))   # after answer_marker
     answer_marker: str = knob("#")              # where the final answer starts (ours)
     share_teacher_prefix: bool = knob(True)     # a KV cache per teacher prompt (False: as verl)
@@ -381,6 +379,10 @@ class Config:
 
     def __post_init__(self):
         check_config(self)
+
+    @property
+    def sdpo_weight(self) -> float:   # w in (1 - w) GRPO + w SDPO: distillation_weight, or 0
+        return self.distillation_weight if self.loss_mode == "sdpo" else 0.0
 
 
 # ==== 5. Rollout: G completions per prompt, response masks, the sampling policy's log-probs ======
@@ -419,9 +421,9 @@ def pad_cat(rows, value, left=False):
 
 
 def eos_ids(model, tokenizer) -> list:
-    ids = model.generation_config.eos_token_id
-    ids = ids if isinstance(ids, list) else [ids] if ids is not None else []
-    return sorted(set(ids) | {tokenizer.eos_token_id} - {None})
+    ids = model.generation_config.eos_token_id                 # an id, a list of them, or None
+    return sorted((set(ids if isinstance(ids, list) else [ids]) | {tokenizer.eos_token_id})
+                  - {None})
 
 
 def response_mask_from_positions(response_ids, eos_token_ids):
@@ -467,7 +469,6 @@ class Rollout:
     response_mask: torch.Tensor    # [B, T]  1 up to and including the first EOS, float
     old_logprobs: torch.Tensor     # [B, T]  log pi_old(y_t) under the sampling distribution
     completions: list              # B decoded strings, without the EOS
-    finished: torch.Tensor | None = None   # [B] bool: the answer ended with an EOS
 
 
 @contextlib.contextmanager
@@ -502,10 +503,9 @@ def generate(model, tokenizer, prompt_texts, max_new_tokens, *, sample=True, tem
     response_ids = out[:, ids.shape[1]:]                                   # [B, T]
     mask = response_mask_from_positions(response_ids, eos)
     old_logprobs = recorder.finish(response_ids[:, -1]) * mask
-    finished = torch.isin(response_ids, torch.tensor(eos, device=response_ids.device)).any(1)
     return Rollout(ids.repeat_interleave(num_return_sequences, 0),
                    attn.repeat_interleave(num_return_sequences, 0), response_ids, mask,
-                   old_logprobs, decode_completions(tokenizer, response_ids, mask), finished)
+                   old_logprobs, decode_completions(tokenizer, response_ids, mask))
 
 
 def concat_rollouts(rollouts, pad_id) -> Rollout:
@@ -514,9 +514,7 @@ def concat_rollouts(rollouts, pad_id) -> Rollout:
     return Rollout(pad_cat(field("prompt_ids"), pad_id, left=True),
                    pad_cat(field("prompt_mask"), 0, left=True),
                    pad_cat(field("response_ids"), pad_id), pad_cat(field("response_mask"), 0),
-                   pad_cat(field("old_logprobs"), 0), sum(field("completions"), []),
-                   None if any(f is None for f in field("finished"))
-                   else torch.cat(field("finished")))
+                   pad_cat(field("old_logprobs"), 0), sum(field("completions"), []))
 
 
 def real_token_positions(attention_mask):
@@ -558,10 +556,13 @@ def teacher_prompt(prompt, cfg, demonstration=None, feedback=None) -> str:
     return cfg.reprompt_template.format(prompt=prompt, solution=solution, feedback=feedback)
 
 
-def teacher_contexts(prompts, completions, rewards, feedbacks, group_size, cfg) -> list:
+def teacher_contexts(prompts, completions, rewards, feedbacks, group_size, cfg,
+                     misleading=None) -> list:
     """One teacher prompt per sample (raw user text, before the chat template), or None when there
     is neither a demonstration nor feedback: that sample's distillation mask is 0. prompts: the
-    prompt of each sample (N, repeated G times); rewards: N floats; feedbacks: N strings or None."""
+    prompt of each sample (N, repeated G times); rewards: N floats; feedbacks: N strings or None;
+    misleading: N demonstrations shown instead with probability cfg.misleading_share (this
+    project's dose of misalignment: harness/dose.py prepares them)."""
     contexts = []
     for i in range(len(completions)):
         group = range(i - i % group_size, i - i % group_size + group_size)
@@ -570,6 +571,8 @@ def teacher_contexts(prompts, completions, rewards, feedbacks, group_size, cfg) 
         demo = feedback = None
         if demos:   # the first success: rollouts are i.i.d., so this is a random one (official)
             demo = completions[demos[0]]
+            if cfg.misleading_share and random.random() < cfg.misleading_share:
+                demo = misleading[i]
             if cfg.remove_thinking_from_demonstration:
                 demo = strip_thinking(demo)
         if (cfg.include_environment_feedback and feedbacks[i] and feedbacks[i].strip()
@@ -607,11 +610,6 @@ def ema_update_(teacher, student, tau):
         t.lerp_(s.detach().to(t.dtype), tau)
 
 
-def trust_region_logits(ref_logits, student_logits, tau):
-    """The trust-region teacher: lerp(ref, student, tau) in logit space."""
-    return torch.lerp(ref_logits, student_logits, tau)
-
-
 class Teacher:
     """Scores response tokens after a teacher context, without gradients. ema: its own weights,
     moved toward the student every teacher_update_every batches of a stage (tau 0: SDPO_0; k > 1:
@@ -637,8 +635,8 @@ class Teacher:
         """The teacher's logits, where score(model) runs a model on the teacher's inputs."""
         if self.kind == "live":
             return score(policy)
-        if self.kind == "trust-region":
-            return trust_region_logits(score(self.model), score(policy), self.tau)
+        if self.kind == "trust-region":   # lerp(reference, student, tau), in logit space
+            return torch.lerp(score(self.model), score(policy), self.tau)
         return score(self.model)
 
     def after_rollout_batch(self, policy, batch):
@@ -694,21 +692,21 @@ def teacher_scores(model, prefix_ids, prefix_mask, rows, response_ids, response_
 class Hooks:
     """What a driver plugs into continual_sequence: run_sequence.py's measures (harness/
     measures.py), log and run folder. Each does nothing here; a driver overrides what it needs."""
+
     def step(self, policy, teacher, task, rollout, samples, targets, cfg) -> dict:
         return {}   # more metrics of a rollout batch, measured before its update
-
     def log(self, metrics) -> None:
         pass        # after every rollout batch
-
     def curve(self, policy, base) -> dict:
         return {}   # more numbers at a mid-stage evaluation (every eval_every batches)
-
     def stage(self, policy, base, outputs, base_sequences, history) -> dict:
         return {}   # more numbers for a stage's record (history: its steps' metrics)
-
     def resume(self, policy, teacher) -> list:
         return []   # the records of the stages already finished, their weights loaded
-
+    def resume_steps(self, state) -> int:
+        return 0    # the next step of a stage stopped midway, its `state` restored in place
+    def after_step(self, step, state) -> None:
+        pass        # after every rollout batch: `state` is what a resume_steps needs
     def finished(self, k, record, policy, teacher) -> None:
         pass        # after stage k (a checkpoint)
 
@@ -749,19 +747,17 @@ class Targets:
     teacher_of: torch.Tensor | None         # [B]     row -> index into U (-1: no context)
 
 
-def sdpo_term_weight(cfg) -> float:
-    """w in the loss (1 - w) GRPO + w SDPO: distillation_weight for SDPO, else 0."""
-    return cfg.distillation_weight if cfg.loss_mode == "sdpo" else 0.0
-
-
 def add_teacher_inputs(targets, rollout, samples, rewards, task, tokenizer, cfg):
     """SDPO's targets: each sample's teacher prompt (each distinct one tokenized once) and the
     distillation mask (the response tokens of samples that have a teacher context)."""
     device = rollout.response_ids.device
     feedbacks = [task.feedback(c, ex) if task.feedback and cfg.include_environment_feedback
                  else None for c, ex in zip(rollout.completions, samples)]
+    misleading = [ex.get("misleading_" + cfg.misleading_kind) for ex in samples]
+    if cfg.misleading_share and None in misleading:   # a row without one: say so, not "None"
+        raise ValueError("Config.misleading_share > 0: prepare the tasks with harness/dose.py")
     contexts = teacher_contexts([ex["prompt"] for ex in samples], rollout.completions,
-                                rewards.tolist(), feedbacks, cfg.group_size, cfg)
+                                rewards.tolist(), feedbacks, cfg.group_size, cfg, misleading)
     texts = [None if c is None else format_prompt(tokenizer, c, ex.get("system"),
                                                   cfg.enable_thinking)
              for c, ex in zip(contexts, samples)]
@@ -782,7 +778,7 @@ def add_teacher_inputs(targets, rollout, samples, rewards, task, tokenizer, cfg)
 
 def loss_targets(rollout, samples, rewards, task, tokenizer, cfg) -> Targets:
     """GRPO's advantages and SDPO's teacher inputs."""
-    device, sdpo_weight = rollout.response_ids.device, sdpo_term_weight(cfg)
+    device, sdpo_weight = rollout.response_ids.device, cfg.sdpo_weight
     targets = Targets(rewards, None, None, None, None, None)
     if sdpo_weight < 1:
         targets.advantages = grpo_advantages(rewards, cfg.group_size,
@@ -859,7 +855,7 @@ def micro_batch_loss(policy, teacher, reference, rollout, targets, rows, minibat
     metrics = {"entropy": aggregation_share(mask[rows], mask[minibatch], "token-mean")
                * aggregate(entropy, mask[rows]).item()}
     none = (logits.sum() * 0.0, {})   # a graph-connected zero: a step runs without any target
-    w, beta = sdpo_term_weight(cfg), cfg.kl_loss_coef
+    w, beta = cfg.sdpo_weight, cfg.kl_loss_coef
     grpo, grpo_metrics = grpo_part(logprobs, rollout, targets, rows, minibatch, cfg) if (
         w < 1) else none
     sdpo, sdpo_metrics = (sdpo_part(policy, teacher, logits, rollout, targets, rows, minibatch,
@@ -893,8 +889,7 @@ def backward_finite(loss):
 
 
 def clipped_optimizer_step(policy, optimizer, max_norm) -> float:
-    """Clip the gradient norm and step, refusing a non-finite norm before it reaches the
-    weights. Returns the norm before clipping."""
+    """Clip the gradients and step; a non-finite norm never reaches the weights. The norm."""
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm).item()
     if not math.isfinite(grad_norm):
         raise FloatingPointError(f"non-finite gradient norm {grad_norm}")
@@ -933,9 +928,7 @@ def step_metrics(rollout, targets, totals, cfg) -> dict:
                "solved_groups": (groups.max(1).values >= cfg.success_reward_threshold
                                  ).float().mean().item(),
                "zero_adv_groups": (groups.std(1) == 0).float().mean().item(),
-               **totals, "response_length": rollout.response_mask.sum(1).mean().item(),
-               "unfinished_rate": None if rollout.finished is None
-               else 1.0 - rollout.finished.float().mean().item()}
+               **totals, "response_length": rollout.response_mask.sum(1).mean().item()}
     if targets.distill_mask is not None:
         mask = rollout.response_mask
         metrics["distill_frac"] = (targets.distill_mask.sum() / mask.sum().clamp(min=1)).item()
@@ -1035,13 +1028,19 @@ def train_task(policy, tokenizer, teacher, task, cfg, *, rng, reference=None, lo
     """`steps_per_task` rollout batches on one task with a fresh optimizer, as each of the
     paper's stages is a new verl run. others: the tasks replay or multitask draw prompts from;
     curve(step): an evaluation every eval_every batches; log(metrics) after every step;
-    hooks.step measures each batch."""
+    hooks.step measures each batch; hooks.after_step may keep the loop's state, from which
+    hooks.resume_steps lets a stage stopped midway go on as if it had not stopped."""
+    hooks = hooks or Hooks()
     policy.train()
     if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
+        policy.activation_checkpointing_enable()
     optimizer, scheduler = make_optimizer(policy, cfg)
-    order, history = [], []
-    bar = tqdm(range(cfg.steps_per_task), desc=desc, leave=False, disable=None)
+    order, history = [], []                   # the rest of the pass over the prompts; metrics
+    state = dict(policy=policy, teacher=teacher, optimizer=optimizer, scheduler=scheduler,
+                 rng=rng, order=order, history=history)
+    start = hooks.resume_steps(state)
+    bar = tqdm(range(start, cfg.steps_per_task), desc=desc, leave=False, disable=None,
+               initial=start, total=cfg.steps_per_task)
     for step in bar:
         examples, batch_task = next_batch(task, others, cfg, rng, order)
         try:
@@ -1049,15 +1048,16 @@ def train_task(policy, tokenizer, teacher, task, cfg, *, rng, reference=None, lo
                        if cfg.loss_mode == "sft" else train_step(
                            policy, tokenizer, teacher, optimizer, scheduler, batch_task, examples,
                            cfg, reference, hooks))
-        except FloatingPointError as e:
-            last = history[-1] if history else {}
-            raise FloatingPointError(f"{desc}: step {step}: {e}; last finite metrics: {last}")
+        except FloatingPointError as e:        # where it happened, and what was last finite
+            raise FloatingPointError(f"{desc}: step {step}: {e}; last finite metrics: "
+                                     f"{history[-1] if history else {}}")
         metrics["step"] = step
         if curve is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
             metrics["curve"] = curve(step + 1)
         history.append(metrics)
         if log is not None:
             log(metrics)
+        hooks.after_step(step, state)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}")
     policy.eval()
     return history
@@ -1114,7 +1114,7 @@ def accuracy_row(policy, tokenizer, tasks, cfg, lift=False):
     record = {"accuracy": {}, "stderr": {}, "samples": {}}
     outputs = {"completions": [], "sequences": []}
     n = cfg.eval_samples if cfg.eval_mode == "sample" else 1
-    for task in tasks:
+    for task in tqdm(tasks, desc="evaluating", leave=False, disable=None):
         plain = task_accuracy(policy, tokenizer, task, cfg)
         record["accuracy"][task.name] = plain["accuracy"]
         record["stderr"][task.name] = plain["stderr"]

@@ -445,7 +445,7 @@ def time_shape(name, mode, *, device, prompts, group, prompt_len, answer_len, mi
     tok = shape_tokenizer()
     model.generation_config.min_new_tokens = answer_len        # every answer exactly answer_len
     if checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     model.train()
     task = forced_length_task(prompt_len, answer_len, group)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -618,7 +618,8 @@ def gpu_plan_main(args, plan, budget=420):
     print(f"# total {time.time() - t_start:.0f} s")
 
 
-def main():
+def build_parser():
+    """The command line (a test parses every command the docs show)."""
     import argparse
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="lab", help="'lab', 'lab-short' or a real model (hub id, "
@@ -663,7 +664,11 @@ def main():
     ap.add_argument("--budget", type=float, default=420, help="with --plan: start no new "
                     "configuration after this many seconds")
     ap.add_argument("--no-header", action="store_true", help="with --shape: rows only")
-    args = ap.parse_args()
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     quiet()
     if args.memory_rule:
         print("Memory rule, GiB before activations (computed, not measured; bench_step.py "

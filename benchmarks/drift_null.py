@@ -82,11 +82,16 @@ def run_drift(folder, base) -> list:
     return rows
 
 
-def main(argv=None):
+def build_parser():
+    """The command line (a test parses every command the docs show)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lab", default="lab", choices=list(lab.LABS))
     ap.add_argument("--runs", help="a run folder whose final drift to print beside the nulls")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     spec = lab.LABS[args.lab]
     stages = [max(1, round(n * spec.paper_scale)) for n in lab.PAPER_STEPS]
     base, _ = lab.lab_base(args.lab)

@@ -110,7 +110,8 @@ def interference(lab_name, seeds: str, out) -> dict:
     return forgetting
 
 
-def main(argv=None):
+def build_parser():
+    """The command line (a test parses every command the docs show)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lab", default="lab", choices=list(lab.LABS))
     ap.add_argument("--learnability", action="store_true",
@@ -119,7 +120,11 @@ def main(argv=None):
                     "lab's stages, 3 seeds: does the lab forget (a minute or two)")
     ap.add_argument("--seeds", default="0,1,2", help="with --learnability or --interference")
     ap.add_argument("--out", default="runs", help="with --learnability: the run folders' parent")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     if args.learnability:
         return learnability(args.lab, args.seeds, Path(args.out))
     if args.interference:

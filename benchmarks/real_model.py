@@ -66,6 +66,14 @@ def write_tasks(folder) -> list:
     return written
 
 
+def finished(rollout, model, tokenizer) -> float:
+    """The share of answers that ended (an end-of-sequence token) within the budget."""
+    import torch
+    import sdpo_cl as sc
+    eos = torch.tensor(sc.eos_ids(model, tokenizer))
+    return torch.isin(rollout.response_ids, eos).any(1).float().mean().item()
+
+
 def probe(model_path: str, folders, prompts: int = 8, group_size: int = 8,
           max_new_tokens: int = 48):
     """The base model's signal on each task at temperature 1, as the signal check measures it,
@@ -85,15 +93,20 @@ def probe(model_path: str, folders, prompts: int = 8, group_size: int = 8,
               f"{(groups.max(1).values > 0.5).float().mean():.0%}, all alike "
               f"{(groups.std(1) == 0).float().mean():.0%}, answer length "
               f"{rollout.response_mask.sum(1).mean():.0f} tokens, cut "
-              f"{1 - rollout.finished.float().mean():.0%} ({time.time() - t0:.0f} s)")
+              f"{1 - finished(rollout, model, tokenizer):.0%} ({time.time() - t0:.0f} s)")
         print("   e.g. " + repr(rollout.completions[0][-200:]))
 
 
-def main():
+def build_parser():
+    """The command line (a test parses every command the docs show)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("folder", help="where to write the task folders")
     parser.add_argument("--probe", metavar="MODEL", help="print a model's signal on them")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     folders = write_tasks(args.folder)
     print("wrote " + ", ".join(str(f) for f in folders))
     if args.probe:

@@ -28,6 +28,9 @@ def load_task(name: str, model: str = "lab") -> Task:
         return data.load_sciknoweval(name.split(":", 1)[1], models.cache_dir() / "data")
     if Path(name).is_dir():
         return data.load_official_task(name)
+    if "/" in name or "\\" in name or name.startswith((".", "~")):
+        raise ValueError(f"task folder {name!r} does not exist (a task folder holds train.json "
+                         f"and test.json in the official SDPO layout)")
     if name == "tooluse":
         raise ValueError("task 'tooluse': ToolAlpaca as the paper used it is not on the hub; its "
                          "files are datasets/tooluse/{train,test}.json of "

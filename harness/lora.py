@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import types
+import warnings
 from pathlib import Path
 
 import torch
@@ -71,7 +72,10 @@ def add_lora(model, cfg):
     config = peft.LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
                              lora_dropout=cfg.lora_dropout, target_modules=target_modules(cfg),
                              bias="none", task_type="CAUSAL_LM")
-    policy = peft.get_peft_model(model, config)
+    with warnings.catch_warnings():   # peft 0.21 reads transformers' deprecated alias
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated",
+                                FutureWarning)
+        policy = peft.get_peft_model(model, config)
     policy.adapter_copy = types.MethodType(adapter_copy, policy)
     return policy
 

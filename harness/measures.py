@@ -18,6 +18,7 @@ import weakref
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
 import sdpo_cl as sc
 from harness import lora
@@ -71,33 +72,41 @@ def signal_check(model, tokenizer, task, cfg, teacher_lift=None, n_prompts=None)
 
 
 @torch.no_grad()
-def teacher_departure(model, tokenizer, task, cfg, n_prompts=32) -> dict:
-    """Where the self-teacher pulls toward the demonstration's path rather than toward
-    correctness: on n_prompts training prompts, G samples each at the training temperature, every
-    right sample that has a teacher context (a right sibling as its demonstration, chosen as in
-    training) is scored by the model in that context; `departure` is the share of its answer
-    tokens where the teacher's most likely token is not the student's own (right) token.
-    `same_path` is the share of those samples whose demonstration is word for word the same
-    answer (where no departure is to be expected)."""
+def teacher_departure(model, tokenizer, task, cfg, n_prompts=32, wrappers=WRAPPERS) -> dict:
+    """Where the self-teacher pulls away from a right answer, in a unit any model has: on
+    n_prompts training prompts, G samples each at the training temperature, every right sample
+    that has a teacher context (chosen as in training: a right sibling as its demonstration, or
+    with cfg.misleading_share a misleading one, harness/dose.py) is scored by the model in that
+    context. `departure`: the share of its answer tokens where the teacher's most likely token is
+    not the student's own (right) token; `foreign`: the share of those samples whose teacher's
+    most likely tokens, read as text, carry another task's wrapper (`wrappers`: {task name:
+    its marker}; the task's own is not counted); `same_path`: the share whose demonstration is
+    word for word the sample's own answer (where no departure is to be expected)."""
     examples = [task.train[i] for i in range(min(n_prompts, len(task.train)))]
     rollout, samples, rewards = sc.sample_rollout(model, tokenizer, task, examples, cfg)
+    misleading = [ex.get("misleading_" + cfg.misleading_kind) for ex in samples]
     contexts = sc.teacher_contexts([ex["prompt"] for ex in samples], rollout.completions,
-                                   rewards.tolist(), [None] * len(samples), cfg.group_size, cfg)
+                                   rewards.tolist(), [None] * len(samples), cfg.group_size, cfg,
+                                   misleading)
     rows = [i for i, c in enumerate(contexts)
             if c is not None and rewards[i] >= cfg.success_reward_threshold]
     if not rows:
-        return {"departure": None, "same_path": None, "scored": 0}
+        return {"departure": None, "foreign": None, "same_path": None, "scored": 0}
     texts = [sc.format_prompt(tokenizer, contexts[i]) for i in rows]
     prompt_ids, prompt_mask = sc.tokenize_prompts(tokenizer, texts, model.device)
     ids, mask = rollout.response_ids[rows], rollout.response_mask[rows]
     top = sc.response_scores(model, prompt_ids, prompt_mask, ids, mask).argmax(-1)   # [R, T]
     departed = ((top != ids).float() * mask).sum() / mask.sum()
+    read = [tokenizer.decode(t[m > 0], skip_special_tokens=True) for t, m in zip(top, mask)]
+    others = [marker for name, marker in (wrappers or {}).items() if name != task.name]
+    foreign = sum(any(marker in text for marker in others) for text in read) / len(rows)
     own = [rollout.completions[i] for i in rows]
     if cfg.remove_thinking_from_demonstration:         # as teacher_contexts shows a demonstration
         own = [sc.strip_thinking(c) for c in own]
     same = sum(contexts[i] == sc.teacher_prompt(samples[i]["prompt"], cfg, c)   # its own answer
                for i, c in zip(rows, own))
-    return {"departure": departed.item(), "same_path": same / len(rows), "scored": len(rows)}
+    return {"departure": departed.item(), "foreign": foreign, "same_path": same / len(rows),
+            "scored": len(rows)}
 
 
 # ---- Drift: how far a stage moved the model, in parameters and in responses ---------------------
@@ -254,7 +263,8 @@ def paper_drift(model, base) -> dict:
     measures = dict(zip(PAPER_DRIFT, (normalised_spectral_shift, max_principal_angle,
                                       principal_mask_overlap, principal_mask_update)))
     totals, n = dict.fromkeys(PAPER_DRIFT, 0.0), 0
-    for (name, p), (_, p0) in zip(lora.effective_weights(model), lora.effective_weights(base)):
+    pairs = zip(lora.effective_weights(model), lora.effective_weights(base))
+    for (name, p), (_, p0) in tqdm(list(pairs), desc="drift", leave=False, disable=None):
         if p.dim() == 2 and layer_type(name) in ("attention", "mlp"):
             n += 1
             for key, f in measures.items():
@@ -359,8 +369,13 @@ def task_distances(model, tokenizer, trained, evaluated, n=100) -> dict:
     one RBF bandwidth for every pair, the median distance over all their points, so that the
     distances compare (a bandwidth per pair would rescale each)."""
     rows = lambda data: [data[i] for i in range(min(n, len(data)))]
-    train = {t.name: set_embeddings(model, tokenizer, rows(t.train)) for t in trained}
-    test = {t.name: set_embeddings(model, tokenizer, rows(t.test)) for t in evaluated}
+    bar = tqdm(total=len(trained) + len(evaluated), desc="distances", leave=False, disable=None)
+    train, test = {}, {}
+    for sets, split, tasks in ((train, "train", trained), (test, "test", evaluated)):
+        for t in tasks:
+            sets[t.name] = set_embeddings(model, tokenizer, rows(getattr(t, split)))
+            bar.update()
+    bar.close()
     points = torch.cat([*train.values(), *test.values()]).double()
     h = torch.cdist(points, points).flatten().median().item()   # median over all pairs
     return {a: {b: mmd_rbf(x, y, bandwidth=h) for b, y in test.items()} for a, x in train.items()}
@@ -427,8 +442,8 @@ def artifact_gap(policy, teacher, rollout, targets, rows, cfg) -> float | None:
                         teacher_logits.float() / cfg.temperature, ids, targets.distill_mask[rows])
 
 
-def step_artifacts(policy, teacher, task, rollout, samples, targets, cfg, wrappers=WRAPPERS
-                   ) -> dict:
+def step_artifacts(policy, teacher, task, rollout, samples, targets, cfg, tokenizer,
+                   wrappers=WRAPPERS) -> dict:
     """The collapse measures of one rollout batch: repeated n-grams in the samples and in the
     successful ones (the pool SDPO's demonstrations come from); where the task is one of the
     families in `wrappers`, the share of samples carrying each other family's wrapper
@@ -436,8 +451,11 @@ def step_artifacts(policy, teacher, task, rollout, samples, targets, cfg, wrappe
     format and, for SDPO, the teacher's pull on them."""
     success = [c for c, r in zip(rollout.completions, targets.rewards.tolist())
                if r >= cfg.success_reward_threshold]
+    eos = torch.tensor(sc.eos_ids(policy, tokenizer), device=rollout.response_ids.device)
     out = {"repetition_rate": format_artifacts(rollout.completions)["repetition_frac"],
-           "demo_repetition_rate": format_artifacts(success)["repetition_frac"]}
+           "demo_repetition_rate": format_artifacts(success)["repetition_frac"],
+           "unfinished_rate": 1.0 - torch.isin(rollout.response_ids, eos).any(1).float().mean()
+           .item()}
     if task.name in wrappers:
         leaks = wrapper_leaks(rollout.completions, task.name, wrappers)
         out.update({f"leak_{family}": share for family, share in leaks.items()})
@@ -481,13 +499,14 @@ class Measures(sc.Hooks):
     curve point (the paper's every 10 steps, with eval_every=10). A per-step measure is added
     here: a key of step_artifacts' and its name in `series`."""
     series = ("reward", "distill_frac", "repetition_rate", "demo_repetition_rate",
-              "unfinished_rate", "malformed_rate", "artifact_gap", "leak_rate")
+              "unfinished_rate", "malformed_rate", "artifact_gap", "leak_rate", "lr")
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
 
     def step(self, policy, teacher, task, rollout, samples, targets, cfg) -> dict:
-        return step_artifacts(policy, teacher, task, rollout, samples, targets, cfg)
+        return step_artifacts(policy, teacher, task, rollout, samples, targets, cfg,
+                              self.tokenizer)
 
     def stage(self, policy, base, outputs, base_sequences, history) -> dict:
         return {**({"train": stage_summary(history, self.series)} if history else {}),

@@ -38,7 +38,8 @@ def load_pretrained(name: str, device: str = "cpu"):
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
     except Exception as e:          # a missing id, a damaged file (safetensors' own error), ...
-        raise ValueError(f"model {name!r} could not be loaded: allowed are 'lab', a hub id, a "
+        raise ValueError(f"model {name!r} could not be loaded: allowed are 'lab', 'lab-trace', "
+                         f"'lab-short', a hub id, a "
                          f"folder saved with save_pretrained, or a .gguf file ({e})") from e
     if kwargs:   # GGUF: the weights are de-quantised fp32 tensors now, but transformers still
         # marks the model as GGUF-quantised and would refuse save_pretrained (checkpoints)

@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import shutil
 from pathlib import Path
 
@@ -147,6 +148,81 @@ def resume(folder, done, policy, teacher) -> list:
     if done > 0:
         load_stage_weights(folder, done, policy, teacher)
     return records
+
+
+# ---- Inside a stage: one checkpoint every few rollout batches, the previous one replaced ---------
+
+def save_midstage(folder, k, step, state):
+    """Keep what a stage stopped after `step` needs to go on exactly as without a stop (on CPU):
+    the policy (or its adapter) and the teacher, the optimizer and the learning-rate schedule,
+    every random state, the rest of the pass over the prompts and the steps' metrics. Written
+    whole beside the last one, then swapped in: at most one mid-stage checkpoint on disk, and a
+    crash while writing leaves the previous one."""
+    final, tmp = Path(folder) / "midstage", Path(folder) / "midstage.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_weights(state["policy"], tmp / "policy")
+    teacher = state["teacher"]
+    if teacher is not None and teacher.model is not None:
+        save_weights(teacher.model, tmp / "teacher")
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    torch.save({"stage": k, "step": step, "order": list(state["order"]),
+                "history": strict_json(state["history"]), "rng": state["rng"].getstate(),
+                "random": random.getstate(), "torch": torch.get_rng_state(), "cuda": cuda,
+                "optimizer": state["optimizer"].state_dict(),
+                "scheduler": state["scheduler"].state_dict()}, tmp / "loop.pt")
+    if final.exists():
+        os.replace(final, Path(folder) / "midstage.old")
+    os.replace(tmp, final)
+    shutil.rmtree(Path(folder) / "midstage.old", ignore_errors=True)
+
+
+def midstage(folder) -> Path | None:
+    """The folder of the mid-stage checkpoint (or of the one before it, if a crash came between
+    the two renames of save_midstage), or None."""
+    for name in ("midstage", "midstage.old"):
+        if (Path(folder) / name / "loop.pt").is_file():
+            return Path(folder) / name
+    return None
+
+
+def midstage_step(folder, k) -> int:
+    """The last step kept by a mid-stage checkpoint of stage k, or -1."""
+    found = midstage(folder)
+    if found is None:
+        return -1
+    loop = torch.load(found / "loop.pt", weights_only=False)
+    return loop["step"] if loop["stage"] == k else -1
+
+
+def load_midstage(folder, k, state) -> int:
+    """Restore a stage k stopped midway into the loop's `state`, in place (weights, optimizer,
+    schedule, random states, the pass over the prompts, the metrics so far); the next step, or
+    0 when there is no checkpoint of stage k."""
+    found = midstage(folder)
+    if found is None:
+        return 0
+    loop = torch.load(found / "loop.pt", weights_only=False)
+    if loop["stage"] != k:
+        return 0
+    load_weights(state["policy"], found / "policy")
+    if state["teacher"] is not None and state["teacher"].model is not None:
+        load_weights(state["teacher"].model, found / "teacher")
+    state["optimizer"].load_state_dict(loop["optimizer"])
+    state["scheduler"].load_state_dict(loop["scheduler"])
+    state["rng"].setstate(loop["rng"])
+    random.setstate(loop["random"])
+    torch.set_rng_state(loop["torch"])
+    if loop["cuda"]:
+        torch.cuda.set_rng_state_all(loop["cuda"])
+    state["order"][:] = loop["order"]
+    state["history"][:] = loop["history"]
+    return loop["step"] + 1
+
+
+def drop_midstage(folder):
+    """A finished stage needs no mid-stage checkpoint: removed."""
+    for name in ("midstage", "midstage.old", "midstage.tmp"):
+        shutil.rmtree(Path(folder) / name, ignore_errors=True)
 
 
 def keep_log_lines(path: Path, keep):

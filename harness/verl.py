@@ -52,6 +52,7 @@ CANNOT = {
                  "tasks' files instead",
     "distill_scope": "distilling only what follows the final-answer marker has no verl key",
     "distillation_weight": "the GRPO + SDPO hybrid: verl's loss is one or the other",
+    "misleading_share": "the dose of misleading demonstrations (harness/dose.py) has no verl key",
 }
 # What verl runs otherwise, or does not need: printed as a note above the command.
 NOTES = {
@@ -69,6 +70,7 @@ NOTES = {
                             "False does: the same numbers",
     "bf16": "verl runs its actor in bf16 on the GPU",
     "answer_marker": "used only with distill_scope, which verl has no key for",
+    "misleading_kind": "used only with misleading_share, which verl has no key for",
 }
 
 
@@ -210,7 +212,8 @@ def print_verl(methods, configs, names, steps, model, data_dir=None):
     for a model verl cannot load or a method it cannot run (gaps)."""
     check_model(model)
     first = {m: next(c for (mm, _), c in configs.items() if mm == m) for m in methods}
-    refused = [f"{m}: {'; '.join(gaps(cfg)[0])}" for m, cfg in first.items() if gaps(cfg)[0]]
+    refused = [f"{m}: {'; '.join(gaps(cfg)[0] + gaps(cfg)[1])}" for m, cfg in first.items()
+               if gaps(cfg)[0]]
     if refused:
         raise ValueError("--print-verl: verl cannot run these methods as this code does, and a "
                          "command for them would run another method: " + " | ".join(refused))

@@ -146,7 +146,10 @@ def narrate_updates(b, i, signals, say) -> dict:
     return result
 
 
-def walkthrough(prompts=4, group_size=8, family="math", seed=0, out="docs", echo=print) -> dict:
+DOCS = Path(__file__).resolve().parents[1] / "docs"       # the project's docs/, from any folder
+
+
+def walkthrough(prompts=4, group_size=8, family="math", seed=0, out=DOCS, echo=print) -> dict:
     """One rollout batch of the lab's base model, narrated: a group's answers, rewards and GRPO
     advantages; the teacher prompt of one failed answer; along that answer, token by token,
     GRPO's weight next to SDPO's divergence; the two distributions where they differ most; the
@@ -183,6 +186,7 @@ def walkthrough(prompts=4, group_size=8, family="math", seed=0, out="docs", echo
               "advantage": b.advantages[i].item(), **narrate_updates(b, i, signals, say)}
     write_walkthrough(Path(out), lines, signals.tokens, b.advantages[i].item(),
                       signals.divergence, signals.lift)
+    echo(f"\nwrote {Path(out) / 'walkthrough.md'} and {Path(out) / 'walkthrough.png'}")
     return result
 
 

@@ -56,3 +56,19 @@ def test_a_wrapper_leak_is_another_familys_wrapper_in_an_answer():
                "\\boxed{1} <answer>2</answer> send(a,b,c)"]               # two leaks
     leaks = measures.wrapper_leaks(answers, "tool", WRAPPERS)
     assert leaks == {"math": pytest.approx(2 / 3), "science": pytest.approx(1 / 3), "code": 0.0}
+
+
+def test_an_answer_without_an_end_is_counted_unfinished(random_lab):
+    """unfinished_rate, measured at every step: the share of answers without an EOS within the
+    budget (one of four here)."""
+    from types import SimpleNamespace
+    import sdpo_cl as s
+    model, tok = random_lab
+    eos, other = tok.eos_token_id, tok.eos_token_id + 5
+    rollout = SimpleNamespace(response_ids=torch.tensor([[other, eos], [eos, other], [other, other],
+                                                         [other, eos]]), completions=[""] * 4)
+    targets = SimpleNamespace(rewards=torch.zeros(4), teacher_of=None)
+    task = SimpleNamespace(name="x", well_formed=None)
+    out = measures.step_artifacts(model, None, task, rollout, [{}] * 4, targets,
+                                  s.Config(group_size=2), tok)
+    assert out["unfinished_rate"] == pytest.approx(0.25)

@@ -50,7 +50,7 @@ CASES = {
     "a KL anchor for SFT": (["--methods", "sft", "--set", "kl_loss_coef=0.1"],
                            "Config.kl_loss_coef=0.1 is invalid: allowed 0 with loss_mode='sft'"),
     "print-verl with a typo folder": (["--print-verl", "--tasks", "/typo_folder"],
-                                      "unknown task '/typo_folder'"),
+                                      "task folder '/typo_folder' does not exist"),
     "no pre-training steps": (["--lab-steps", "0"], "--lab-steps 0: give a positive number"),
     "a teacher_path that is not there": (["--set", "teacher_path=/missing/model"],
                                          "teacher_path='/missing/model' is neither a model"),

@@ -146,7 +146,8 @@ def test_ctrl_c_says_how_to_resume_and_the_rerun_resumes(tmp_path, capsys, monke
         run_sequence.main(argv)
     err = capsys.readouterr().err
     assert stop.value.code == 130
-    assert "interrupted during grpo seed 0 after stage 1; run the same command to resume" in err
+    assert ("interrupted during grpo seed 0, which has kept stage 1; run the same command to "
+            "resume") in err
     assert len(err.strip().splitlines()) == 1                        # no traceback
     monkeypatch.setattr(s, "train_task", train_task)
     run_sequence.main(argv)

@@ -15,7 +15,8 @@ TINY = tiny_argv("eval_every=1", tasks=None, probes=None, methods=None, steps="2
 # What the paper reports for each finding, in its own words: the help must say it.
 PAPER_SAYS = {"teacher-stability": "stable teachers outperform", "ood": "an inverted U",
               "continual": "SDPO accumulates forgetting", "drift": "larger parameter and response",
-              "collapse": "amplified through the teacher-student loop", "cot": "chain of thought"}
+              "collapse": "amplified through the teacher-student loop", "cot": "chain of thought",
+              "dose": "content and format errors"}
 
 
 def test_help_says_what_each_finding_reports(capsys):

@@ -37,6 +37,10 @@ EXPECTED = {
     "multitask": dict(loss_mode="sdpo", multitask=True),
     "grpo_multitask": dict(loss_mode="grpo", ppo_mini_batch_size=8, multitask=True),
     "grpo_lr_tenth": dict(loss_mode="grpo", ppo_mini_batch_size=8, lr=1e-4 / 10),
+    "sdpo_content50": dict(loss_mode="sdpo", misleading_share=0.5, misleading_kind="content"),
+    "sdpo_content100": dict(loss_mode="sdpo", misleading_share=1.0, misleading_kind="content"),
+    "sdpo_format50": dict(loss_mode="sdpo", misleading_share=0.5, misleading_kind="format"),
+    "sdpo_format100": dict(loss_mode="sdpo", misleading_share=1.0, misleading_kind="format"),
     "grpo_lora": dict(loss_mode="grpo", ppo_mini_batch_size=8, lora_rank=8, lr=10 * 1e-4),
     "sdpo_lora": dict(loss_mode="sdpo", teacher_update_rate=0.05, lora_rank=8, lr=10 * 1e-4),
 }

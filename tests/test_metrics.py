@@ -85,3 +85,51 @@ def test_pearson_r_with_a_fisher_interval():
     assert c["low"] == pytest.approx(math.tanh(math.atanh(0.8) - half))
     assert c["high"] == pytest.approx(math.tanh(math.atanh(0.8) + half))
     assert pearson([1.0, 2.0, 3.0], [1.0, 2.0, 3.0])["r"] is None   # too few points
+
+
+# ---- The verdicts' own metric, pinned: a matrix on which each plausible variant of each metric
+# gives another number than the definition (ALGORITHMS.md 5). Columns A, B, C, D trained in this
+# order, probe P. A peaks after B (0.75), not at its own stage (0.70) nor at the stage before last
+# (0.60); D falls before its stage (negative forward transfer).
+PINNED = [[0.10, 0.20, 0.30, 0.40, 0.50],    # base
+          [0.70, 0.25, 0.35, 0.30, 0.45],    # after A
+          [0.75, 0.80, 0.30, 0.45, 0.40],    # after B
+          [0.60, 0.55, 0.90, 0.20, 0.55],    # after C
+          [0.40, 0.65, 0.70, 0.85, 0.35]]    # after D
+ORDER = [0, 1, 2, 3]
+
+
+def test_pinned_acc_is_the_final_row_over_the_trained_columns():
+    # not with the probe (0.59), not the mean over every row
+    assert summarize(PINNED, ORDER)["acc"] == pytest.approx((0.40 + 0.65 + 0.70 + 0.85) / 4)
+
+
+def test_pinned_bwt_is_final_minus_just_learnt_over_all_but_the_last_task():
+    # A -0.30, B -0.15, C -0.20; not against the base (+0.38), not with D's 0 (-0.1625)
+    assert summarize(PINNED, ORDER)["bwt"] == pytest.approx((-0.30 - 0.15 - 0.20) / 3)
+
+
+def test_pinned_forgetting_is_the_best_since_learnt_minus_final():
+    """A 0.75 - 0.40, B 0.80 - 0.65, C 0.90 - 0.70: 0.2333. The variants give 0.1000 (the stage
+    before last: 0.60, 0.55, 0.90), 0.2167 (minus BWT: the accuracy just learnt) and 0.2333 only
+    with the maximum over the rows from the task's own stage to the one before last."""
+    m = summarize(PINNED, ORDER)
+    assert m["forgetting"] == pytest.approx((0.35 + 0.15 + 0.20) / 3)
+    assert m["forgetting"] != pytest.approx(((0.60 - 0.40) + (0.55 - 0.65) + (0.90 - 0.70)) / 3)
+    assert m["forgetting"] != pytest.approx(-m["bwt"])
+
+
+def test_pinned_fwt_is_just_before_training_minus_base():
+    # B 0.25 - 0.20, C 0.30 - 0.30, D 0.20 - 0.40: -0.05; after training instead: +0.3833
+    assert summarize(PINNED, ORDER)["fwt"] == pytest.approx((0.05 + 0.0 - 0.20) / 3)
+
+
+def test_pinned_plasticity_is_what_each_stage_adds_to_its_own_task():
+    # 0.60, 0.55, 0.60, 0.65 from just before each stage; from the base instead: 0.5625
+    assert summarize(PINNED, ORDER)["plasticity"] == pytest.approx((0.60 + 0.55 + 0.60 + 0.65) / 4)
+
+
+def test_pinned_relative_change_is_against_the_base_row():
+    rel, absolute = relative_change(PINNED)
+    assert rel[4] == pytest.approx([300.0, 225.0, 100 * 0.40 / 0.30, 112.5, -30.0])
+    assert rel[2][0] == pytest.approx(650.0) and absolute == []     # not against the row before

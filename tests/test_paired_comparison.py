@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from eval_forgetting import (method_values, paired_difference, paired_rows, paired_table,
-                             t_quantile, verdict)
+from eval_forgetting import (T_80, detectable_difference, method_values, paired_difference,
+                             paired_rows, paired_table, t_quantile, verdict)
 
 
 def run(R, response_kl=0.0):
@@ -50,15 +50,34 @@ def test_a_paired_difference_is_negative_when_a_is_lower():
 
 def test_a_paired_difference_skips_pairs_with_a_missing_value():
     d = paired_difference([1.0, None, 5.0], [0.0, 2.0, None])
-    assert d == {"n": 1, "mean": 1.0, "low": None, "high": None}   # one pair: no interval
+    assert d == {"n": 1, "mean": 1.0, "low": None, "high": None,   # one pair: no interval
+                 "detectable": None}
     assert paired_difference([None], [1.0])["n"] == 0
 
 
 def test_the_verdict_is_beyond_noise_only_when_the_interval_excludes_zero():
-    assert verdict(paired_difference([3.0, 5.0, 7.0], [2.0, 3.0, 4.0])) == "within noise"
+    # differences 0.01, 0.02, 0.03: an interval holding 0, read with what 3 seeds could detect
+    assert verdict(paired_difference([0.03, 0.05, 0.07], [0.02, 0.03, 0.04])) == (
+        "not detected (would detect >= 3.1 points)")
     assert verdict(paired_difference([5.0, 6.0, 7.0], [1.0, 1.0, 1.0])) == "beyond noise"
     assert verdict(paired_difference([1.0, 1.0, 1.0], [5.0, 6.0, 7.0])) == "beyond noise"
     assert verdict(paired_difference([1.0], [0.0])) == "one seed, no interval"
+
+
+def test_the_detectable_difference_at_80_percent_power_by_hand():
+    """(t(0.975, n-1) + t(0.8, n-1)) sd / sqrt(n): 3 seeds, sd 1 -> (4.303 + 1.061) / sqrt(3)
+    = 3.097; 5 seeds, sd 2 -> (2.776 + 0.941) 2 / sqrt(5) = 3.325; one seed: none."""
+    assert detectable_difference(1.0, 3) == pytest.approx((4.303 + 1.061) / math.sqrt(3))
+    assert detectable_difference(2.0, 5) == pytest.approx((2.776 + 0.941) * 2 / math.sqrt(5))
+    assert detectable_difference(1.0, 1) is None
+    d = paired_difference([3.0, 5.0, 7.0], [2.0, 3.0, 4.0])           # differences 1, 2, 3
+    assert d["detectable"] == pytest.approx(3.0969, abs=1e-4)
+
+
+@pytest.mark.parametrize("df", [1, 2, 3, 4, 5, 10, 30, 120])
+def test_the_80_percent_t_quantile_leaves_20_percent_above_it(df):
+    q = t_quantile(df, T_80)
+    assert 0.5 + t_coverage(q, df) / 2 == pytest.approx(0.80, abs=2e-4)
 
 
 def test_paired_rows_are_method_minus_baseline_on_the_seeds_both_finished():
@@ -101,10 +120,12 @@ def test_the_paired_table_prints_signed_points_and_says_which_way():
     cells = [c.strip() for c in row.strip("|").split("|")]
     half = 100 * T_1 * math.sqrt(0.02) / math.sqrt(2)            # forgetting's half width
     assert cells[:2] == ["sdpo", "2"]
-    assert cells[3] == f"+30.0 [{30.0 - half:+.1f}, {30.0 + half:+.1f}]"   # Forgetting
-    assert cells[6] == "-20.0 [-20.0, -20.0]"                             # OOD
-    assert ("sdpo forgets 30.0 points more than grpo (within noise) and ends with an ACC 15.0 "
-            "points lower (within noise), over 2 paired seeds.") in text
+    detects = 100 * (12.706 + 1.376) * math.sqrt(0.02) / math.sqrt(2)   # 2 seeds, sd 0.141
+    assert cells[3] == (f"+30.0 [{30.0 - half:+.1f}, {30.0 + half:+.1f}] "
+                        f"(detects {detects:.1f})")                           # Forgetting
+    assert cells[6] == "-20.0 [-20.0, -20.0] (detects 0.0)"                 # OOD
+    assert (f"sdpo forgets 30.0 points more than grpo (not detected (would detect >= "
+            f"{detects:.1f} points)) and ends with an ACC 15.0 points lower (not detected") in text
 
 
 def t_coverage(q, df, steps=4000):

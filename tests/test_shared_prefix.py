@@ -45,7 +45,7 @@ def test_a_training_policy_with_gradient_checkpointing_still_scores_with_its_pre
     """The live teacher is the policy in training mode; the prefix cache must not be dropped."""
     model, p_ids, p_mask, rows, r_ids, r_mask = prefixes_and_responses()
     expected = s.shared_prefix_logits(model, p_ids, p_mask, rows, r_ids, r_mask)
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     model.train()
     got = s.shared_prefix_logits(model, p_ids, p_mask, rows, r_ids, r_mask)
     assert model.training

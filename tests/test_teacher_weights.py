@@ -9,7 +9,7 @@ import torch
 import run_sequence
 import sdpo_cl as s
 from harness import lab
-from sdpo_cl import Config, Teacher, ema_update_, trust_region_logits
+from sdpo_cl import Config, Teacher, ema_update_
 from conftest import alternating_reward, flat_params
 
 
@@ -64,9 +64,12 @@ def test_stable_sdpo_moves_its_teacher_only_every_k_batches():
     assert 1 - 0.95 ** 10 == pytest.approx(0.4, abs=0.002)
 
 
-def test_trust_region_lerps_logits_of_reference_and_student():
-    assert torch.allclose(trust_region_logits(torch.zeros(3), torch.full((3,), 10.0), 0.05),
-                          torch.full((3,), 0.5))
+def test_trust_region_lerps_logits_of_reference_and_student(random_lab):
+    """The reference (its weights) scores 0, the student 10: the teacher's logits are 0.5."""
+    model, _ = random_lab
+    teacher = Teacher(model, Config(teacher_regularization="trust-region"))
+    score = lambda m: torch.zeros(3) if m is teacher.model else torch.full((3,), 10.0)  # noqa
+    assert torch.allclose(teacher.logits(model, score), torch.full((3,), 0.5))
 
 
 class Scale(torch.nn.Module):

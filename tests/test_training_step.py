@@ -49,7 +49,7 @@ def test_gradient_checkpointing_leaves_the_update_unchanged(tiny_base):
     for checkpointing in (False, True):
         m = copy.deepcopy(model)
         if checkpointing:
-            m.gradient_checkpointing_enable()
+            m.activation_checkpointing_enable()
         one_step(m, tok, lab.lab_config("lab-short", loss_mode="sdpo", prompts_per_step=PROMPTS, lr=1.0))
         params.append(flat_params(m))
     assert (params[0] - flat_params(model)).abs().max() > 1e-4
@@ -63,7 +63,7 @@ def test_a_step_reports_its_batch_and_the_distillation(tiny_base):
     assert m["reward"] == 0.5 and m["solved_groups"] == 1.0 and m["zero_adv_groups"] == 0.0
     assert m["distill_frac"] == 1.0 and not m["empty_target"] and m["updates"] == 1
     assert m["loss"] == pytest.approx(m["loss_sdpo"]) and m["loss_sdpo"] > 0
-    assert 1 <= m["response_length"] <= 24 and 0 <= m["unfinished_rate"] <= 1
+    assert 1 <= m["response_length"] <= 24
     for key in ("divergence", "entropy", "grad_norm", "t_rollout", "t_teacher"):
         assert key in m
 
@@ -74,7 +74,7 @@ def test_every_teacher_kind_is_the_policy_itself_at_the_first_step(tiny_base):
     losses = []
     for kind in s.TEACHER_KINDS:
         model = copy.deepcopy(tiny_base[0])
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
         cfg = lab.lab_config("lab-short", loss_mode="sdpo", teacher_regularization=kind,
                              prompts_per_step=PROMPTS)
         losses.append(one_step(model, tiny_base[1], cfg)["loss_sdpo"])

@@ -124,7 +124,10 @@ def test_every_method_is_printed_with_a_note_for_each_gap_or_refused(method, mod
     ("lab", "verl cannot load a lab"), ("lab-short", "verl cannot load a lab"),
     ("some/model-that-is-not-cached", "no such model on the hub or in the local cache"),
     ("weights.gguf", "not a GGUF file")])
-def test_print_verl_refuses_a_model_verl_cannot_load(model, said, capsys):
+def test_print_verl_refuses_a_model_verl_cannot_load(model, said, capsys, monkeypatch):
+    import huggingface_hub.constants                 # the local cache only: no minute of retries
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(SystemExit) as stop:
         run_sequence.main(["--print-verl", "--model", model, "--tasks", "math", "--probes", ""])
     out, err = capsys.readouterr()

@@ -1,0 +1,71 @@
+"""Resume inside a stage: a run killed with SIGKILL midway through a stage, after a mid-stage
+checkpoint (every --checkpoint-every rollout batches, one at a time, written whole then swapped
+in), and started again gives the records and the log of a run that was never stopped, on CPU:
+for full fine-tuning (GRPO) and for a LoRA adapter with SDPO's EMA teacher (a second adapter).
+The runs are separate processes, as a crash and a restart are, each on one thread (the same
+arithmetic order)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def argv(out, method, sets):
+    return [sys.executable, str(ROOT / "run_sequence.py"), "--model", "lab-short", "--tasks",
+            "math", "--probes", "", "--steps", "6", "--methods", method, "--seeds", "0",
+            "--checkpoint-every", "2", "--skip-signal-check", "--out", str(out), "--name", "r",
+            "--set", "prompts_per_step=4", "eval_examples=4", *sets]
+
+
+def run(out, method, sets, kill_at_midstage=False):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.Popen(argv(out, method, sets), cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if kill_at_midstage:
+        checkpoint = out / "r" / method / "seed0" / "midstage" / "loop.pt"
+        deadline = time.monotonic() + 120
+        while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        return proc.returncode
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-2000:]
+    return 0
+
+
+def without_times(value):
+    """A record or log line without what no two runs share: wall times."""
+    if isinstance(value, dict):
+        return {k: without_times(v) for k, v in value.items()
+                if not (k.startswith("seconds") or k.startswith("t_"))}
+    if isinstance(value, list):
+        return [without_times(v) for v in value]
+    return value
+
+
+@pytest.mark.parametrize("method, sets", [("grpo", []), ("sdpo", ["lora_rank=4"])],
+                         ids=["full fine-tuning", "LoRA"])
+def test_a_run_killed_inside_a_stage_resumes_to_the_uninterrupted_records(tmp_path, method,
+                                                                         sets):
+    run(tmp_path / "whole", method, sets)
+    code = run(tmp_path / "cut", method, sets, kill_at_midstage=True)
+    sub = tmp_path / "cut" / "r" / method / "seed0"
+    assert code == -signal.SIGKILL
+    assert (sub / "midstage" / "loop.pt").exists() and not (sub / "stage1").exists()
+    assert not (sub / "midstage.tmp").exists() or (sub / "midstage").exists()
+    run(tmp_path / "cut", method, sets)                     # the same command, again
+    assert not (sub / "midstage").exists()                   # a finished stage needs none
+    whole, cut = (json.loads((tmp_path / name / "r" / "results.json").read_text())
+                  for name in ("whole", "cut"))
+    assert without_times(cut["runs"]) == without_times(whole["runs"])
+    logs = [[without_times(json.loads(line)) for line in
+             (tmp_path / name / "r" / "log.jsonl").read_text().splitlines()]
+            for name in ("whole", "cut")]
+    assert logs[1] == logs[0] and [line["step"] for line in logs[0]] == list(range(6))
