@@ -299,7 +299,7 @@ def build_parser():
                          "a real model")
     ap.add_argument("--model", default="lab", help="'lab' (the built-in tiny model, default: "
                     "a lab that can forget), 'lab-trace' (the paper's regime without "
-                    "interference), 'lab-short' (answers of 2-4 tokens), a hub id, a local "
+                    "interference), 'lab-short' (answers of 1-4 tokens), a hub id, a local "
                     "folder, or a .gguf file")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                     help="where to train: auto (default) runs the lab on the CPU, where it is "
@@ -638,10 +638,14 @@ def base_row_and_signal(plan: RunPlan, folder) -> dict:
         sc.seed_everything("signal", task.name)
         signal[task.name] = check = measures.signal_check(plan.base, plan.tokenizer, task, cfg,
                                                           record["teacher_lift"][task.name])
+        sc.seed_everything("departure", task.name)     # the self-teacher, as the dose measures it
+        check["departure"] = measures.teacher_departure(plan.base, plan.tokenizer, task, cfg)
+        departed = check["departure"]["departure"]
         print(f"signal check, {task.name}: reward at temperature {cfg.temperature:g} "
               f"{check['reward']:.2f}, groups with a success {100 * check['solved_groups']:.0f}%"
               f", all alike {100 * check['zero_adv_groups']:.0f}%, teacher lift "
-              f"{100 * check['teacher_lift']:+.0f} points"
+              f"{100 * check['teacher_lift']:+.0f} points, teacher departure "
+              + ("n/a" if departed is None else f"{100 * departed:.1f}%")
               + "".join(f"\n  WARNING: {w}" for w in check["warnings"]))
     runs.write_json(folder / "signal.json", signal)
     if any(c.misleading_share for c in plan.configs.values()):

@@ -77,7 +77,10 @@ def finished(rollout, model, tokenizer) -> float:
 def probe(model_path: str, folders, prompts: int = 8, group_size: int = 8,
           max_new_tokens: int = 48):
     """The base model's signal on each task at temperature 1, as the signal check measures it,
-    with the answers' length and the share cut by the budget."""
+    with the answers' length, the share cut by the budget, and the self-teacher's departure
+    from a right answer (measures.teacher_departure: where the dose finding's lab teachers lie
+    on the same scale, docs/findings.md)."""
+    from harness import measures
     from harness.loading import load_policy, load_task
     import sdpo_cl as sc
     model, tokenizer = load_policy(model_path)
@@ -95,13 +98,22 @@ def probe(model_path: str, folders, prompts: int = 8, group_size: int = 8,
               f"{rollout.response_mask.sum(1).mean():.0f} tokens, cut "
               f"{1 - finished(rollout, model, tokenizer):.0%} ({time.time() - t0:.0f} s)")
         print("   e.g. " + repr(rollout.completions[0][-200:]))
+        sc.seed_everything("departure", task.name)   # the dose finding's x-axis, for this model
+        dep = measures.teacher_departure(model, tokenizer, task, cfg, n_prompts=prompts,
+                                         wrappers=None)
+        print("   self-teacher: " + ("no right answer with a demonstration to score"
+                                     if dep["departure"] is None else
+                                     f"departs from a right answer on {dep['departure']:.1%} of "
+                                     f"its tokens ({dep['scored']} answers; the demonstration "
+                                     f"is the answer itself in {dep['same_path']:.0%})"))
 
 
 def build_parser():
     """The command line (a test parses every command the docs show)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("folder", help="where to write the task folders")
-    parser.add_argument("--probe", metavar="MODEL", help="print a model's signal on them")
+    parser.add_argument("--probe", metavar="MODEL", help="print a model's signal on them "
+                        "and its self-teacher's departure (a hub id, a folder or a GGUF file)")
     return parser
 
 

@@ -12,7 +12,7 @@ Three labs, each with its own families, settings and shipped base (docs/lab.md h
                of the time; stages in the paper's proportions (25/25/25/10)
     lab-trace  the paper's regime without interference (the default before): four different
                skills in four wrappers, which nothing forgets (sequential SFT: 0.4 points)
-    lab-short  the regime where SDPO's targets are reliable: answers of 2-4 tokens, a teacher
+    lab-short  the regime where SDPO's targets are reliable: answers of 1-4 tokens, a teacher
                right every time with a demonstration, 15-batch stages (the first instrument)
 """
 from __future__ import annotations

@@ -15,7 +15,7 @@ from harness import data, lab, models
 
 
 def load_task(name: str, model: str = "lab") -> Task:
-    """A task by name: a family of the lab `model` runs on (the trace lab's families for a real
+    """A task by name: a family of the lab `model` runs on (the default lab's families for a real
     model), `gsm8k` or `sciknoweval:<domain>` (from the hub), or a folder in the official SDPO
     layout (train.json and test.json)."""
     lab_name = model if model in lab.LABS else "lab"

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SCRIPTS = ("run_sequence.py", "eval_forgetting.py", "sdpo_cl.py", "benchmarks/bench_step.py",
            "benchmarks/drift_null.py", "benchmarks/lab_properties.py",
-           "benchmarks/real_model.py")
+           "benchmarks/real_model.py", "benchmarks/checkpoint_overhead.py")
 
 
 def slug(heading: str) -> str:

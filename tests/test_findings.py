@@ -108,6 +108,8 @@ def test_a_finding_writes_its_section_and_figure(tmp_path, finding, figure, meth
     assert (folder / figure).is_file()
     signal = json.loads((folder / "signal.json").read_text())
     assert set(signal) == set(results["tasks"][j] for j in results["trained"])
+    departure = signal["tool"]["departure"]           # the self-teacher, on the dose's scale
+    assert departure["scored"] == 0 or 0 <= departure["departure"] <= 1
     record = results["runs"][methods.split(",")[0]]["0"]["records"][1]
     if finding in ("teacher-stability", "drift"):
         assert [c["step"] for c in record["curve"]] == [1, 2]
