@@ -24,10 +24,14 @@ def argv(out, method, sets):
             "--set", "prompts_per_step=4", "eval_examples=4", *sets]
 
 
-def run(out, method, sets, kill_at_midstage=False):
+def start(out, method, sets):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    proc = subprocess.Popen(argv(out, method, sets), cwd=ROOT, env=env,
+    return subprocess.Popen(argv(out, method, sets), cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def run(out, method, sets, kill_at_midstage=False, proc=None):
+    proc = proc or start(out, method, sets)
     if kill_at_midstage:
         checkpoint = out / "r" / method / "seed0" / "midstage" / "loop.pt"
         deadline = time.monotonic() + 120
@@ -54,8 +58,9 @@ def without_times(value):
                          ids=["full fine-tuning", "LoRA"])
 def test_a_run_killed_inside_a_stage_resumes_to_the_uninterrupted_records(tmp_path, method,
                                                                          sets):
-    run(tmp_path / "whole", method, sets)
-    code = run(tmp_path / "cut", method, sets, kill_at_midstage=True)
+    whole = start(tmp_path / "whole", method, sets)       # beside the one to be cut: each on
+    code = run(tmp_path / "cut", method, sets, kill_at_midstage=True)   # one thread of its own
+    run(tmp_path / "whole", method, sets, proc=whole)
     sub = tmp_path / "cut" / "r" / method / "seed0"
     assert code == -signal.SIGKILL
     assert (sub / "midstage" / "loop.pt").exists() and not (sub / "stage1").exists()
