@@ -17,7 +17,7 @@ import json
 import math
 from pathlib import Path
 
-from harness.runs import atomic_write
+from harness.files import atomic_write
 
 PAPER_DRIFT = ("nss", "max_angle", "pm_overlap", "pm_update")   # a record's paper_drift keys
 

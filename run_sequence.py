@@ -25,7 +25,7 @@ from pathlib import Path
 
 import eval_forgetting as ef
 import sdpo_cl as sc
-from harness import (data, dose, lab, lab_families, lora, measures, models, runs, sandbox,
+from harness import (data, dose, files, lab, lab_families, lora, measures, models, runs, sandbox,
                      tracking, verl)
 from harness.lab_families import LADDER
 from harness.loading import load_policy, load_task
@@ -590,7 +590,7 @@ def run(plan: RunPlan, folder, t_start) -> dict:
     """The run itself: config.json, row 0 and the signal check, methods x seeds (resuming
     finished stages), the report."""
     check_folder(folder, plan.run_config)
-    runs.write_json(folder / "config.json", plan.run_config)
+    files.write_json(folder / "config.json", plan.run_config)
     print(f"model {plan.run_config['model']} on {plan.device}; sequence "
           f"{' -> '.join(plan.names)}; probes {', '.join(p.name for p in plan.probes) or 'none'}"
           f"; steps {plan.steps}; methods {', '.join(plan.methods)}; seeds {plan.seeds}")
@@ -647,9 +647,9 @@ def base_row_and_signal(plan: RunPlan, folder) -> dict:
               f"{100 * check['teacher_lift']:+.0f} points, teacher departure "
               + ("n/a" if departed is None else f"{100 * departed:.1f}%")
               + "".join(f"\n  WARNING: {w}" for w in check["warnings"]))
-    runs.write_json(folder / "signal.json", signal)
+    files.write_json(folder / "signal.json", signal)
     if any(c.misleading_share for c in plan.configs.values()):
-        runs.write_json(folder / "departure.json", teacher_departures(plan))
+        files.write_json(folder / "departure.json", teacher_departures(plan))
     return row0
 
 
@@ -675,7 +675,7 @@ def set_distances(plan: RunPlan, folder):
     if not (folder / "distances.json").exists():
         name = plan.run_config.get("embedding_model")
         model, tokenizer = models.load_encoder(name) if name else (plan.base, plan.tokenizer)
-        runs.write_json(folder / "distances.json", measures.task_distances(
+        files.write_json(folder / "distances.json", measures.task_distances(
             model, tokenizer, plan.tasks, plan.tasks + plan.probes))
 
 
@@ -748,7 +748,7 @@ def run_one(plan: RunPlan, folder, m, s, done, row0, log_path, tracker=None):
         r["stage"] > done + 1 or r["stage"] == done + 1 and r["step"] > mid)))
     with open(log_path, "a") as log_file:
         def log(metrics, m=m, s=s, f=log_file):
-            f.write(json.dumps(runs.strict_json({"method": m, "seed": s, **metrics})) + "\n")
+            f.write(json.dumps(files.strict_json({"method": m, "seed": s, **metrics})) + "\n")
             f.flush()
             if tracker is not None:
                 tracker.step(m, s, metrics)
@@ -812,7 +812,7 @@ def write_results(folder, plan: RunPlan) -> dict:
         "doses": {m: [c.misleading_kind, c.misleading_share] for m, c in first.items()
                   if c.loss_mode == "sdpo"},
         "departure": json.loads(departure.read_text()) if departure.exists() else {}}
-    runs.write_json(folder / "results.json", results)
+    files.write_json(folder / "results.json", results)
     return results
 
 

@@ -9,7 +9,8 @@
     loading.py      tasks and models by name (a lab family, gsm8k, a folder; a lab, a hub id)
     measures.py     what a run measures besides accuracy: signal, drift, distances, artifacts
     lora.py         LoRA adapters through peft, and the teacher as a second adapter
-    runs.py         run folders: atomic writes, per-stage checkpoints with manifests, the lock
+    files.py        atomic writes and strict JSON (the standard library alone: the reports use it)
+    runs.py         run folders: per-stage and mid-stage checkpoints with manifests, the lock
     verl.py         the verl bridge: the same settings as commands for the official code
     walkthrough.py  `python sdpo_cl.py`: one rollout batch of both methods, token by token
 """

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from sdpo_cl import Config, Task, base_row, format_prompt, pad_cat, teacher_prompt
 from harness import lab_families
 from harness.models import cache_dir
-from harness.runs import atomic_write
+from harness.files import atomic_write
 
 HERE = Path(__file__).resolve().parent
 CHAT_TEMPLATE = (
@@ -97,6 +97,11 @@ class Lab:
     ladder: tuple = ()            # content x format probes (lab_families.LADDER)
 
 
+# The settings of the two labs with traces (lab and lab-trace): the official ones scaled down
+TRACE_SETTINGS = dict(prompts_per_step=32, group_size=8, max_new_tokens=48, lr=1e-4,
+                      warmup_steps=2, distillation_topk=20, steps_per_task=10, eval_examples=100,
+                      eval_samples=4, answer_marker="</think>")
+
 LABS = {
     "lab": Lab(
         lab_families.SHARED, ("math", "science", "tool", "code"), ("mcq_math", "math_words"),
@@ -111,9 +116,7 @@ LABS = {
          "math_words": 0.61, "math_tagged": 0.62, "science_boxed": 0.5675, "science_called": 0.59,
          "tool_tagged": 0.5975, "tool_fenced": 0.6225, "code_called": 0.54, "code_boxed": 0.4775,
          "math_fenced": 0.63},
-        dict(prompts_per_step=32, group_size=8, max_new_tokens=48, lr=1e-4, warmup_steps=2,
-             distillation_topk=20, steps_per_task=10, eval_examples=100, eval_samples=4,
-             answer_marker="</think>"),
+        TRACE_SETTINGS,
         (6, 6, 6, 3), dict(eval_examples=50), 0.5, "shared-1", held_out=("math_hard",),
         ladder=lab_families.LADDER),
     "lab-trace": Lab(
@@ -131,9 +134,7 @@ LABS = {
          "math_words": 0.42, "math_tagged": 0.5, "science_boxed": 0.5925,
          "science_called": 0.4825, "tool_tagged": 0.3425, "tool_fenced": 0.3725,
          "code_called": 0.2775, "code_boxed": 0.3875, "math_fenced": 0.4275},
-        dict(prompts_per_step=32, group_size=8, max_new_tokens=48, lr=1e-4, warmup_steps=2,
-             distillation_topk=20, steps_per_task=10, eval_examples=100, eval_samples=4,
-             answer_marker="</think>"),
+        TRACE_SETTINGS,
         # --steps paper at 0.5 (25/25/25/10): at 0.4 the 8-batch code stage was not learnable by
         # SDPO (17.7 points over 3 seeds, the property asks 20); 0.5 was the design's own scale
         (6, 6, 6, 3), dict(eval_examples=50), 0.5, "trace-2", held_out=("math_hard",),

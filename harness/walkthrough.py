@@ -14,7 +14,7 @@ from sdpo_cl import (Teacher, generalized_jsd, grpo_advantages, loss_targets, re
                      sample_rollout, seed_everything, teacher_scores, token_logprobs,
                      topk_support, update)
 from harness.lab import lab_base, lab_config, make_lab_task
-from harness.runs import atomic_write
+from harness.files import atomic_write
 
 
 def narrate_group(b, say):

@@ -22,14 +22,17 @@ def slug(heading: str) -> str:
     return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
 
 
+FENCED = re.compile(r"^\s*```.*?^\s*```", re.DOTALL | re.MULTILINE)   # blocks, not inline ```
+
+
 def anchors(page: Path) -> set:
-    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.DOTALL)
+    text = re.sub(FENCED, "", page.read_text())
     return {slug(line.lstrip("#")) for line in text.splitlines() if line.startswith("#")}
 
 
 def links(page: Path) -> list:
     """Every relative link target of a page (images too), without code spans and blocks."""
-    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.DOTALL)
+    text = re.sub(FENCED, "", page.read_text())
     text = re.sub(r"`[^`]*`", "", text)
     return [t for t in re.findall(r"\]\(([^)\s]+)\)", text)
             if not re.match(r"[a-z]+:", t)]
@@ -58,7 +61,7 @@ def commands(page: Path) -> list:
         found += block.replace("\\\n", " ").splitlines()
     found += [" ".join(span.split()) for span in          # inline: `python script ...` only
               re.findall(r"(?<!`)`(python [^`]+)`(?!`)",
-                         re.sub(r"```.*?```", "", text, flags=re.DOTALL))]
+                         re.sub(FENCED, "", text))]
     out = []
     for line in found:
         words = line.split("#")[0].split()
