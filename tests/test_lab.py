@@ -20,7 +20,8 @@ from harness import lab
 # a success, and (the paper's regime) the largest mean accuracy of the teacher.
 BOUNDS = {"lab": dict(reward=(0.2, 0.7), alike=0.4, lift=0.15, solved=0.5, teacher=0.9),
           "lab-short": dict(reward=(0.2, 0.7), alike=0.5, lift=0.2, solved=0.5, teacher=1.0)}
-MEASURED = tuple(BOUNDS)     # lab-trace, the default before: its file and weights are checked
+MEASURED = tuple(BOUNDS)     # lab-trace, the default before, is no longer shipped (docs/lab.md)
+SHIPPED = [name for name, spec in lab.LABS.items() if spec.shipped]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -35,7 +36,7 @@ def two_threads():
 
 @pytest.fixture(scope="module")
 def models(shipped_lab, short_lab):
-    return {"lab": shipped_lab, "lab-short": short_lab, "lab-trace": lab.lab_base("lab-trace")}
+    return {"lab": shipped_lab, "lab-short": short_lab}
 
 
 @pytest.fixture(scope="module")
@@ -56,14 +57,14 @@ def base_records(models):
     return out
 
 
-@pytest.mark.parametrize("name", lab.LABS)
+@pytest.mark.parametrize("name", SHIPPED)
 def test_the_shipped_base_is_the_recorded_file(name):
     spec = lab.LABS[name]
     assert spec.base_file.stat().st_size <= 2_000_000
     assert hashlib.sha256(spec.base_file.read_bytes()).hexdigest() == spec.base_sha256
 
 
-@pytest.mark.parametrize("name", lab.LABS)
+@pytest.mark.parametrize("name", SHIPPED)
 def test_every_lab_run_starts_from_the_shipped_weights(models, name):
     from safetensors.torch import load_file
     state = models[name][0].state_dict()
