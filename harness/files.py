@@ -23,7 +23,7 @@ def strict_json(obj):
 def atomic_write(path, content):
     """Write a file so that a crash leaves the old file or the new one, never half of one:
     content (text, or a function that writes a given path) goes to a temporary file that is then
-    renamed over the target. save_stage does the same for a whole folder."""
+    renamed over the target (harness/runs.py's save_stage does the same for a whole folder)."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     content(tmp) if callable(content) else tmp.write_text(content)

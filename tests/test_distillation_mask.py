@@ -31,7 +31,7 @@ def hand_batch(tok, answers, **cfg_kw):
 def test_final_answer_mask_keeps_the_tokens_after_the_last_marker(random_lab):
     _, tok = random_lab
     ids = tok(["3+4=7#7", "no marker"], add_special_tokens=False, padding=True,
-              padding_side="right", return_tensors="pt").input_ids   # whatever a rollout set
+              padding_side="right", return_tensors="pt").input_ids   # not what a rollout left
     mask = s.final_answer_mask(tok, ids, "#")
     assert mask[0, :7].tolist() == [0.0] * 6 + [1.0] and mask[1].sum() == 0   # then padding
 
