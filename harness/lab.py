@@ -18,6 +18,7 @@ Three labs, each with its own families, settings and shipped base (docs/lab.md h
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -190,14 +191,11 @@ def build_lab_model(tokenizer, seed: int = 0):
     return LlamaForCausalLM(cfg)
 
 
-def make_lab_task(name: str, lab: str = "lab", n_train: int = 2000, n_test: int = 100,
-                  seed: int = 0) -> Task:
-    """Draw a family's train and test sets independently from its generator (test prompts are
-    unique). A family is a skill drill: the small ones repeat their test prompts in training,
-    the large ones mostly do not."""
-    if name not in LABS[lab].families:
-        raise ValueError(f"unknown {lab} family {name!r}: allowed are "
-                         f"{', '.join(LABS[lab].families)}")
+@functools.lru_cache(maxsize=64)
+def lab_rows(name: str, lab: str, n_train: int, n_test: int, seed: int) -> tuple:
+    """(train, test) datasets of a family: a pure function of its arguments, so drawn once per
+    process (a run loads each task once; the tests and benchmarks load the same ones many
+    times). A dataset is read-only: select and map return new ones."""
     family = LABS[lab].families[name]
     rng = random.Random(f"{name}-{seed}")
     test = {}
@@ -208,9 +206,21 @@ def make_lab_task(name: str, lab: str = "lab", n_train: int = 2000, n_test: int 
         test.setdefault(ex["prompt"], ex)
     train = [family.make(rng) for _ in range(n_train)]
     from datasets import Dataset
+    return Dataset.from_list(train), Dataset.from_list(list(test.values()))
+
+
+def make_lab_task(name: str, lab: str = "lab", n_train: int = 2000, n_test: int = 100,
+                  seed: int = 0) -> Task:
+    """Draw a family's train and test sets independently from its generator (test prompts are
+    unique). A family is a skill drill: the small ones repeat their test prompts in training,
+    the large ones mostly do not."""
+    if name not in LABS[lab].families:
+        raise ValueError(f"unknown {lab} family {name!r}: allowed are "
+                         f"{', '.join(LABS[lab].families)}")
+    family = LABS[lab].families[name]
     form = re.compile(family.form)
-    return Task(name, Dataset.from_list(train), Dataset.from_list(list(test.values())),
-                family.reward, family.feedback, family.max_new_tokens,
+    return Task(name, *lab_rows(name, lab, n_train, n_test, seed), family.reward,
+                family.feedback, family.max_new_tokens,
                 well_formed=lambda completion, _: form.fullmatch(completion.strip()) is not None)
 
 

@@ -104,20 +104,19 @@ def fit_prompts(task, tokenizer, model, cfg, with_teacher=False, on_long="error"
     if not limit:
         return None
 
-    def need(ex):
-        plain = len(tokenizer(format_prompt(tokenizer, ex["prompt"], ex.get("system"),
-                                            cfg.enable_thinking), add_special_tokens=False
-                              ).input_ids) + budget
-        if not with_teacher:
-            return plain
-        teacher = format_prompt(tokenizer, teacher_prompt(ex["prompt"], cfg, ""), ex.get("system"),
-                                cfg.enable_thinking)
-        return max(plain, len(tokenizer(teacher, add_special_tokens=False).input_ids) + 2 * budget)
+    def lengths(prompts, systems):      # tokens of each prompt as the model sees it, one call
+        texts = [format_prompt(tokenizer, p, s, cfg.enable_thinking)
+                 for p, s in zip(prompts, systems)]
+        return [len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids]
 
     notes = []
     for split in ("train", "test"):
         data = getattr(task, split)
-        needs = [need(ex) for ex in data]
+        prompts, systems = [ex["prompt"] for ex in data], [ex.get("system") for ex in data]
+        needs = [n + budget for n in lengths(prompts, systems)]
+        if with_teacher:           # the template and a demonstration as long as the budget
+            teacher = lengths([teacher_prompt(p, cfg, "") for p in prompts], systems)
+            needs = [max(n, t + 2 * budget) for n, t in zip(needs, teacher)]
         over = [i for i, n in enumerate(needs) if n > limit]
         if not over:
             continue
