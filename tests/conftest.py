@@ -1,14 +1,20 @@
-"""What several test files share: a private model cache; the command line of a tiny run, and one
-such run (smoke_run) made once; a task in the official data layout; the shipped lab policy, a
-tiny lab base and a random lab model, each loaded once; a reward that mixes every group whatever
-the model samples; a small rollout batch of a model with its loss targets; flat parameters and
-gradients."""
+"""What several test files share: a private model cache; work computed beside the tests, on the
+second core; the command line of a tiny run, and one such run (smoke_run) made once; a task in
+the official data layout; the shipped lab policy, a tiny lab base and a random lab model, each
+loaded once; a reward that mixes every group whatever the model samples; a small rollout batch
+of a model with its loss targets; flat parameters and gradients."""
 import contextlib
+import ctypes
 import dataclasses
 import io
 import itertools
 import json
 import os
+import pickle
+import signal
+import sys
+import time
+import traceback
 import zlib
 from types import SimpleNamespace
 
@@ -29,6 +35,82 @@ def private_cache(tmp_path_factory):
     """Tests build their own lab models in a temporary cache, never reading the user's."""
     os.environ["SDPO_CL_CACHE"] = str(tmp_path_factory.mktemp("sdpo_cl_cache"))
     os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+# --- Work computed beside the tests ---------------------------------------------------------------
+# The tests run one at a time, each on one thread: the second core is idle. A long computation that
+# needs nothing from other tests is declared with @computed_ahead(fixture name): when a selected
+# test uses that fixture, it starts as the session starts, in a process forked from this one
+# (torch already loaded, the private cache already set), one such computation after another in
+# the order the tests need them; the fixture waits for its value. The files of those tests run
+# last.
+
+AHEAD = {}          # fixture name -> the function computing its value, in no test's process
+
+
+def pytest_collection_modifyitems(items):
+    """The test files that read work computed ahead run last (each file's tests in their order),
+    giving that work the whole of the other files' time."""
+    waiting = {item.module for item in items if AHEAD.keys() & set(item.fixturenames)}
+    items.sort(key=lambda item: item.module in waiting)
+
+
+def computed_ahead(name):
+    """@computed_ahead("x") on a function of no arguments: a session fixture "x", its value."""
+    def register(compute):
+        AHEAD[name] = compute
+
+        @pytest.fixture(scope="session", name=name)
+        def fixture(ahead):
+            return ahead(name)
+        return fixture
+    return register
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ahead(private_cache, request, tmp_path_factory):
+    """name -> the value of the computation registered under it, waiting for it if need be.
+    Elsewhere than on Linux (where forking a process that has loaded torch is less safe), each
+    is computed in the test's own process when a test first needs it."""
+    needed = [name for item in request.session.items for name in item.fixturenames
+              if name in AHEAD]
+    order, folder = list(dict.fromkeys(needed)), tmp_path_factory.mktemp("ahead")
+    pid = os.fork() if order and sys.platform == "linux" else None
+    if pid == 0:                                         # the forked process: compute, write
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)       # PR_SET_PDEATHSIG: dies with the tests
+        quiet = os.open(os.devnull, os.O_WRONLY)         # nothing in the tests' captured output
+        os.dup2(quiet, 1)
+        os.dup2(quiet, 2)
+        for name in order:
+            try:
+                value = ("value", AHEAD[name]())
+            except BaseException:                        # noqa: B036 (reported to the test)
+                value = ("error", traceback.format_exc())
+            (folder / f"{name}.tmp").write_bytes(pickle.dumps(value))
+            (folder / f"{name}.tmp").rename(folder / f"{name}.pickle")
+        os._exit(0)
+    exited = []
+
+    def value(name):
+        if pid is None:
+            return AHEAD[name]()
+        path = folder / f"{name}.pickle"
+        while not path.exists():
+            if exited:
+                pytest.fail(f"the process computing {name} ahead stopped without a result")
+            if os.waitpid(pid, os.WNOHANG) != (0, 0):
+                exited.append(True)                      # look once more: it may have written
+            else:                                        # it just before it ended
+                time.sleep(0.05)
+        kind, got = pickle.loads(path.read_bytes())
+        if kind == "error":
+            pytest.fail(f"computing {name} ahead failed:\n{got}")
+        return got
+    yield value
+    if pid and not exited:
+        with contextlib.suppress(ProcessLookupError, ChildProcessError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
 
 
 # --- The command line of a tiny run ---------------------------------------------------------------

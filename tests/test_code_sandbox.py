@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import computed_ahead
 from harness import code_reward, sandbox
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -469,13 +470,13 @@ def test_the_opt_in_runs_unisolated_with_a_warning(monkeypatch):
 ORDINARY_UID = 4242     # not 65534: that id would hide a map written with the overflow id
 
 
-def test_every_attack_also_fails_for_an_ordinary_user():
-    """The launcher's non-root path (a researcher on a workstation): run as root, this file runs
-    again in a child that has become an ordinary user (tests/unprivileged.py); run as an
-    ordinary user, the tests above already took that path, so this one checks that they did."""
+@computed_ahead("ordinary_user_run")
+def rerun_as_an_ordinary_user():
+    """Run as root: this file's other tests, run again in a child that has become an ordinary
+    user (tests/unprivileged.py): (its exit code, the end of what it printed). Computed beside
+    the tests (conftest.py). Run as an ordinary user: None."""
     if os.geteuid() != 0:
-        assert sandbox.isolation_available() is None or not KERNEL_ALLOWS
-        return
+        return None
     (ROOT / "runs").mkdir(exist_ok=True)     # victims where the program sees them, not /tmp
     victims = Path(tempfile.mkdtemp(prefix=".sandbox-ordinary-", dir=ROOT / "runs"))
     victims.chmod(0o777)                    # the child's own folder to make victims in
@@ -484,9 +485,19 @@ def test_every_attack_also_fails_for_an_ordinary_user():
             [sys.executable, str(ROOT / "tests" / "unprivileged.py"), str(ORDINARY_UID), "--",
              sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
              "not ordinary_user"], cwd=ROOT, capture_output=True, text=True, timeout=600,
-            env={**os.environ, VICTIMS: str(victims)})
+            env={**os.environ, VICTIMS: str(victims), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
     finally:
         shutil.rmtree(victims)
-    tail = nested.stdout[-3000:] + nested.stderr[-2000:]
-    assert nested.returncode == 0, tail
+    return nested.returncode, nested.stdout[-3000:] + nested.stderr[-2000:]
+
+
+def test_every_attack_also_fails_for_an_ordinary_user(ordinary_user_run):
+    """The launcher's non-root path (a researcher on a workstation): run as root, every test
+    above passes again as an ordinary user; run as an ordinary user, the tests above already
+    took that path, so this one checks that they did."""
+    if ordinary_user_run is None:
+        assert sandbox.isolation_available() is None or not KERNEL_ALLOWS
+        return
+    returncode, tail = ordinary_user_run
+    assert returncode == 0, tail
     assert re.search(r"\b\d{2} passed", tail) and "skipped" not in tail, tail

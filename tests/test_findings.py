@@ -2,12 +2,15 @@
 writes a report section with its figure. Tiny settings here; the README has the real runs."""
 import json
 import re
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
 import run_sequence
+from conftest import computed_ahead, tiny_argv
 from harness import lab_families
-from conftest import tiny_argv
 
 TINY = tiny_argv("eval_every=1", tasks=None, probes=None, methods=None, steps="2") + [
     "--seeds", "0"]
@@ -89,24 +92,38 @@ def test_flags_given_with_a_finding_win_and_sets_add_up(planned):
     assert args.set == ["eval_every=4", "alpha=1.0", "eval_every=5"]    # the last one wins
 
 
-@pytest.mark.parametrize("finding, figure, methods", [
-    ("teacher-stability", "curves.png", "stable_sdpo"),
-    ("collapse", "collapse.png", "grpo,sdpo"),
-    ("drift", "paper_drift.png", "sdpo"),
-    ("ood", "ood.png", "grpo")])
-def test_a_finding_writes_its_section_and_figure(tmp_path, finding, figure, methods):
-    """One or two of the finding's methods (its full list is checked above), two rollout batches
-    of one task, on lab-short (whose families have no math_hard and no ladder: the probe is
-    mcq_math here)."""
-    probes = ["--probes", "mcq_math"] if finding in ("teacher-stability", "ood") else []
-    results = run_sequence.main(["--finding", finding, "--out", str(tmp_path),
-                                 "--methods", methods] + TINY + ["--tasks", "tool"] + probes)
-    folder = tmp_path / finding
+FIGURES = {"teacher-stability": ("curves.png", "stable_sdpo"),
+           "collapse": ("collapse.png", "grpo,sdpo"), "drift": ("paper_drift.png", "sdpo"),
+           "ood": ("ood.png", "grpo")}
+
+
+@computed_ahead("finding_runs")
+def run_four_findings():
+    """Each finding in FIGURES with one or two of its methods (its full list is checked above),
+    two rollout batches of one task, on lab-short (whose families have no math_hard and no
+    ladder: the probe is mcq_math here): {finding: (results, report.md, whether its figure was
+    written, signal.json)}. Computed beside the tests (conftest.py)."""
+    out, folder = {}, Path(tempfile.mkdtemp(prefix="findings-"))
+    try:
+        for finding, (figure, methods) in FIGURES.items():
+            probes = ["--probes", "mcq_math"] if finding in ("teacher-stability", "ood") else []
+            results = run_sequence.main(["--finding", finding, "--out", str(folder),
+                                         "--methods", methods] + TINY + ["--tasks", "tool"] +
+                                        probes)
+            out[finding] = (results, (folder / finding / "report.md").read_text(),
+                            (folder / finding / figure).is_file(),
+                            json.loads((folder / finding / "signal.json").read_text()))
+    finally:
+        shutil.rmtree(folder)
+    return out
+
+
+@pytest.mark.parametrize("finding", FIGURES)
+def test_a_finding_writes_its_section_and_figure(finding_runs, finding):
+    (figure, methods), (results, report, drawn, signal) = FIGURES[finding], finding_runs[finding]
     assert set(results["runs"]) == set(methods.split(","))
-    report = (folder / "report.md").read_text()
     assert f"## Finding: {finding}" in report and f"![{figure[:-4]}]({figure})" in report
-    assert (folder / figure).is_file()
-    signal = json.loads((folder / "signal.json").read_text())
+    assert drawn
     assert set(signal) == set(results["tasks"][j] for j in results["trained"])
     departure = signal["tool"]["departure"]           # the self-teacher, on the dose's scale
     assert departure["scored"] == 0 or 0 <= departure["departure"] <= 1

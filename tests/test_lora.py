@@ -11,7 +11,7 @@ import torch
 import run_sequence
 import sdpo_cl as s
 from harness import lab, lora
-from conftest import alternating_reward, run_and_resume
+from conftest import alternating_reward, computed_ahead, run_and_resume
 
 
 def lora_config(**overrides):
@@ -116,17 +116,23 @@ def test_a_lora_run_resumes_to_the_same_result(tiny_base, tmp_path):
     assert resumed == full
 
 
-def test_the_lab_learns_with_lora(short_lab):
-    """Eight steps of GRPO with a rank-8 adapter at ten times the full learning rate (verl's
-    advice for LoRA) raise math accuracy beyond noise, as full fine-tuning does
-    (test_learning.py)."""
-    model, tok = short_lab
+@computed_ahead("lora_learning_records")
+def eight_steps_of_grpo_with_lora():
+    """The records of eight steps of grpo_lora on lab-short's math. Computed beside the tests
+    (conftest.py)."""
+    model, tok = run_sequence.load_policy("lab-short")
     cfg = run_sequence.method_config("grpo_lora", {"steps_per_task": 8, "seed": 0}, {},
                                      lambda **k: lab.lab_config("lab-short", **k))
     policy = lora.add_lora(copy.deepcopy(model), cfg)
-    records = s.continual_sequence(cfg, policy, tok, [lab.make_lab_task("math", "lab-short")])
+    return s.continual_sequence(cfg, policy, tok, [lab.make_lab_task("math", "lab-short")])
+
+
+def test_the_lab_learns_with_lora(lora_learning_records):
+    """Eight steps of GRPO with a rank-8 adapter at ten times the full learning rate (verl's
+    advice for LoRA) raise math accuracy beyond noise, as full fine-tuning does
+    (test_learning.py)."""
     (before, after), (se_before, se_after) = (
-        [r[key]["math"] for r in records] for key in ("accuracy", "stderr"))
+        [r[key]["math"] for r in lora_learning_records] for key in ("accuracy", "stderr"))
     noise = 3 * math.sqrt(se_before ** 2 + se_after ** 2)
     assert after - before > noise, f"{before:.2f} -> {after:.2f} (3 s.e. {noise:.2f})"
 

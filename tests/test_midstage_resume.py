@@ -2,32 +2,40 @@
 checkpoint (every --checkpoint-every rollout batches, one at a time, written whole then swapped
 in), and started again gives the records and the log of a run that was never stopped, on CPU:
 for full fine-tuning (GRPO) and for a LoRA adapter with SDPO's EMA teacher (a second adapter).
-The runs are separate processes, as a crash and a restart are, each on one thread (the same
-arithmetic order)."""
+The uninterrupted run and the killed one are processes of their own, side by side, forked from
+the test's (whose torch is already loaded); the restart runs in the test's process, which has
+run neither (what it resumes from can only be on disk). Each runs on one thread, the same
+arithmetic order."""
 import json
+import multiprocessing
 import os
 import signal
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+import run_sequence
+
+FORK = multiprocessing.get_context("fork")
 
 
 def argv(out, method, sets):
-    return [sys.executable, str(ROOT / "run_sequence.py"), "--model", "lab-short", "--tasks",
-            "math", "--probes", "", "--steps", "6", "--methods", method, "--seeds", "0",
-            "--checkpoint-every", "2", "--skip-signal-check", "--out", str(out), "--name", "r",
+    return ["--model", "lab-short", "--tasks", "math", "--probes", "", "--steps", "6",
+            "--methods", method, "--seeds", "0", "--checkpoint-every", "2",
+            "--skip-signal-check", "--out", str(out), "--name", "r",
             "--set", "prompts_per_step=4", "eval_examples=4", *sets]
 
 
+def quiet_run(args):
+    sys.stdout = open(os.devnull, "w")
+    run_sequence.main(args)
+
+
 def start(out, method, sets):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    return subprocess.Popen(argv(out, method, sets), cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = FORK.Process(target=quiet_run, args=(argv(out, method, sets),))
+    proc.start()
+    return proc
 
 
 def run(out, method, sets, kill_at_midstage=False, proc=None):
@@ -35,12 +43,13 @@ def run(out, method, sets, kill_at_midstage=False, proc=None):
     if kill_at_midstage:
         checkpoint = out / "r" / method / "seed0" / "midstage" / "loop.pt"
         deadline = time.monotonic() + 120
-        while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        while not checkpoint.exists() and proc.is_alive() and time.monotonic() < deadline:
             time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        return proc.returncode
-    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-2000:]
+        proc.kill()                                                       # SIGKILL
+        proc.join()
+        return proc.exitcode
+    proc.join(timeout=300)
+    assert proc.exitcode == 0
     return 0
 
 
@@ -65,7 +74,7 @@ def test_a_run_killed_inside_a_stage_resumes_to_the_uninterrupted_records(tmp_pa
     assert code == -signal.SIGKILL
     assert (sub / "midstage" / "loop.pt").exists() and not (sub / "stage1").exists()
     assert not (sub / "midstage.tmp").exists() or (sub / "midstage").exists()
-    run(tmp_path / "cut", method, sets)                     # the same command, again
+    run_sequence.main(argv(tmp_path / "cut", method, sets))   # the same command, again
     assert not (sub / "midstage").exists()                   # a finished stage needs none
     whole, cut = (json.loads((tmp_path / name / "r" / "results.json").read_text())
                   for name in ("whole", "cut"))
