@@ -234,6 +234,7 @@ SOLUTION_TEMPLATE = "\nCorrect solution:\n\n{successful_previous_attempt}"
 FEEDBACK_TEMPLATE = ("\nThe following is feedback from your unsuccessful earlier attempt:\n\n"
                      "{feedback_raw}")
 
+
 def knob(default, *, low=None, high=None, strict=False, choices=None, none=None):
     """A Config field and what it allows besides its default's kind (an int field takes whole
     numbers, a float field finite numbers, a bool field true or false): numbers from `low` (not
