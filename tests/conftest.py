@@ -39,11 +39,11 @@ def private_cache(tmp_path_factory):
 
 # --- Work computed beside the tests ---------------------------------------------------------------
 # The tests run one at a time, each on one thread: the second core is idle. A long computation that
-# needs nothing from other tests is declared with @computed_ahead(fixture name): when a selected
-# test uses that fixture, it starts as the session starts, in a process forked from this one
-# (torch already loaded, the private cache already set), one such computation after another in
-# the order the tests need them; the fixture waits for its value. The files of those tests run
-# last.
+# needs nothing from other tests is declared with @computed_ahead(fixture name) on a function of a
+# folder of its own: when a selected test uses that fixture, it starts as the session starts, in a
+# process forked from this one (torch already loaded, the private cache already set), one such
+# computation after another in the order the tests need them; the fixture waits for its value.
+# The files of those tests run last.
 
 AHEAD = {}          # fixture name -> the function computing its value, in no test's process
 
@@ -56,7 +56,7 @@ def pytest_collection_modifyitems(items):
 
 
 def computed_ahead(name):
-    """@computed_ahead("x") on a function of no arguments: a session fixture "x", its value."""
+    """@computed_ahead("x") on a function of a folder: a session fixture "x", its value."""
     def register(compute):
         AHEAD[name] = compute
 
@@ -83,7 +83,8 @@ def ahead(private_cache, request, tmp_path_factory):
         os.dup2(quiet, 2)
         for name in order:
             try:
-                value = ("value", AHEAD[name]())
+                (folder / name).mkdir()
+                value = ("value", AHEAD[name](folder / name))
             except BaseException:                        # noqa: B036 (reported to the test)
                 value = ("error", traceback.format_exc())
             (folder / f"{name}.tmp").write_bytes(pickle.dumps(value))
@@ -93,7 +94,8 @@ def ahead(private_cache, request, tmp_path_factory):
 
     def value(name):
         if pid is None:
-            return AHEAD[name]()
+            (folder / name).mkdir()
+            return AHEAD[name](folder / name)
         path = folder / f"{name}.pickle"
         while not path.exists():
             if exited:
@@ -142,8 +144,8 @@ def coin_reward(completion, example):
     return float(zlib.crc32(completion.encode()) % 2)
 
 
-@pytest.fixture(scope="session")
-def smoke_run(tmp_path_factory):
+@computed_ahead("smoke_run")
+def make_smoke_run(folder):
     """run_sequence.py on SMOKE_ARGV, once per session (math then code, probe tool, grpo and
     sdpo, two rollout batches per task), every task scored by coin_reward: (its run folder, the
     results it returned, what it printed)."""
@@ -153,11 +155,11 @@ def smoke_run(tmp_path_factory):
         task = load_task(name, model)
         task.reward = coin_reward
         return task
-    out, printed = tmp_path_factory.mktemp("runs"), io.StringIO()
+    printed = io.StringIO()
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
         patch.setattr(run_sequence, "load_task", scored_by_coin)
-        results = run_sequence.main(SMOKE_ARGV + ["--out", str(out), "--name", "smoke"])
-    return out / "smoke", results, printed.getvalue()
+        results = run_sequence.main(SMOKE_ARGV + ["--out", str(folder), "--name", "smoke"])
+    return folder / "smoke", results, printed.getvalue()
 
 
 # --- A task in the official data layout -----------------------------------------------------------

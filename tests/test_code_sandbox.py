@@ -471,7 +471,7 @@ ORDINARY_UID = 4242     # not 65534: that id would hide a map written with the o
 
 
 @computed_ahead("ordinary_user_run")
-def rerun_as_an_ordinary_user():
+def rerun_as_an_ordinary_user(_folder):
     """Run as root: this file's other tests, run again in a child that has become an ordinary
     user (tests/unprivileged.py): (its exit code, the end of what it printed). Computed beside
     the tests (conftest.py). Run as an ordinary user: None."""

@@ -2,9 +2,6 @@
 writes a report section with its figure. Tiny settings here; the README has the real runs."""
 import json
 import re
-import shutil
-import tempfile
-from pathlib import Path
 
 import pytest
 
@@ -98,23 +95,19 @@ FIGURES = {"teacher-stability": ("curves.png", "stable_sdpo"),
 
 
 @computed_ahead("finding_runs")
-def run_four_findings():
+def run_four_findings(folder):
     """Each finding in FIGURES with one or two of its methods (its full list is checked above),
     two rollout batches of one task, on lab-short (whose families have no math_hard and no
     ladder: the probe is mcq_math here): {finding: (results, report.md, whether its figure was
     written, signal.json)}. Computed beside the tests (conftest.py)."""
-    out, folder = {}, Path(tempfile.mkdtemp(prefix="findings-"))
-    try:
-        for finding, (figure, methods) in FIGURES.items():
-            probes = ["--probes", "mcq_math"] if finding in ("teacher-stability", "ood") else []
-            results = run_sequence.main(["--finding", finding, "--out", str(folder),
-                                         "--methods", methods] + TINY + ["--tasks", "tool"] +
-                                        probes)
-            out[finding] = (results, (folder / finding / "report.md").read_text(),
-                            (folder / finding / figure).is_file(),
-                            json.loads((folder / finding / "signal.json").read_text()))
-    finally:
-        shutil.rmtree(folder)
+    out = {}
+    for finding, (figure, methods) in FIGURES.items():
+        probes = ["--probes", "mcq_math"] if finding in ("teacher-stability", "ood") else []
+        results = run_sequence.main(["--finding", finding, "--out", str(folder), "--methods",
+                                     methods] + TINY + ["--tasks", "tool"] + probes)
+        out[finding] = (results, (folder / finding / "report.md").read_text(),
+                        (folder / finding / figure).is_file(),
+                        json.loads((folder / finding / "signal.json").read_text()))
     return out
 
 

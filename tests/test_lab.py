@@ -42,7 +42,7 @@ def models(shipped_lab, short_lab):
 
 
 @computed_ahead("base_records")
-def evaluate_the_shipped_bases():
+def evaluate_the_shipped_bases(_folder):
     """The shipped base of each lab evaluated as a run's row 0 is (100 test prompts x 4 samples
     at temperature 0.6, seeded), and the teacher lift of each trained family: the accuracy with
     a demonstration, one sample per prompt (the checks bound its standard error by 0.05, the

@@ -14,7 +14,7 @@ from harness import lab
 
 
 @computed_ahead("learning_records")
-def eight_steps_of_each():
+def eight_steps_of_each(_folder):
     """{loss mode: the records of eight steps of it on lab-short's math}. Computed beside the
     tests (conftest.py)."""
     model, tok = run_sequence.load_policy("lab-short")

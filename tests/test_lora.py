@@ -117,7 +117,7 @@ def test_a_lora_run_resumes_to_the_same_result(tiny_base, tmp_path):
 
 
 @computed_ahead("lora_learning_records")
-def eight_steps_of_grpo_with_lora():
+def eight_steps_of_grpo_with_lora(_folder):
     """The records of eight steps of grpo_lora on lab-short's math. Computed beside the tests
     (conftest.py)."""
     model, tok = run_sequence.load_policy("lab-short")
