@@ -112,7 +112,8 @@ def fit_prompts(task, tokenizer, model, cfg, with_teacher=False, on_long="error"
     notes = []
     for split in ("train", "test"):
         data = getattr(task, split)
-        prompts, systems = [ex["prompt"] for ex in data], [ex.get("system") for ex in data]
+        rows = list(data)                  # a dataset decodes each row on every pass: one
+        prompts, systems = [ex["prompt"] for ex in rows], [ex.get("system") for ex in rows]
         needs = [n + budget for n in lengths(prompts, systems)]
         if with_teacher:           # the template and a demonstration as long as the budget
             teacher = lengths([teacher_prompt(p, cfg, "") for p in prompts], systems)
