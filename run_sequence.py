@@ -26,7 +26,7 @@ from pathlib import Path
 import eval_forgetting as ef
 import sdpo_cl as sc
 from harness import (data, dose, files, lab, lab_families, lora, measures, models, runs, sandbox,
-                     tracking, verl)
+                     sft, tracking, verl)
 from harness.lab_families import LADDER
 from harness.loading import load_policy, load_task
 from harness.measures import Measures
@@ -729,9 +729,11 @@ def run_in_folder(cfg, policy, tokenizer, tasks, probes, folder, *, row0=None, s
                            Measures(tokenizer))
     if cfg.lora_rank:
         policy = lora.add_lora(policy, cfg)
+    hooks = RunHooks(tokenizer, folder, done, row0["sequences"], log, checkpoint_every, on_stage)
+    if cfg.loss_mode == "sft":   # the reference point's own step (harness/sft.py)
+        hooks.train_step = sft.sft_step
     return sc.continual_sequence(cfg, policy, tokenizer, tasks, probes, steps=steps, row0=row0,
-                                 hooks=RunHooks(tokenizer, folder, done, row0["sequences"], log,
-                                                checkpoint_every, on_stage), desc=desc)
+                                 hooks=hooks, desc=desc)
 
 
 def run_one(plan: RunPlan, folder, m, s, done, row0, log_path, tracker=None):

@@ -14,8 +14,8 @@ The experiment (Wang et al., "Denser != Better", arXiv 2607.01763) trains tasks 
 another, evaluates every task after every stage, and asks which method forgets more.
 
 No function uses a name defined further down; the lab, the paper's data, loading, measures, run
-folders and the verl bridge live in harness/, the driver in run_sequence.py, the reports in
-eval_forgetting.py. A comment marks each departure from the official (verl) code (docs/
+folders, the SFT baseline and the verl bridge live in harness/, the driver in run_sequence.py, the
+reports in eval_forgetting.py. A comment marks each departure from the official (verl) code (docs/
 departures.md lists them). `python sdpo_cl.py` runs the walkthrough.
 """
 from __future__ import annotations
@@ -335,7 +335,7 @@ class Config:
     lora_dropout: float = knob(0.0, low=0, high=0.99)   # on an adapter's input
     lora_target_modules: str = knob("all-linear")     # or names, e.g. q_proj,k_proj,v_proj
     # --- which loss -----------------------------------------------------------------------------
-    loss_mode: str = knob("sdpo", choices=("grpo", "sdpo", "sft"))   # sft: on gold answers
+    loss_mode: str = knob("sdpo", choices=("grpo", "sdpo", "sft"))   # sft: harness/sft.py
     distillation_weight: float = knob(1.0, low=0, high=1)   # w in (1 - w) GRPO + w SDPO (TRL)
     # --- GRPO -----------------------------------------------------------------------------------
     norm_adv_by_std_in_grpo: bool = knob(False)   # divide A by the group's std (the paper: no)
@@ -692,7 +692,9 @@ def teacher_scores(model, prefix_ids, prefix_mask, rows, response_ids, response_
 
 class Hooks:
     """What a driver plugs into continual_sequence: run_sequence.py's measures (harness/
-    measures.py), log and run folder. Each does nothing here; a driver overrides what it needs."""
+    measures.py), log and run folder. Each does nothing here; a driver overrides what it needs.
+    train_step, if set, replaces the training step below: the SFT baseline's (harness/sft.py)."""
+    train_step = None   # f(policy, tokenizer, optimizer, scheduler, task, examples, cfg) -> dict
 
     def step(self, policy, teacher, task, rollout, samples, targets, cfg) -> dict:
         return {}   # more metrics of a rollout batch, measured before its update
@@ -944,6 +946,8 @@ def train_step(policy, tokenizer, teacher, optimizer, scheduler, task, examples,
     the batch before the update."""
     if cfg.kl_loss_coef > 0 and reference is None:
         raise ValueError("Config.kl_loss_coef > 0 needs the frozen reference model")
+    if cfg.loss_mode == "sft":   # the baseline, not a method of this module
+        raise ValueError("Config.loss_mode='sft' trains with harness/sft.py's Hooks (train_step)")
     t_start = time.time()
     rollout, samples, rewards = sample_rollout(policy, tokenizer, task, examples, cfg)
     t_rollout = time.time() - t_start
@@ -955,39 +959,6 @@ def train_step(policy, tokenizer, teacher, optimizer, scheduler, task, examples,
 
 
 # ==== 8. A task: steps_per_task rollout batches with a fresh optimizer ===========================
-
-def sft_loss(logits, target_ids, mask, agg="token-mean"):
-    """Negative log-likelihood of the target tokens. logits: [B, T, V] with position t
-    predicting target_ids[:, t]; mask: [B, T]."""
-    return aggregate(-token_logprobs(logits, target_ids), mask, agg)
-
-
-def sft_step(policy, tokenizer, optimizer, scheduler, task, examples, cfg) -> dict:
-    """The reference point for forgetting: one step of supervised fine-tuning on gold answers."""
-    t_start, device = time.time(), policy.device
-    prompts = [format_prompt(tokenizer, ex["prompt"], ex.get("system"), cfg.enable_thinking)
-               for ex in examples]
-    prompt_ids, prompt_mask = tokenize_prompts(tokenizer, prompts, device)
-    answers = [tokenizer(ex["answer"], add_special_tokens=False).input_ids
-               + [tokenizer.eos_token_id] for ex in examples]
-    answer_ids = pad_cat(answers, tokenizer.pad_token_id).to(device)               # [B, T]
-    answer_mask = pad_cat([[1.0] * len(a) for a in answers], 0).to(device)
-    optimizer.zero_grad(set_to_none=True)
-    total = 0.0
-    for rows in torch.arange(len(examples)).split(cfg.micro_batch_size or len(examples)):
-        with autocast_for(cfg, policy):
-            logits = response_scores(policy, prompt_ids[rows], prompt_mask[rows],
-                                     answer_ids[rows], answer_mask[rows])
-        share = aggregation_share(answer_mask[rows], answer_mask, cfg.loss_agg_mode)
-        loss = share * sft_loss(logits, answer_ids[rows], answer_mask[rows], cfg.loss_agg_mode)
-        backward_finite(loss)
-        total += loss.item()
-    grad_norm = clipped_optimizer_step(policy, optimizer, cfg.grad_clip)
-    lr = scheduler.get_last_lr()[0]
-    scheduler.step()
-    return {"loss": total, "grad_norm": grad_norm, "lr": lr, "updates": 1,
-            "seconds": time.time() - t_start}
-
 
 def next_batch(task, others, cfg, rng, order):
     """The prompts of one rollout batch and the task that scores them: the next of a shuffled pass
@@ -1029,8 +1000,9 @@ def train_task(policy, tokenizer, teacher, task, cfg, *, rng, reference=None, lo
     """`steps_per_task` rollout batches on one task with a fresh optimizer, as each of the
     paper's stages is a new verl run. others: the tasks replay or multitask draw prompts from;
     curve(step): an evaluation every eval_every batches; log(metrics) after every step;
-    hooks.step measures each batch; hooks.after_step may keep the loop's state, from which
-    hooks.resume_steps lets a stage stopped midway go on as if it had not stopped."""
+    hooks.step measures each batch (hooks.train_step, if set, trains it instead of train_step);
+    hooks.after_step may keep the loop's state, from which hooks.resume_steps lets a stage
+    stopped midway go on as if it had not stopped."""
     hooks = hooks or Hooks()
     policy.train()
     if cfg.gradient_checkpointing:
@@ -1045,10 +1017,12 @@ def train_task(policy, tokenizer, teacher, task, cfg, *, rng, reference=None, lo
     for step in bar:
         examples, batch_task = next_batch(task, others, cfg, rng, order)
         try:
-            metrics = (sft_step(policy, tokenizer, optimizer, scheduler, batch_task, examples, cfg)
-                       if cfg.loss_mode == "sft" else train_step(
-                           policy, tokenizer, teacher, optimizer, scheduler, batch_task, examples,
-                           cfg, reference, hooks))
+            if hooks.train_step:   # a baseline's own step (harness/sft.py)
+                metrics = hooks.train_step(policy, tokenizer, optimizer, scheduler, batch_task,
+                                           examples, cfg)
+            else:
+                metrics = train_step(policy, tokenizer, teacher, optimizer, scheduler,
+                                     batch_task, examples, cfg, reference, hooks)
         except FloatingPointError as e:        # where it happened, and what was last finite
             raise FloatingPointError(f"{desc}: step {step}: {e}; last finite metrics: "
                                      f"{history[-1] if history else {}}")

@@ -9,6 +9,7 @@
     loading.py      tasks and models by name (a lab family, gsm8k, a folder; a lab, a hub id)
     measures.py     what a run measures besides accuracy: signal, drift, distances, artifacts
     lora.py         LoRA adapters through peft, and the teacher as a second adapter
+    sft.py          supervised fine-tuning on the gold answers, the reference point for forgetting
     files.py        atomic writes and strict JSON (the standard library alone: the reports use it)
     runs.py         run folders: per-stage and mid-stage checkpoints with manifests, the lock
     verl.py         the verl bridge: the same settings as commands for the official code

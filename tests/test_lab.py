@@ -15,7 +15,7 @@ import torch
 import run_sequence
 import sdpo_cl as s
 from conftest import computed_ahead
-from harness import lab, measures
+from harness import lab, measures, sft
 
 # The bounds each lab was built to (docs/lab.md): the first-step reward at temperature 1, the
 # largest share of groups all alike, the smallest teacher lift, the smallest share of groups with
@@ -168,10 +168,11 @@ def test_the_default_lab_can_forget_a_later_stage_bends_the_skill_an_earlier_one
     model, tok = shipped_lab
     cfg = lab.lab_config("lab", loss_mode="sft", steps_per_task=8, eval_examples=50)
     policy, science = copy.deepcopy(model), lab.make_lab_task("science")
-    s.train_task(policy, tok, None, science, cfg, rng=s.seed_everything(0))
+    s.train_task(policy, tok, None, science, cfg, rng=s.seed_everything(0), hooks=sft.Hooks())
     s.seed_everything("interference")
     learnt = s.task_accuracy(policy, tok, science, cfg)
-    s.train_task(policy, tok, None, lab.make_lab_task("tool"), cfg, rng=s.seed_everything(1))
+    s.train_task(policy, tok, None, lab.make_lab_task("tool"), cfg, rng=s.seed_everything(1),
+                 hooks=sft.Hooks())
     s.seed_everything("interference")
     after = s.task_accuracy(policy, tok, science, cfg)
     se = math.sqrt(learnt["stderr"] ** 2 + after["stderr"] ** 2)
