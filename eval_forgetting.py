@@ -1063,10 +1063,11 @@ def write_plots(results, out: Path) -> list:
             ("repetition_rate", "samples with a repeated n-gram (%)", 100),
             ("unfinished_rate", "samples without an end (%)", 100),
             ("reward", "reward (%)", 100)]
+    has_series = all(r["records"][-1].get("train", {}).get("series") for m in methods
+                     for r in finished_runs(results, m))
     sampled = {m: [r for r in finished_runs(results, m)   # SFT samples nothing: no series
                    if r["records"][-1]["train"]["series"].get("reward")[0] is not None]
-               for m in methods} if all(r["records"][-1].get("train", {}).get("series")
-                                        for m in methods for r in finished_runs(results, m)) else {}
+               for m in methods} if has_series else {}
     if any(sampled.values()):
         fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3))
         for m, runs in sampled.items():

@@ -695,6 +695,7 @@ class Hooks:
     measures.py), log and run folder. Each does nothing here; a driver overrides what it needs.
     train_step, if set, replaces the training step below: the SFT baseline's (harness/sft.py)."""
     train_step = None   # f(policy, tokenizer, optimizer, scheduler, task, examples, cfg) -> dict
+    #                     (no teacher, reference or hooks: SFT has none), for loss_mode='sft'
 
     def step(self, policy, teacher, task, rollout, samples, targets, cfg) -> dict:
         return {}   # more metrics of a rollout batch, measured before its update
@@ -947,7 +948,8 @@ def train_step(policy, tokenizer, teacher, optimizer, scheduler, task, examples,
     if cfg.kl_loss_coef > 0 and reference is None:
         raise ValueError("Config.kl_loss_coef > 0 needs the frozen reference model")
     if cfg.loss_mode == "sft":   # the baseline, not a method of this module
-        raise ValueError("Config.loss_mode='sft' trains with harness/sft.py's Hooks (train_step)")
+        raise ValueError("Config.loss_mode='sft' has no step in sdpo_cl.py: pass hooks="
+                         "harness.sft.Hooks() (run_sequence.py does)")
     t_start = time.time()
     rollout, samples, rewards = sample_rollout(policy, tokenizer, task, examples, cfg)
     t_rollout = time.time() - t_start
@@ -1000,9 +1002,8 @@ def train_task(policy, tokenizer, teacher, task, cfg, *, rng, reference=None, lo
     """`steps_per_task` rollout batches on one task with a fresh optimizer, as each of the
     paper's stages is a new verl run. others: the tasks replay or multitask draw prompts from;
     curve(step): an evaluation every eval_every batches; log(metrics) after every step;
-    hooks.step measures each batch (hooks.train_step, if set, trains it instead of train_step);
-    hooks.after_step may keep the loop's state, from which hooks.resume_steps lets a stage
-    stopped midway go on as if it had not stopped."""
+    hooks.step measures each batch, hooks.train_step (SFT's) replaces train_step; from the
+    loop's state (hooks.after_step) hooks.resume_steps goes on as if a stage had not stopped."""
     hooks = hooks or Hooks()
     policy.train()
     if cfg.gradient_checkpointing:
@@ -1017,7 +1018,7 @@ def train_task(policy, tokenizer, teacher, task, cfg, *, rng, reference=None, lo
     for step in bar:
         examples, batch_task = next_batch(task, others, cfg, rng, order)
         try:
-            if hooks.train_step:   # a baseline's own step (harness/sft.py)
+            if hooks.train_step is not None:   # the baseline's own step (harness/sft.py)
                 metrics = hooks.train_step(policy, tokenizer, optimizer, scheduler, batch_task,
                                            examples, cfg)
             else:
@@ -1152,8 +1153,12 @@ def continual_sequence(cfg, policy, tokenizer, sequence, probes=(), *, steps=Non
     (row 0: base_row(), unless given) and after each stage; returns one record per stage,
     record["accuracy"] = row k of R. The SDPO teacher is re-created at each stage, as a verl run
     per stage does (unless reset_teacher_each_task=False). `hooks` (Hooks) measure, log, resume
-    after the stages already finished, and checkpoint each stage."""
+    after the stages already finished, and checkpoint each stage (SFT: harness.sft.Hooks)."""
     hooks = hooks or Hooks()
+    if (cfg.loss_mode == "sft") != (hooks.train_step is not None):   # before any evaluation
+        raise ValueError(f"Config.loss_mode={cfg.loss_mode!r} with hooks.train_step="
+                         f"{hooks.train_step!r}: 'sft' trains with harness.sft.Hooks()'s step, "
+                         "'grpo' and 'sdpo' with none")
     eval_tasks = evaluation_tasks(sequence, probes)
     base = frozen_copy(policy, "base")
     teacher = Teacher(policy, cfg) if cfg.loss_mode == "sdpo" else None

@@ -49,5 +49,6 @@ def sft_step(policy, tokenizer, optimizer, scheduler, task, examples, cfg) -> di
 
 class Hooks(sc.Hooks):
     """sdpo_cl's plain hooks with SFT's step: what train_task and continual_sequence need to
-    train loss_mode='sft' outside a run folder (the driver's hooks set train_step themselves)."""
+    train loss_mode='sft' outside a run folder (run_sequence.run_in_folder sets train_step on
+    its own hooks)."""
     train_step = staticmethod(sft_step)

@@ -50,8 +50,20 @@ def test_the_core_refuses_to_train_sft_without_its_step(short_lab):
     model, tok = short_lab
     cfg = lab.lab_config("lab-short", loss_mode="sft", prompts_per_step=2, steps_per_task=1)
     task = lab.make_lab_task("math", "lab-short")
-    with pytest.raises(ValueError, match="loss_mode='sft' trains with harness/sft.py"):
+    with pytest.raises(ValueError, match=r"loss_mode='sft' has no step in sdpo_cl.py: pass "
+                                         r"hooks=harness.sft.Hooks\(\)"):
         s.train_task(copy.deepcopy(model), tok, None, task, cfg, rng=s.seed_everything(0))
+
+
+@pytest.mark.parametrize("mode, hooks", [("sft", s.Hooks()), ("grpo", sft.Hooks())])
+def test_the_sequence_refuses_a_step_that_does_not_match_the_loss_mode(short_lab, mode, hooks):
+    """Before the base's evaluation: SFT without its step, or a method run with SFT's step (a
+    run labelled GRPO that trained SFT)."""
+    model, tok = short_lab
+    cfg = lab.lab_config("lab-short", loss_mode=mode, prompts_per_step=2, steps_per_task=1)
+    with pytest.raises(ValueError, match=f"Config.loss_mode='{mode}' with hooks.train_step="):
+        s.continual_sequence(cfg, copy.deepcopy(model), tok,
+                             [lab.make_lab_task("math", "lab-short")], hooks=hooks)
 
 
 def test_the_loop_trains_sft_with_the_hooks_step(short_lab):
