@@ -2,12 +2,15 @@
 sft.py): its loss is the mean negative log-likelihood of the gold tokens, its steps raise their
 likelihood, and it trains through sdpo_cl's loop only as the hooks' train_step."""
 import copy
+import json
 import math
 
 import pytest
 import torch
 
+import run_sequence
 import sdpo_cl as s
+from conftest import tiny_argv
 from harness import lab, sft
 
 
@@ -86,12 +89,8 @@ def test_the_driver_trains_sft_with_its_step_and_draws_no_empty_figure(tmp_path,
     """`--methods sft` goes through the driver's hooks: every logged step is an SFT step (one
     update, no reward: nothing is sampled), and the report draws no collapse figure (SFT has no
     rollouts to measure) and warns of nothing."""
-    import json
-    import run_sequence
-    from conftest import tiny_argv
     run_sequence.main(tiny_argv(methods="sft", steps="2") + ["--out", str(tmp_path), "--name", "r"])
-    logged = [json.loads(line) for line in (tmp_path / "r" / "log.jsonl").read_text().split("\n")
-              if line]
+    logged = [json.loads(line) for line in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
     steps = [line for line in logged if "step" in line]
     assert len(steps) == 2 and all(h["updates"] == 1 and "reward" not in h for h in steps)
     assert (tmp_path / "r" / "accuracy.png").exists()
